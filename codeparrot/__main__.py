@@ -1,0 +1,5 @@
+"""`python -m codeparrot` runs the CLI."""
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

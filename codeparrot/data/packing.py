@@ -1,0 +1,236 @@
+"""Pack streamed documents into constant-length token blocks, sharded by (rank, worker), resumable exactly."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import tokenizers
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from codeparrot.corpus.source import BadRecords, iter_shard
+
+log = logging.getLogger(__name__)
+# torchdata 0.11 calls torch.set_vital, which torch >= 2.10 deprecates; harmless, and it fires per loader.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Cursor:
+    """Where the next unread document of this consumer is."""
+
+    epoch: int = 0
+    file_index: int = 0  # into this consumer's file list
+    line: int = 0  # line of that file to resume at
+    record_index: int = 0  # global index of the next good record in this epoch (for record striding)
+
+
+class ConstantLengthDataset(IterableDataset):
+    """Streams documents from JSON-lines shards and yields `seq_length` token blocks (LongTensor).
+
+    Documents are joined with EOS and tokenized a buffer (~num_of_sequences blocks) at a time; the
+    tokens that do not fill a block are carried into the next buffer, so no token is lost between
+    buffers or (in infinite mode) between epochs. At the end of a finite epoch the final partial
+    block is dropped. With `shuffle`, the blocks of each buffer are permuted deterministically.
+
+    Each consumer c = rank * num_workers + worker_id of C = world_size * num_workers reads whole files
+    `files[c::C]` when there are at least C files, else every C-th record of all files. One dataset
+    object supports one active iteration at a time (as a DataLoader uses it).
+    """
+
+    def __init__(self, files: list[Path], tokenizer: tokenizers.Tokenizer, seq_length: int, eos_token_id: int,
+                 chars_per_token: float = 3.6, num_of_sequences: int = 256, infinite: bool = False,
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 max_bad_ratio: float = 1.0):
+        if not files:
+            raise ValueError("ConstantLengthDataset needs at least one shard file")
+        if seq_length < 1 or num_of_sequences < 1:
+            raise ValueError(f"seq_length ({seq_length}) and num_of_sequences ({num_of_sequences}) must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.files = [Path(f) for f in files]
+        self.tokenizer = tokenizer
+        self.seq_length = seq_length
+        self.eos_token_id = eos_token_id
+        self.max_buffer_size = int(seq_length * chars_per_token * num_of_sequences)  # in characters
+        self.infinite = infinite
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.max_bad_ratio = max_bad_ratio
+        self.epoch = 0
+        self.bad = BadRecords(max_ratio=max_bad_ratio)  # counts of the current (or last) iteration
+        self._pending: dict[str, Any] | None = None  # loaded state, applied when iteration starts
+        self._start: dict[str, Any] | None = None  # state at the start of the current buffer
+        self._yielded = 0  # blocks of the current buffer already yielded
+        self._logged_striding = False
+
+    # --- sharding -------------------------------------------------------------------------------
+
+    def consumer(self) -> tuple[int, int]:
+        """(c, C): this process's consumer index and the number of consumers, from rank and worker."""
+        info = get_worker_info()
+        num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
+        return self.rank * num_workers + worker_id, self.world_size * num_workers
+
+    def _plan(self, consumer: int, num_consumers: int) -> tuple[list[Path], bool]:
+        """The files this consumer reads and whether it must stride over records instead of owning files."""
+        if len(self.files) >= num_consumers:
+            return self.files[consumer::num_consumers], False
+        return self.files, True
+
+    def _read(self, cursor: _Cursor, consumer: int, num_consumers: int, bad: BadRecords,
+              infinite: bool) -> Iterator[str]:
+        """Yield this consumer's documents from `cursor` on, advancing it past each one before yielding."""
+        files, striding = self._plan(consumer, num_consumers)
+        while True:
+            full_pass = cursor.file_index == 0 and cursor.line == 0
+            got_any = False
+            while cursor.file_index < len(files):
+                for line_no, record in iter_shard(files[cursor.file_index], bad, start_line=cursor.line):
+                    index = cursor.record_index
+                    cursor.line, cursor.record_index = line_no + 1, index + 1
+                    if striding and index % num_consumers != consumer:
+                        continue
+                    got_any = True
+                    yield record["content"]
+                cursor.file_index, cursor.line = cursor.file_index + 1, 0
+            if not infinite:
+                return
+            if full_pass and not got_any:
+                # Without this an empty share would spin forever looking for documents.
+                log.warning("consumer %d of %d has no documents; stopping its infinite stream",
+                            consumer, num_consumers)
+                return
+            cursor.epoch, cursor.file_index, cursor.line, cursor.record_index = cursor.epoch + 1, 0, 0, 0
+            self.epoch = cursor.epoch
+
+    def iter_documents(self, consumer: int, num_consumers: int) -> Iterator[str]:
+        """One finite pass over the documents that `consumer` of `num_consumers` reads, in order."""
+        yield from self._read(_Cursor(), consumer, num_consumers, BadRecords(max_ratio=self.max_bad_ratio),
+                              infinite=False)
+
+    # --- iteration ------------------------------------------------------------------------------
+
+    def _fill(self, docs: Iterator[str]) -> list[str]:
+        """The next buffer's texts: documents until about max_buffer_size characters (empty at the end)."""
+        texts, n_chars = [], 0
+        for text in docs:  # breaking out of a for loop leaves the generator open for the next buffer
+            texts.append(text)
+            n_chars += len(text)
+            if n_chars >= self.max_buffer_size:
+                break
+        return texts
+
+    def _order(self, n_blocks: int, epoch: int, consumer: int, buffer_index: int) -> list[int]:
+        """The order in which a buffer's blocks are yielded: a permutation seeded only by its position."""
+        if not self.shuffle:
+            return list(range(n_blocks))
+        # A stable digest rather than hash(), so the permutation is the same in every process and version.
+        key = f"{self.seed}/{epoch}/{consumer}/{buffer_index}".encode()
+        g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
+        return torch.randperm(n_blocks, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        consumer, num_consumers = self.consumer()
+        if self._plan(consumer, num_consumers)[1] and not self._logged_striding:
+            log.info("%d files for %d consumers (world_size x num_workers): every consumer reads all files "
+                     "and keeps every %d-th record", len(self.files), num_consumers, num_consumers)
+            self._logged_striding = True
+        start = self._pending or self._initial_state(consumer, num_consumers)
+        self._pending = None
+        self._check_geometry(start, consumer, num_consumers)
+        self._start, self._yielded = start, start["yielded"]
+        return self._generate(start, consumer, num_consumers)
+
+    def _generate(self, start: dict[str, Any], consumer: int, num_consumers: int) -> Iterator[torch.Tensor]:
+        """Fill, tokenize and cut buffers from `start` on, keeping `_start`/`_yielded` current for state_dict()."""
+        bad = start["bad"]
+        self.bad = BadRecords(max_ratio=self.max_bad_ratio, good=bad["good"], counts=dict(bad["counts"]))
+        cursor = _Cursor(start["epoch"], start["file_index"], start["line"], start["record_index"])
+        self.epoch = cursor.epoch
+        tail, buffer_index, skip = list(start["tail"]), start["buffer_index"], start["yielded"]
+        docs = self._read(cursor, consumer, num_consumers, self.bad, self.infinite)
+        seq = self.seq_length
+        while True:
+            # The state names the buffer's start, so a resume re-reads only this one buffer.
+            self._start = {**start, **asdict(cursor), "tail": tail, "buffer_index": buffer_index,
+                           "bad": {"good": self.bad.good, "counts": dict(self.bad.counts)}}
+            self._yielded = skip
+            buffer_epoch = cursor.epoch
+            texts = self._fill(docs)
+            if not texts:
+                break  # end of a finite epoch: the partial block left in `tail` is dropped
+            ids = list(tail)
+            for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False):
+                ids.extend(encoding.ids)
+                ids.append(self.eos_token_id)
+            n_blocks = len(ids) // seq
+            blocks = torch.tensor(ids[: n_blocks * seq], dtype=torch.long).view(n_blocks, seq)
+            tail = ids[n_blocks * seq:]  # carried into the next buffer, never dropped mid-stream
+            order = self._order(n_blocks, buffer_epoch, consumer, buffer_index)
+            for k in range(skip, n_blocks):
+                self._yielded = k + 1  # counted before yielding: state_dict() is read while we are suspended
+                yield blocks[order[k]]
+            skip = 0
+            buffer_index += 1
+        self.bad.check(final=True)
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _initial_state(self, consumer: int, num_consumers: int) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "consumer": consumer, "num_consumers": num_consumers,
+                "num_files": len(self.files), "seq_length": self.seq_length, **asdict(_Cursor()),
+                "tail": [], "buffer_index": 0, "yielded": 0, "bad": {"good": 0, "counts": {}}}
+
+    def _check_geometry(self, state: dict[str, Any], consumer: int, num_consumers: int) -> None:
+        """Refuse a state saved by another consumer or for other files or block length."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown ConstantLengthDataset state version {state.get('version')!r}")
+        if (state["consumer"], state["num_consumers"]) != (consumer, num_consumers):
+            raise ValueError(
+                f"data state geometry mismatch: it was saved by consumer {state['consumer']} of "
+                f"{state['num_consumers']} (rank * num_workers + worker_id of world_size * num_workers), but this "
+                f"is consumer {consumer} of {num_consumers}; resume with the same world_size and num_workers")
+        if (state["num_files"], state["seq_length"]) != (len(self.files), self.seq_length):
+            raise ValueError(
+                f"data state geometry mismatch: it was saved for {state['num_files']} files and seq_length "
+                f"{state['seq_length']}, this dataset has {len(self.files)} files and seq_length {self.seq_length}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small snapshot: start of the current buffer, carried tail (< seq_length ids), blocks yielded."""
+        if self._pending is not None:
+            return copy.deepcopy(self._pending)
+        if self._start is None:
+            return self._initial_state(*self.consumer())
+        # Shallow copy: `_start` is rebuilt, never mutated, for each buffer, and this runs after every batch.
+        return {**self._start, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at `state` when iteration next starts (also valid before the first `__iter__`)."""
+        self._check_geometry(state, *self.consumer())
+        self._pending = copy.deepcopy(state)
+        self.epoch = state["epoch"]
+
+
+def make_dataloader(dataset: ConstantLengthDataset, batch_size: int, num_workers: int,
+                    pin_memory: bool = False) -> StatefulDataLoader:
+    """A DataLoader giving LongTensor [batch_size, seq_length] batches, with state_dict()/load_state_dict()."""
+    # StatefulDataLoader snapshots each worker's dataset state in step with the batches the main process consumed.
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["persistent_workers"] = False
+    if "in_order" in inspect.signature(StatefulDataLoader.__init__).parameters:
+        kwargs["in_order"] = True  # batches round-robin over workers, which a resumed run must reproduce
+    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                              **kwargs)

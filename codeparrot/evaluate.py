@@ -1,0 +1,121 @@
+"""The `evaluate` stage: validation loss and perplexity of a checkpoint, across processes, plus a sample."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .config import Config
+from .corpus.source import list_shards
+from .model import generate, load_hf
+
+log = logging.getLogger(__name__)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf when that overflows a float."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], accelerator, max_batches: int = 0
+                  ) -> dict[str, Any]:
+    """Mean next-token loss over every evaluated token of every process, and its perplexity.
+
+    Ranks may hold different amounts of validation data; all stop together at the first batch some rank
+    lacks, because a sharded (FSDP) forward needs every rank to take part.
+    """
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    it = iter(batches)
+    n = 0
+    while max_batches <= 0 or n < max_batches:
+        batch = next(it, None)
+        if accelerator.num_processes > 1:
+            have = torch.tensor(0.0 if batch is None else 1.0, device=device)
+            if accelerator.reduce(have, reduction="sum").item() < accelerator.num_processes:
+                break
+        elif batch is None:
+            break
+        batch = batch.to(device, non_blocking=True)  # [B, T]
+        with accelerator.autocast():
+            loss = model(batch, labels=batch).loss  # mean over B * (T - 1) predicted tokens
+        count = batch.size(0) * (batch.size(1) - 1)
+        loss_sum += loss.double() * count
+        n_tokens += count
+        n += 1
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    n_tokens = accelerator.reduce(n_tokens, reduction="sum")
+    if n_tokens.item() == 0:
+        raise ValueError("no validation tokens: clean/valid is empty or shorter than one sequence per process")
+    loss = (loss_sum / n_tokens).item()
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(n_tokens.item())}
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, eos_id: int | None) -> str:
+    """Greedy completion of `prompt`, decoded."""
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
+    out = generate(model, ids, max_new_tokens, eos_token_id=eos_id)
+    return tokenizer.decode(out[0].tolist()[ids.size(1):])
+
+
+def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
+    """Evaluate a `step-N` checkpoint on clean/valid; write `runs/<run>/eval/step-N.json`."""
+    from accelerate import Accelerator
+    from tokenizers import Tokenizer
+
+    from .data.packing import ConstantLengthDataset, make_dataloader
+
+    ckpt = Path(checkpoint)
+    if not (ckpt / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint (no model.safetensors)")
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and
+                              torch.cuda.is_bf16_supported() else "no")
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
+    model = load_hf(ckpt).to(accelerator.device)
+    dataset = ConstantLengthDataset(
+        list_shards(cfg.paths.resolve("clean") / "valid"), tokenizer, model.config.n_positions, eos_id,
+        chars_per_token=cfg.data.chars_per_token, num_of_sequences=cfg.data.num_of_sequences,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        max_bad_ratio=cfg.corpus.max_bad_ratio)
+    start = time.perf_counter()
+    result = evaluate_loss(model, make_dataloader(dataset, cfg.eval.batch_size, 0), accelerator,
+                           cfg.eval.max_batches)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["checkpoint"] = str(ckpt)
+    if cfg.eval.prompt:
+        result["prompt"] = cfg.eval.prompt
+        result["completion"] = complete(model, tokenizer, cfg.eval.prompt, cfg.eval.max_new_tokens, eos_id)
+    if accelerator.is_main_process:
+        out = ckpt.parent / "eval" / f"{ckpt.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        result["written"] = str(out)
+    log.info("evaluate %s: loss %.4f, perplexity %.2f over %d tokens", ckpt, result["loss"], result["perplexity"],
+             result["tokens"])
+    return result
+
+
+def run_evaluate_latest(cfg: Config) -> dict[str, Any]:
+    """Evaluate the run's latest checkpoint (the pipeline's last stage); skipped when already evaluated."""
+    from .train import latest_checkpoint, run_dir
+
+    ckpt = latest_checkpoint(run_dir(cfg))
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir(cfg)}; run `codeparrot train` first")
+    done = ckpt.parent / "eval" / f"{ckpt.name}.json"
+    if done.is_file():
+        log.info("evaluate: %s already evaluated, skipping", ckpt)
+        return {"skipped": True, **json.loads(done.read_text())}
+    return run_evaluate(cfg, ckpt)

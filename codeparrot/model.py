@@ -1,0 +1,314 @@
+"""GPT-2 in plain torch (SDPA attention), size presets, and save/load in Hugging Face's GPT-2 format."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from codeparrot.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict] = {
+    "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128},  # CPU, trains in minutes
+    "small": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # GPT-2 124M shape; ~110M with vocab 32768
+    "large": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # GPT-2 XL shape; ~1.5B
+}
+
+LAYER_NORM_EPS = 1e-5  # as GPT-2
+INIT_STD = 0.02  # GPT-2's initializer_range
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPTConfig:
+    """The concrete shape and options of one GPT model."""
+
+    vocab_size: int
+    n_positions: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_length: int) -> GPTConfig:
+    """Fill the fields `cfg` leaves as None from its preset, the tokenizer's vocab and the data's seq_length."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
+    shape = dict(PRESETS[cfg.preset])
+    for key in ("n_layer", "n_head", "n_embd"):
+        if getattr(cfg, key) is not None:
+            shape[key] = getattr(cfg, key)
+    return GPTConfig(
+        vocab_size=cfg.vocab_size if cfg.vocab_size is not None else vocab_size,
+        n_positions=cfg.n_positions if cfg.n_positions is not None else seq_length,
+        dropout=cfg.dropout,
+        scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+        reorder_and_upcast_attn=cfg.reorder_and_upcast_attn,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        **shape,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused qkv projection."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        self.reorder_and_upcast = config.reorder_and_upcast_attn
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1  # Stanford Mistral's stability trick, as in HF GPT-2: deeper layers get softer scores
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # [B, T, 3C] -> 3 x [B, n_head, T, head_dim]
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        dropout_p = self.dropout if self.training else 0.0
+        if self.reorder_and_upcast:
+            y = self._upcast_attention(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, C]
+        return self.resid_dropout(self.c_proj(y))
+
+    def _upcast_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Scores and softmax in fp32 even under autocast, so that half-precision scores cannot overflow."""
+        T = q.size(-2)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            att = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # [B, n_head, T, T]
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        att = F.dropout(att.to(v.dtype), p=dropout_p, training=dropout_p > 0)
+        return att @ v  # [B, n_head, T, head_dim]
+
+
+class MLP(nn.Module):
+    """The 4x feed-forward block with GPT-2's tanh-approximated GELU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTOutput(NamedTuple):
+    """Logits [B, T, V] and, when labels were given, the mean next-token loss."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+
+
+class GPT(nn.Module):
+    """GPT-2: token + learned position embeddings, pre-LN blocks, final LayerNorm, tied LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2L): each block adds two of them to the stream
+        resid_std = INIT_STD / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # nn.init on meta tensors is a no-op, so building on the meta device stays cheap
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        # nn.LayerNorm already starts at weight 1, bias 0
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> GPTOutput:
+        """Logits for `input_ids` [B, T]; with `labels` [B, T], also the loss of predicting labels[t+1] at t."""
+        B, T = input_ids.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds n_positions {self.config.n_positions}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # [B, T, C]
+        for block in self.h:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # trade compute for memory: keep only block inputs, recompute activations in backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        loss = None
+        if labels is not None:
+            # shift inside, as transformers does, so callers pass labels = input_ids
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return GPTOutput(logits, loss)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, the tied wte/lm_head counted once; optionally without wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*H*Q*T."""
+        # N counts the tied wte because it is a real matmul in the LM head; wpe is only a lookup, so it is left out
+        n = self.num_parameters() - self.wpe.weight.numel()
+        cfg = self.config
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: matrices and embeddings decay; biases and LayerNorm parameters (all 1-D) do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+
+def save_hf(model: GPT, directory: str | os.PathLike, eos_token_id: int = 0,
+            state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write `config.json` and `model.safetensors` that `transformers.GPT2LMHeadModel` loads as is.
+
+    Pass `state_dict` when the weights live elsewhere (e.g. gathered from FSDP shards).
+    """
+    # hand-written because transformers' GPT2 would need a second model in memory just to save ours
+    cfg = model.config
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": INIT_STD,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": cfg.reorder_and_upcast_attn,
+        "tie_word_embeddings": True,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    tensors = {}
+    for name, t in (state_dict if state_dict is not None else model.state_dict()).items():
+        name = name.removeprefix("_orig_mod.")  # torch.compile's wrapper prefix
+        if name == "lm_head.weight":
+            continue  # tied to wte; transformers re-ties it on load
+        t = t.detach().cpu()
+        if name.endswith(CONV1D_SUFFIXES):
+            t = t.t()  # GPT-2's Conv1D stores [in, out], nn.Linear [out, in]
+        tensors["transformer." + name] = t.contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_hf(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPT:
+    """Read a GPT-2 `config.json` + `model.safetensors` (ours or transformers') back into a GPT."""
+    src = Path(directory)
+    hf = json.loads((src / "config.json").read_text())
+    config = GPTConfig(
+        vocab_size=hf["vocab_size"],
+        n_positions=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        dropout=hf.get("resid_pdrop", 0.0),
+        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
+        reorder_and_upcast_attn=hf.get("reorder_and_upcast_attn", False),
+    )
+    state = {}
+    for name, t in load_file(str(src / "model.safetensors"), device=str(map_location)).items():
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # tied copy, or the causal-mask buffers older transformers saved
+        name = name.removeprefix("transformer.")
+        state[name] = t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t
+    state["lm_head.weight"] = state["wte.weight"]
+    with torch.device("meta"):  # skip random init: every tensor is about to be replaced
+        model = GPT(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; tie them again
+    return model
+
+
+@torch.no_grad()
+def generate(
+    model: GPT, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: Optional[int] = None
+) -> torch.Tensor:
+    """Greedy decoding: append up to `max_new_tokens` to `input_ids` [B, T]; stop once every row emitted EOS."""
+    was_training = model.training
+    model.eval()
+    ids = input_ids
+    finished = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        context = ids[:, -model.config.n_positions :]  # no KV cache: re-run the cropped window each step
+        next_id = model(context).logits[:, -1].argmax(dim=-1)  # [B]
+        if eos_token_id is not None:
+            next_id = torch.where(finished, torch.full_like(next_id, eos_token_id), next_id)  # pad finished rows
+            finished |= next_id == eos_token_id
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
+        if finished.all():
+            break
+    model.train(was_training)
+    return ids

@@ -1,0 +1,141 @@
+"""The `train-tokenizer` stage: byte-level BPE on the clean corpus, saved with a quality report."""
+from __future__ import annotations
+
+import json
+import keyword
+import logging
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, write_manifest
+from .config import Config, section_dict
+from .corpus.source import BadRecords, iter_records, list_shards
+from .logs import progress
+
+log = logging.getLogger(__name__)
+
+STAGE = "train-tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+BATCH_FILES = 256  # files handed to the trainer per batch
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained GPT-2-style byte-level BPE: no prefix space, byte-level decoder."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def new_trainer(vocab_size: int, min_frequency: int, eos_token: str, show_progress: bool) -> trainers.BpeTrainer:
+    """A trainer with the full 256-byte alphabet, so every input byte stays encodable."""
+    return trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )
+
+
+def iter_contents(files: list[Path], limit: int, bad: BadRecords) -> Iterator[str]:
+    """The first `limit` file contents of a split."""
+    return (r["content"] for r in islice(iter_records(files, bad), limit))
+
+
+def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
+    """Lists of up to n items."""
+    while batch := list(islice(items, n)):
+        yield batch
+
+
+def save_tokenizer(tok: Tokenizer, directory: Path, eos_token: str, model_max_length: int = 1024) -> None:
+    """Write tokenizer.json plus the small files `PreTrainedTokenizerFast.from_pretrained` reads."""
+    tok.save(str(directory / TOKENIZER_FILE))
+    special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load the tokenizer of a tokenizer artifact or a checkpoint directory."""
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `codeparrot train-tokenizer` first")
+    return Tokenizer.from_file(str(path))
+
+
+def split_keywords(tok: Tokenizer) -> list[str]:
+    """Python keywords that are not one token, bare or after a space (as they appear mid-line)."""
+    missing = []
+    for kw in keyword.kwlist:
+        for form in (kw, " " + kw):
+            if len(tok.encode(form, add_special_tokens=False).ids) != 1:
+                missing.append(form)
+    return missing
+
+
+def chars_per_token(tok: Tokenizer, texts: list[str]) -> float:
+    """Characters per token over whole files (higher is better compression)."""
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return sum(len(t) for t in texts) / max(n_tokens, 1)
+
+
+def train_on(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eos_token: str,
+             length: int | None = None, show_progress: bool = False) -> Tokenizer:
+    """Train a fresh tokenizer on batches of texts."""
+    tok = new_tokenizer()
+    tok.train_from_iterator(texts, new_trainer(vocab_size, min_frequency, eos_token, show_progress), length=length)
+    return tok
+
+
+def run_train_tokenizer(cfg: Config) -> dict[str, Any]:
+    """Train on the first `tokenizer.n_examples` files of clean/train; report on clean/valid."""
+    clean, out = cfg.paths.resolve("clean"), cfg.paths.resolve("tokenizer")
+    t = cfg.tokenizer
+    config = section_dict(cfg, "tokenizer")
+    inputs = {"clean": fingerprint(clean)}
+    if is_up_to_date(out, STAGE, config, inputs):
+        log.info("train-tokenizer: %s is up to date, skipping", out)
+        return {"skipped": True, **read_manifest(out)["counts"]}
+    train_files = list_shards(clean / "train")
+    bad = BadRecords(max_ratio=cfg.corpus.max_bad_ratio)
+    n_chars = 0
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        nonlocal n_chars
+        for text in texts:
+            n_chars += len(text)
+            yield text
+
+    start = time.perf_counter()
+    contents = counted(iter_contents(train_files, t.n_examples, bad))
+    batches = progress(batched(contents, BATCH_FILES), desc="train-tokenizer", unit=f"x{BATCH_FILES} files")
+    tok = train_on(batches, t.vocab_size, t.min_frequency, t.eos_token)
+    train_seconds = time.perf_counter() - start
+    bad.check(final=True)
+    n_train_files = bad.good
+
+    valid_texts = list(iter_contents(list_shards(clean / "valid"), t.report_valid_files, bad))
+    report = {
+        "vocab_size": tok.get_vocab_size(),
+        "eos_token_id": tok.token_to_id(t.eos_token),
+        "train_files": n_train_files,
+        "train_mb": round(n_chars / 1e6, 2),
+        "train_seconds": round(train_seconds, 2),
+        "train_mb_per_s": round(n_chars / 1e6 / max(train_seconds, 1e-9), 2),
+        "valid_files": len(valid_texts),
+        "chars_per_token_valid": round(chars_per_token(tok, valid_texts), 3) if valid_texts else None,
+        "keywords_not_single_tokens": split_keywords(tok),
+        "bad_records": bad.as_dict(),
+    }
+    with staged_dir(out) as tmp:
+        save_tokenizer(tok, tmp, t.eos_token, model_max_length=cfg.data.seq_length)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_manifest(tmp, STAGE, config, inputs, report, time.perf_counter() - start, full_config=cfg)
+    log.info("train-tokenizer: vocab %d, %.2f chars/token on valid, %.1f MB/s",
+             report["vocab_size"], report["chars_per_token_valid"] or 0.0, report["train_mb_per_s"])
+    return {"skipped": False, **report}

@@ -1,0 +1,314 @@
+"""ConstantLengthDataset: packing, sharding by (rank, worker), infinite mode, exact resume, bad records."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from codeparrot.corpus.source import ShardWriter, list_shards
+from codeparrot.data import packing
+from codeparrot.data.packing import ConstantLengthDataset, make_dataloader
+
+EOS = "<|endoftext|>"
+SEQ = 32
+
+# torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch 2.13 deprecates; harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+
+
+def _record(i: int, content: str) -> dict:
+    return {"repo_name": "stdlib/test", "path": f"f{i}.py", "copies": "1", "size": str(len(content)),
+            "content": content, "license": "psf-2.0"}
+
+
+def _write_shards(directory: Path, docs: list[str], per_shard: int) -> list[Path]:
+    with ShardWriter(directory, per_shard) as writer:
+        for i, doc in enumerate(docs):
+            writer.write(_record(i, doc))
+    return list_shards(directory)
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+    """40 small, distinct, real Python files from the standard library, in a fixed order."""
+    out: list[str] = []
+    for f in sorted(Path(os.__file__).parent.rglob("*.py")):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if 300 <= len(text) <= 3000 and text not in out:
+            out.append(text)
+        if len(out) == 40:
+            break
+    assert len(out) == 40
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(docs, tmp_path_factory) -> list[Path]:
+    return _write_shards(tmp_path_factory.mktemp("corpus"), docs, per_shard=10)  # 4 shards
+
+
+@pytest.fixture(scope="module")
+def tokenizer(docs) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def eos(tokenizer) -> int:
+    return tokenizer.token_to_id(EOS)
+
+
+def stream(tokenizer: Tokenizer, eos: int, docs: list[str]) -> list[int]:
+    """The reference token stream: each document encoded on its own, followed by EOS."""
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer.encode(doc, add_special_tokens=False).ids + [eos]
+    return ids
+
+
+def blocks_of(ids: list[int], seq: int = SEQ) -> list[tuple[int, ...]]:
+    return [tuple(ids[i:i + seq]) for i in range(0, len(ids) - seq + 1, seq)]
+
+
+def make(shards, tokenizer, eos, **kw) -> ConstantLengthDataset:
+    kw.setdefault("num_of_sequences", 4)
+    return ConstantLengthDataset(shards, tokenizer, seq_length=SEQ, eos_token_id=eos, **kw)
+
+
+def flat(blocks) -> list[int]:
+    return torch.cat(list(blocks)).tolist() if blocks else []
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+def test_blocks_have_seq_length_and_eos_between_documents(shards, tokenizer, eos, docs):
+    blocks = list(make(shards, tokenizer, eos))
+    assert blocks and all(b.shape == (SEQ,) and b.dtype == torch.long for b in blocks)
+    segments = " ".join(map(str, flat(blocks))).split(f" {eos} ")  # EOS-separated runs of ids
+    complete = segments[:-1]  # the last one may be cut by the dropped final partial block
+    assert len(complete) >= len(docs) - 2
+    for doc, seg in zip(docs, complete):
+        assert tokenizer.decode([int(t) for t in seg.split()]) == doc
+
+
+def test_no_token_lost_at_buffer_boundaries(shards, tokenizer, eos, docs):
+    ds = make(shards, tokenizer, eos, num_of_sequences=2)
+    assert sum(map(len, docs)) > 20 * ds.max_buffer_size  # many buffers, so many carried tails
+    blocks = list(ds)
+    expected = stream(tokenizer, eos, docs)
+    assert len(blocks) == len(expected) // SEQ  # only the final partial block is dropped
+    assert flat(blocks) == expected[: len(blocks) * SEQ]
+
+
+def test_infinite_mode_increments_epoch_and_carries_tail_across_epochs(shards, tokenizer, eos, docs):
+    expected = stream(tokenizer, eos, docs)
+    n = len(expected) // SEQ + 100  # several buffers into the second epoch
+    ds = make(shards, tokenizer, eos, infinite=True)
+    it = iter(ds)
+    blocks = [next(it) for _ in range(n)]
+    # ds.epoch is the reader's epoch; the state's is the epoch in which the current buffer started.
+    assert ds.epoch == 1 and ds.state_dict()["epoch"] == 1
+    assert flat(blocks) == (expected * 2)[: n * SEQ]
+
+
+def test_shuffle_permutes_within_a_buffer_deterministically(shards, tokenizer, eos):
+    plain = [tuple(b.tolist()) for b in make(shards, tokenizer, eos)]
+    shuffled = [tuple(b.tolist()) for b in make(shards, tokenizer, eos, shuffle=True, seed=3)]
+    again = [tuple(b.tolist()) for b in make(shards, tokenizer, eos, shuffle=True, seed=3)]
+    assert shuffled == again and shuffled != plain and Counter(shuffled) == Counter(plain)
+
+
+# --- sharding -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_consumers", [1, 2, 3, 4, 6, 9])
+def test_every_document_is_read_by_exactly_one_consumer(shards, tokenizer, eos, docs, num_consumers):
+    ds = make(shards, tokenizer, eos)
+    per_consumer = [list(ds.iter_documents(c, num_consumers)) for c in range(num_consumers)]
+    assert Counter(d for share in per_consumer for d in share) == Counter(docs)
+    if num_consumers <= len(shards):  # whole files: consumer c owns files[c::C], in order
+        for c, share in enumerate(per_consumer):
+            assert share == [d for i, d in enumerate(docs) if (i // 10) % num_consumers == c]
+    else:  # record striding
+        for c, share in enumerate(per_consumer):
+            assert share == docs[c::num_consumers]
+
+
+def test_striding_fallback_is_logged_once(shards, tokenizer, eos, caplog):
+    ds = make(shards, tokenizer, eos, rank=5, world_size=8)  # 8 consumers, 4 files
+    with caplog.at_level(logging.INFO, logger="codeparrot.data.packing"):
+        first, second = list(ds), list(ds)
+    assert first and [b.tolist() for b in first] == [b.tolist() for b in second]
+    assert sum("keeps every 8-th record" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.fixture(scope="module")
+def marker_docs(docs) -> list[str]:
+    return [f"# marker-{i:05d}\n{docs[i % len(docs)][:400]}" for i in range(90)]
+
+
+@pytest.fixture(scope="module")
+def marker_tokenizer(tokenizer, marker_docs) -> Tokenizer:
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.add_tokens([f"marker-{i:05d}" for i in range(len(marker_docs))])  # one id per document
+    return tok
+
+
+@pytest.mark.parametrize("n_shards", [3, 6])  # fewer files than 4 consumers (striding), and more
+def test_ranks_and_real_workers_split_the_corpus(marker_docs, marker_tokenizer, eos, tmp_path, n_shards):
+    files = _write_shards(tmp_path, marker_docs, per_shard=-(-len(marker_docs) // n_shards))
+    assert len(files) == n_shards
+    got: list[tuple[int, ...]] = []
+    expected: list[tuple[int, ...]] = []
+    for rank in range(2):
+        ds = make(files, marker_tokenizer, eos, rank=rank, world_size=2)
+        for batch in make_dataloader(ds, batch_size=3, num_workers=2):
+            assert batch.dtype == torch.long and batch.shape[1] == SEQ
+            got += [tuple(row) for row in batch.tolist()]
+        for worker in range(2):  # consumer c = rank * num_workers + worker_id
+            share = list(ds.iter_documents(rank * 2 + worker, 4))
+            expected += blocks_of(stream(marker_tokenizer, eos, share))
+    assert Counter(got) == Counter(expected)
+    marker_ids = {marker_tokenizer.token_to_id(f"marker-{i:05d}") for i in range(len(marker_docs))}
+    seen = Counter(t for block in got for t in block if t in marker_ids)
+    assert max(seen.values()) == 1  # no document twice
+    assert len(seen) >= len(marker_docs) - 4 * 3  # only the consumers' dropped final blocks are missing
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+def test_dataset_resumes_exactly_at_every_position(shards, tokenizer, eos):
+    kw = dict(num_of_sequences=3, shuffle=True, infinite=True)
+    reference = list(zip(range(40), iter(make(shards, tokenizer, eos, **kw))))
+    for k in range(0, 13):  # every offset within, and on the boundaries of, the first buffers
+        ds = make(shards, tokenizer, eos, **kw)
+        it = iter(ds)
+        for _ in range(k):
+            next(it)
+        state = pickle.loads(pickle.dumps(ds.state_dict()))
+        assert len(state["tail"]) < SEQ and len(pickle.dumps(state)) < 4096  # small: saved every batch
+        resumed = make(shards, tokenizer, eos, **kw)
+        resumed.load_state_dict(state)  # before __iter__
+        assert resumed.state_dict() == state
+        rit = iter(resumed)
+        for i in range(k, k + 8):
+            assert torch.equal(next(rit), reference[i][1]), (k, i)
+
+
+def _batches(loader, n: int) -> list[torch.Tensor]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _dataset_states(state) -> list[dict]:
+    """The dataset states inside a StatefulDataLoader state, wherever it keeps them."""
+    if isinstance(state, dict):
+        if "buffer_index" in state:
+            return [state]
+        return [s for v in state.values() for s in _dataset_states(v)]
+    return []
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("mode", ["finite", "shuffled-infinite"])
+def test_dataloader_resume_gives_the_uninterrupted_batches(shards, tokenizer, eos, docs, num_workers, mode):
+    kw = dict(shuffle=True, infinite=True, seed=7) if mode == "shuffled-infinite" else {}
+    batch = 4
+    epoch_batches = len(stream(tokenizer, eos, docs)) // SEQ // batch  # about one epoch of batches
+    k = epoch_batches - 3 if mode == "shuffled-infinite" else epoch_batches // 2
+    m = 25 if mode == "shuffled-infinite" else epoch_batches  # finite: run to the end of the epoch
+
+    reference = _batches(make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers), k + m)
+
+    first = make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers)
+    head = _batches(first, k)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    assert len(_dataset_states(state)) == max(1, num_workers)
+
+    second = make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers)
+    second.load_state_dict(state)
+    rest = _batches(second, m)
+    assert len(head + rest) == len(reference)
+    for i, (a, b) in enumerate(zip(head + rest, reference)):
+        assert torch.equal(a, b), i
+    if mode == "shuffled-infinite":  # the resumed part crossed into the next epoch
+        assert max(s["epoch"] for s in _dataset_states(state)) == 0
+        assert max(s["epoch"] for s in _dataset_states(second.state_dict())) == 1
+
+
+# --- bad input and geometry ---------------------------------------------------------------------
+
+def test_bad_records_are_skipped_and_counted(docs, tokenizer, eos, tmp_path):
+    lines = [json.dumps(_record(i, d)) for i, d in enumerate(docs[:6])]
+    lines.insert(2, '{"content": "unterminated')
+    lines.insert(5, json.dumps({"path": "no_content.py"}))
+    path = tmp_path / "file-000000000000.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    ds = make([path], tokenizer, eos, num_of_sequences=1)
+    blocks = list(ds)
+    assert ds.bad.counts == {"invalid_json": 1, "missing_content": 1} and ds.bad.good == 6
+    assert flat(blocks) == stream(tokenizer, eos, docs[:6])[: len(blocks) * SEQ]
+
+    # Counts survive a resume exactly: the state holds them as of the buffer's start.
+    ds2 = make([path], tokenizer, eos, num_of_sequences=1)
+    it = iter(ds2)
+    for _ in range(len(blocks) // 2):
+        next(it)
+    ds3 = make([path], tokenizer, eos, num_of_sequences=1)
+    ds3.load_state_dict(ds2.state_dict())
+    list(ds3)
+    assert ds3.bad.as_dict() == ds.bad.as_dict()
+
+
+def test_state_from_another_geometry_is_refused(shards, tokenizer, eos):
+    ds = make(shards, tokenizer, eos)
+    it = iter(ds)
+    next(it)
+    state = ds.state_dict()
+    assert (state["consumer"], state["num_consumers"]) == (0, 1)
+    with pytest.raises(ValueError, match="geometry"):
+        make(shards, tokenizer, eos, rank=0, world_size=2).load_state_dict(state)
+    other_rank = make(shards, tokenizer, eos, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="geometry"):
+        other_rank.load_state_dict(make(shards, tokenizer, eos, rank=0, world_size=2).state_dict())
+    with pytest.raises(ValueError, match="geometry"):
+        make(shards[:3], tokenizer, eos).load_state_dict(state)
+
+    # Through a loader: a 1-rank run's state loaded into a 2-rank run.
+    loader = make_dataloader(make(shards, tokenizer, eos), 2, num_workers=0)
+    _batches(loader, 3)
+    resumed = make_dataloader(make(shards, tokenizer, eos, world_size=2), 2, num_workers=0)
+    resumed.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="geometry"):
+        _batches(resumed, 1)
+
+
+def test_worker_state_is_refused_by_another_worker_count(shards, tokenizer, eos, monkeypatch):
+    # Simulated in-process: a worker that fails at resume makes torch's worker shutdown wait ~5 s per worker.
+    monkeypatch.setattr(packing, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    state = make(shards, tokenizer, eos).state_dict()
+    assert (state["consumer"], state["num_consumers"]) == (1, 2)
+    monkeypatch.setattr(packing, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=3))
+    with pytest.raises(ValueError, match="geometry"):
+        make(shards, tokenizer, eos).load_state_dict(state)

@@ -1,0 +1,160 @@
+"""Training loop: schedule, perplexity, checkpoints, exact resume, and two real CPU processes."""
+from __future__ import annotations
+
+import email
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codeparrot.config import load_config
+from codeparrot.corpus.prepare import run_prepare
+from codeparrot.evaluate import perplexity, run_evaluate
+from codeparrot.pipeline import run_export_local
+from codeparrot.tokenizer import run_train_tokenizer
+from codeparrot.train import lr_lambda, latest_checkpoint, read_trainer_state
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+TINY = [
+    "tokenizer.vocab_size=400", "tokenizer.n_examples=200",
+    "data.seq_length=32", "data.num_of_sequences=8",
+    "model.preset=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+    "train.micro_batch_size=4", "train.warmup_steps=2", "train.learning_rate=0.003",
+    "train.log_interval=1", "train.eval_interval=3", "train.save_interval=3", "train.keep_last=0",
+    "train.mixed_precision=no", "eval.batch_size=4", "eval.max_batches=2", "eval.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A prepared corpus and tokenizer made from real stdlib packages (email, json)."""
+    root = tmp_path_factory.mktemp("train")
+    roots = [str(Path(email.__file__).parent), str(Path(json.__file__).parent)]
+    run_export_local(root / "raw", roots, shard_records=10)
+    cfg = load_config(None, [f"paths.workdir={root}", "corpus.valid_fraction=0.3", *TINY])
+    run_prepare(cfg)
+    run_train_tokenizer(cfg)
+    return root
+
+
+def _train(workdir: Path, *overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m"]) + ["codeparrot", "train", f"paths.workdir={workdir}",
+                                                 "corpus.valid_fraction=0.3", *TINY, *overrides]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+
+def test_schedule_warms_up_then_follows_cosine():
+    fn = lr_lambda(warmup_steps=10, max_steps=110, schedule="cosine", min_ratio=0.1)
+    assert fn(0) == pytest.approx(0.1)
+    assert fn(9) == pytest.approx(1.0)
+    assert fn(10) == pytest.approx(1.0)
+    assert fn(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert fn(110) == pytest.approx(0.1)
+    assert fn(500) == pytest.approx(0.1)  # past max_steps it stays at the floor
+    assert lr_lambda(5, 100, "constant", 0.0)(50) == 1.0
+    with pytest.raises(ValueError, match="cosine or constant"):
+        lr_lambda(5, 100, "linear", 0.0)
+
+
+def test_perplexity_overflows_to_inf():
+    assert perplexity(math.log(50.0)) == pytest.approx(50.0)
+    assert perplexity(1e6) == float("inf")
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    for name in ("step-3", "step-6", "step-9.tmp", "step-12"):
+        (tmp_path / name).mkdir()
+    for name in ("step-3", "step-6", "step-9.tmp"):
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-6"  # step-12 lacks trainer_state.json
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
+    """An interrupted run resumed from its checkpoint logs the same losses as an uninterrupted one."""
+    _train(workdir, "train.run_name=full", "train.max_steps=6")
+    full = workdir / "runs" / "full"
+    ckpt = full / "step-6"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "config.yaml",
+                 "data_state_rank0.pt", "accelerate/optimizer.bin", "accelerate/scheduler.bin"):
+        assert (ckpt / name).exists(), name
+    state = read_trainer_state(ckpt)
+    assert state.step == 6 and state.tokens_seen == 6 * 4 * 32
+    assert [h["step"] for h in state.history] == [0, 3, 6]  # eval at step 0, every 3 steps, and the end
+    assert state.history[-1]["loss"] < state.history[0]["loss"]
+    assert list((full / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
+
+    # Simulate a crash after step 3: keep only the step-3 checkpoint and the log lines up to it.
+    _train(workdir, "train.run_name=cut", "train.max_steps=6")
+    cut = workdir / "runs" / "cut"
+    shutil.rmtree(cut / "step-6")
+    (cut / "step-6.tmp").mkdir()  # a half-written save must not be taken for the latest
+    metrics = (cut / "logs" / "metrics.jsonl").read_text().splitlines()
+    (cut / "logs" / "metrics.jsonl").write_text(
+        "".join(m + "\n" for m in metrics if json.loads(m)["step"] <= 3))
+    proc = _train(workdir, "train.run_name=cut", "train.max_steps=6")
+    assert "resumed from" in proc.stderr
+    full_losses, cut_losses = _losses(full), _losses(cut)
+    assert sorted(cut_losses) == sorted(full_losses) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert cut_losses[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6)
+
+    # A finished run is skipped; a config change that alters the run refuses to resume.
+    again = _train(workdir, "train.run_name=full", "train.max_steps=6")
+    assert "skipping" in again.stderr
+    bad = subprocess.run([sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}",
+                          "corpus.valid_fraction=0.3", *TINY, "train.run_name=full", "train.max_steps=9",
+                          "train.learning_rate=0.1"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "cannot resume" in bad.stderr
+
+    # Evaluate writes its result beside the run.
+    cfg = load_config(None, [f"paths.workdir={workdir}", "corpus.valid_fraction=0.3", *TINY])
+    result = run_evaluate(cfg, ckpt)
+    assert math.isfinite(result["perplexity"]) and result["tokens"] > 0
+    assert result["loss"] == pytest.approx(state.history[-1]["loss"], rel=1e-4)
+    assert isinstance(result["completion"], str)
+    assert json.loads((full / "eval" / "step-6.json").read_text())["tokens"] == result["tokens"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_in_sync_on_different_data(workdir):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port()), "-m"]
+    env_backup = dict(ENV)
+    ENV["ACCELERATE_USE_CPU"] = "1"
+    try:
+        _train(workdir, "train.run_name=ddp", "train.max_steps=3", launcher=launcher)
+    finally:
+        ENV.clear()
+        ENV.update(env_backup)
+    logs = workdir / "runs" / "ddp" / "logs"
+    ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-9)
+    assert ranks[0]["first_batch_sha1"] != ranks[1]["first_batch_sha1"]
+    ckpt = workdir / "runs" / "ddp" / "step-3"
+    states = [torch.load(ckpt / f"data_state_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert states[0] != states[1]
+    assert read_trainer_state(ckpt).tokens_seen == 3 * 4 * 32 * 2
