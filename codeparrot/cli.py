@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_ in [("prepare", "deduplicate and split the raw export into clean/"),
                         ("train-tokenizer", "train the byte-level BPE tokenizer on clean/train"),
+                        ("pretokenize", "encode clean/ into flat token shards tokens/{train,valid}/*.bin"),
                         ("train", "train the model (also under `accelerate launch -m codeparrot train`)"),
                         ("pipeline", "run every stage in order, skipping finished ones")]:
         _add_config_args(sub.add_parser(name, help=help_))
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(title: str, result: dict[str, Any]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, rank 0 speaks for all
+        return
     print(f"== {title} ==")
     for key, value in result.items():
         if isinstance(value, dict):
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from .tokenizer import run_train_tokenizer
 
             _summary("train-tokenizer", run_train_tokenizer(cfg))
+        elif args.command == "pretokenize":
+            from .data.tokens import run_pretokenize
+
+            _summary("pretokenize", run_pretokenize(cfg))
         elif args.command == "train":
             from .train import run_train
 

@@ -11,7 +11,6 @@ from typing import Any, Iterable
 import torch
 
 from .config import Config
-from .corpus.source import list_shards
 from .model import generate, load_hf
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,8 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     from accelerate import Accelerator
     from tokenizers import Tokenizer
 
-    from .data.packing import ConstantLengthDataset, make_dataloader
+    from .data.packing import make_dataloader
+    from .data.splits import split_dataset
 
     ckpt = Path(checkpoint)
     if not (ckpt / "model.safetensors").is_file():
@@ -84,11 +84,8 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     model = load_hf(ckpt).to(accelerator.device)
-    dataset = ConstantLengthDataset(
-        list_shards(cfg.paths.resolve("clean") / "valid"), tokenizer, model.config.n_positions, eos_id,
-        chars_per_token=cfg.data.chars_per_token, num_of_sequences=cfg.data.num_of_sequences,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        max_bad_ratio=cfg.corpus.max_bad_ratio)
+    dataset = split_dataset(cfg, "valid", tokenizer, accelerator.process_index, accelerator.num_processes,
+                            infinite=False, seq_length=min(cfg.data.seq_length, model.config.n_positions))
     start = time.perf_counter()
     result = evaluate_loss(model, make_dataloader(dataset, cfg.eval.batch_size, 0), accelerator,
                            cfg.eval.max_batches)

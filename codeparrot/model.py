@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from codeparrot.config import ModelConfig
@@ -28,6 +29,13 @@ PRESETS: dict[str, dict] = {
 LAYER_NORM_EPS = 1e-5  # as GPT-2
 INIT_STD = 0.02  # GPT-2's initializer_range
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SDPA_BACKENDS = {
+    "auto": None,  # let torch pick (flash or cuDNN on recent GPUs, else memory-efficient, else math)
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
 
 
 @dataclass
@@ -43,10 +51,21 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
     gradient_checkpointing: bool = False
+    vocab_pad_multiple: int = 1  # embedding rows rounded up to this (64 keeps the LM-head matmul aligned)
+    loss_chunk_size: int = 0  # > 0: chunked cross-entropy that never holds [B*T, V] logits
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.attention_backend not in SDPA_BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r}; valid: {', '.join(SDPA_BACKENDS)}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding matrix: the vocab rounded up to `vocab_pad_multiple`."""
+        m = max(1, self.vocab_pad_multiple)
+        return (self.vocab_size + m - 1) // m * m
 
 
 def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_length: int) -> GPTConfig:
@@ -64,6 +83,9 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_length: int) -> 
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         reorder_and_upcast_attn=cfg.reorder_and_upcast_attn,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        vocab_pad_multiple=cfg.vocab_pad_multiple,
+        loss_chunk_size=cfg.loss_chunk_size,
+        attention_backend=cfg.attention_backend,
         **shape,
     )
 
@@ -77,6 +99,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
         self.reorder_and_upcast = config.reorder_and_upcast_attn
+        self.backends = SDPA_BACKENDS[config.attention_backend]
         self.scale = 1.0 / math.sqrt(self.head_dim)
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1  # Stanford Mistral's stability trick, as in HF GPT-2: deeper layers get softer scores
@@ -91,8 +114,11 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.reorder_and_upcast:
             y = self._upcast_attention(q, k, v, dropout_p)
-        else:
+        elif self.backends is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+        else:
+            with sdpa_kernel(self.backends):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, C]
         return self.resid_dropout(self.c_proj(y))
 
@@ -138,7 +164,7 @@ class Block(nn.Module):
 class GPTOutput(NamedTuple):
     """Logits [B, T, V] and, when labels were given, the mean next-token loss."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None when the chunked loss ran instead
     loss: Optional[torch.Tensor]
 
 
@@ -148,12 +174,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2L): each block adds two of them to the stream
@@ -184,10 +210,16 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        h = self.ln_f(x)  # [B, T, C]
+        # labels are shifted inside, as transformers does, so callers pass labels = input_ids
+        if labels is not None and self.config.loss_chunk_size > 0:
+            loss = chunked_cross_entropy(h[:, :-1].reshape(-1, h.size(-1)), self.lm_head.weight,
+                                         labels[:, 1:].reshape(-1), self.config.vocab_size,
+                                         self.config.loss_chunk_size)
+            return GPTOutput(None, loss)
+        logits = self.lm_head(h)[..., : self.config.vocab_size]  # [B, T, V]: padding rows are never predicted
         loss = None
         if labels is not None:
-            # shift inside, as transformers does, so callers pass labels = input_ids
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                 labels[:, 1:].reshape(-1),
@@ -250,6 +282,7 @@ def save_hf(model: GPT, directory: str | os.PathLike, eos_token_id: int = 0,
         "tie_word_embeddings": True,
         "bos_token_id": eos_token_id,
         "eos_token_id": eos_token_id,
+        "codeparrot_vocab_pad_multiple": cfg.vocab_pad_multiple,  # ours; transformers keeps it as an attribute
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tensors = {}
@@ -260,6 +293,8 @@ def save_hf(model: GPT, directory: str | os.PathLike, eos_token_id: int = 0,
         t = t.detach().cpu()
         if name.endswith(CONV1D_SUFFIXES):
             t = t.t()  # GPT-2's Conv1D stores [in, out], nn.Linear [out, in]
+        if name == "wte.weight":
+            t = t[: cfg.vocab_size]  # padding rows are ours, not part of the GPT-2 format
         tensors["transformer." + name] = t.contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
@@ -277,6 +312,7 @@ def load_hf(directory: str | os.PathLike, map_location: str | torch.device = "cp
         dropout=hf.get("resid_pdrop", 0.0),
         scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
         reorder_and_upcast_attn=hf.get("reorder_and_upcast_attn", False),
+        vocab_pad_multiple=hf.get("codeparrot_vocab_pad_multiple", 1),
     )
     state = {}
     for name, t in load_file(str(src / "model.safetensors"), device=str(map_location)).items():
@@ -284,12 +320,60 @@ def load_hf(directory: str | os.PathLike, map_location: str | torch.device = "cp
             continue  # tied copy, or the causal-mask buffers older transformers saved
         name = name.removeprefix("transformer.")
         state[name] = t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t
+    pad = config.padded_vocab_size - state["wte.weight"].size(0)
+    if pad > 0:
+        state["wte.weight"] = F.pad(state["wte.weight"], (0, 0, 0, pad))
     state["lm_head.weight"] = state["wte.weight"]
     with torch.device("meta"):  # skip random init: every tensor is about to be replaced
         model = GPT(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.lm_head.weight = model.wte.weight  # assign=True made two Parameters; tie them again
     return model
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ W[:V].T) against targets, computed a chunk of rows at a time.
+
+    The gradients are computed during the forward pass (as Liger's fused linear cross-entropy does), so neither
+    the [N, V] logits nor their fp32 copy ever exist whole, and no chunk is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int, chunk_size: int):  # h [N, C], weight [Vp, C], targets [N]
+        w = weight[:vocab_size]  # [V, C]
+        valid = targets != -100
+        n_valid = valid.sum().clamp(min=1)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if want_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), chunk_size):
+            hc, tc, vc = h[start:start + chunk_size], targets[start:start + chunk_size], valid[start:start + chunk_size]
+            logits = (hc @ w.t()).float()  # [n, V], fp32 only for this chunk
+            lse = logits.logsumexp(dim=-1)  # [n]
+            tgt = tc.clamp(min=0)
+            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * vc).sum()
+            if want_grad:
+                dlogits = (logits - lse[:, None]).exp_()  # softmax, in place
+                dlogits[torch.arange(tgt.size(0), device=tgt.device), tgt] -= 1.0
+                dlogits *= vc[:, None] / n_valid
+                dlogits = dlogits.to(hc.dtype)
+                grad_h[start:start + chunk_size] = dlogits @ w
+                grad_w[:vocab_size] += dlogits.t() @ hc
+        if want_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          chunk_size: int) -> torch.Tensor:
+    """Mean next-token loss of hidden states `h` [N, C] through the LM head `weight` [Vp, C]; ignore_index -100."""
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ def run_export_local(out: str | Path, roots: list[str] | None = None, shard_reco
 def pipeline_stages(cfg: Config) -> list[tuple[str, Callable[[Config], dict[str, Any]]]]:
     """The stages `pipeline` runs, in order, for this config."""
     from .corpus.prepare import run_prepare
+    from .data.tokens import run_pretokenize
     from .evaluate import run_evaluate_latest
     from .tokenizer import run_train_tokenizer
     from .train import run_train
@@ -48,8 +49,10 @@ def pipeline_stages(cfg: Config) -> list[tuple[str, Callable[[Config], dict[str,
             raw, c.corpus.local_roots or None, c.corpus.export_shard_records, c.corpus.local_max_files)))
     elif not raw.exists():
         raise FileNotFoundError(f"paths.raw={raw} does not exist and corpus.source is {cfg.corpus.source!r}, not 'local'")
-    return stages + [("prepare", run_prepare), ("train-tokenizer", run_train_tokenizer), ("train", run_train),
-                     ("evaluate", run_evaluate_latest)]
+    stages += [("prepare", run_prepare), ("train-tokenizer", run_train_tokenizer)]
+    if cfg.data.pretokenized:  # train reads tokens/ instead of tokenizing clean/ on the fly
+        stages.append(("pretokenize", run_pretokenize))
+    return stages + [("train", run_train), ("evaluate", run_evaluate_latest)]
 
 
 def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:

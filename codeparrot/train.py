@@ -20,8 +20,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .artifacts import fingerprint
 from .config import Config, canonical_json
-from .corpus.source import list_shards
-from .data.packing import ConstantLengthDataset, make_dataloader
+from .data.packing import make_dataloader
+from .data.splits import split_dataset
+from .data.tokens import check_tokenizer
 from .evaluate import evaluate_loss
 from .model import GPT, resolve_model_config, save_hf
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -87,8 +88,9 @@ def training_fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
     """What must match for a resume or a skip: everything that shapes the run except its length and I/O cadence."""
     train = {k: v for k, v in vars(cfg.train).items()
              if k not in ("max_steps", "log_interval", "eval_interval", "save_interval", "keep_last", "resume",
-                          "trackers", "peak_flops")}
-    return canonical_json({"model": vars(cfg.model), "data": vars(cfg.data), "train": train, "inputs": inputs})
+                          "trackers", "peak_flops", "record_batch_digests")}
+    data = {k: v for k, v in vars(cfg.data).items() if k != "pretokenize_num_proc"}  # shapes tokens/, not the run
+    return canonical_json({"model": vars(cfg.model), "data": data, "train": train, "inputs": inputs})
 
 
 def _trackers(names: list[str]) -> list[str]:
@@ -150,6 +152,53 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def build_model_and_optimizer(cfg: Config, vocab_size: int, accelerator: Accelerator):
+    """The GPT of `cfg` with AdamW and the warmup-cosine schedule, passed through `accelerator.prepare`."""
+    t = cfg.train
+    cuda = accelerator.device.type == "cuda"
+    if cuda and t.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (e.g. the optimizer's) on TF32
+        torch.backends.cudnn.allow_tf32 = True
+    model = GPT(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_length))
+    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
+                                  betas=(t.adam_beta1, t.adam_beta2), fused=t.fused_adamw and cuda)
+    scheduler = LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio))
+    if t.compile if t.compile is not None else cuda:  # null: compile on GPUs, where it pays for its warm-up
+        model = torch.compile(model)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+class TrainStep:
+    """One optimizer step over `accumulation` micro-batches; results stay on the device (no host sync)."""
+
+    def __init__(self, model, optimizer, scheduler, accelerator: Accelerator, accumulation: int,
+                 max_grad_norm: float):
+        self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
+        self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
+
+    def __call__(self, batches) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], float]:
+        """Returns (summed micro-batch losses, grad norm, the batches used, seconds spent waiting for data)."""
+        acc, model = self.accelerator, self.model
+        loss_sum = torch.zeros((), device=acc.device)
+        used, wait = [], 0.0
+        grad_norm = torch.zeros((), device=acc.device)
+        for _ in range(self.accumulation):
+            wait_start = time.perf_counter()
+            batch = next(batches).to(acc.device, non_blocking=True)  # [B, T]
+            wait += time.perf_counter() - wait_start
+            used.append(batch)
+            with acc.accumulate(model):
+                loss = model(batch, labels=batch).loss
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        self.scheduler.step()
+        return loss_sum, grad_norm, used, wait
+
+
 def _write_rank_report(accelerator: Accelerator, model: torch.nn.Module, out: Path, first_batch: str,
                        step: int) -> None:
     """Per-rank facts (world size, a weight checksum, the first batch's digest): what shows DDP kept in sync."""
@@ -163,24 +212,15 @@ def _write_rank_report(accelerator: Accelerator, model: torch.nn.Module, out: Pa
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _make_datasets(cfg: Config, tokenizer, eos_id: int, rank: int, world: int):
-    clean = cfg.paths.resolve("clean")
-    d = cfg.data
-    common = dict(tokenizer=tokenizer, seq_length=d.seq_length, eos_token_id=eos_id,
-                  chars_per_token=d.chars_per_token, num_of_sequences=d.num_of_sequences, rank=rank,
-                  world_size=world, max_bad_ratio=cfg.corpus.max_bad_ratio)
-    train_ds = ConstantLengthDataset(list_shards(clean / "train"), infinite=True, shuffle=d.shuffle_buffer > 0,
-                                     seed=cfg.train.seed, **common)
-    valid_ds = ConstantLengthDataset(list_shards(clean / "valid"), infinite=False, **common)
-    return train_ds, valid_ds
-
-
 def run_train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the model of `cfg`; rank 0 returns a summary."""
     t = cfg.train
     out = run_dir(cfg)
     tokenizer_dir = cfg.paths.resolve("tokenizer")
     inputs = {"clean": fingerprint(cfg.paths.resolve("clean")), "tokenizer": fingerprint(tokenizer_dir)}
+    if cfg.data.pretokenized:  # the token shards are an input too, and must come from this very tokenizer
+        check_tokenizer(cfg.paths.resolve("tokens"), inputs["tokenizer"])
+        inputs["tokens"] = fingerprint(cfg.paths.resolve("tokens"))
     config_fp = training_fingerprint(cfg, inputs)
 
     resume_from: Path | None = None
@@ -211,20 +251,14 @@ def run_train(cfg: Config) -> dict[str, Any]:
     rank, world = accelerator.process_index, accelerator.num_processes
     tokenizer = load_tokenizer(tokenizer_dir)
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
-    gpt_cfg = resolve_model_config(cfg.model, tokenizer.get_vocab_size(), cfg.data.seq_length)
-    model = GPT(gpt_cfg)
-    n_params = model.num_parameters()
-    flops_per_token = model.flops_per_token(cfg.data.seq_length)
-    fused = t.fused_adamw and accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2), fused=fused)
-    scheduler = LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio))
-    if t.compile:
-        model = torch.compile(model)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = build_model_and_optimizer(cfg, tokenizer.get_vocab_size(), accelerator)
+    gpt_cfg = accelerator.unwrap_model(model).config
+    n_params = accelerator.unwrap_model(model).num_parameters()
+    flops_per_token = accelerator.unwrap_model(model).flops_per_token(cfg.data.seq_length)
 
     # Our datasets shard themselves by (rank, worker), so their loaders are not passed through prepare().
-    train_ds, valid_ds = _make_datasets(cfg, tokenizer, eos_id, rank, world)
+    train_ds = split_dataset(cfg, "train", tokenizer, rank, world, infinite=True)
+    valid_ds = split_dataset(cfg, "valid", tokenizer, rank, world, infinite=False)
     pin = accelerator.device.type == "cuda"
     train_loader = make_dataloader(train_ds, t.micro_batch_size, cfg.data.num_workers, pin_memory=pin)
     valid_loader_fn = lambda: make_dataloader(valid_ds, cfg.eval.batch_size, 0, pin_memory=pin)  # noqa: E731
@@ -271,29 +305,32 @@ def run_train(cfg: Config) -> dict[str, Any]:
     model.train()
     data_iter = iter(train_loader)
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on device: no host sync inside the step
+    step_fn = TrainStep(model, optimizer, scheduler, accelerator, t.gradient_accumulation_steps, t.max_grad_norm)
     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
     last_saved = state.step
     train_start = time.perf_counter()
     start_step = state.step
     first_batch_digest = ""
     while state.step < t.max_steps:
-        for _ in range(t.gradient_accumulation_steps):
-            wait_start = time.perf_counter()
-            batch = next(data_iter).to(accelerator.device, non_blocking=True)  # [B, T]
-            data_wait += time.perf_counter() - wait_start
-            if not first_batch_digest:
-                first_batch_digest = hashlib.sha1(batch.cpu().numpy().tobytes()).hexdigest()[:16]
-            with accelerator.accumulate(model):
-                loss = model(batch, labels=batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        scheduler.step()
+        step_loss, grad_norm, batches, wait = step_fn(data_iter)
+        loss_sum += step_loss
+        data_wait += wait
+        if not first_batch_digest:
+            first_batch_digest = hashlib.sha1(batches[0].cpu().numpy().tobytes()).hexdigest()[:16]
         state.step += 1
         state.tokens_seen += tokens_per_step
+        if t.record_batch_digests:  # off by default: it copies the step's batches back to the host
+            digest = hashlib.sha1()
+            for b in batches:
+                digest.update(b.cpu().numpy().tobytes())
+            step_sha1 = digest.hexdigest()
+            if world > 1:  # one digest per step over every rank's batches, in rank order
+                from accelerate.utils import gather_object
+
+                step_sha1 = hashlib.sha1("".join(gather_object([step_sha1])).encode()).hexdigest()
+            if accelerator.is_main_process:
+                with metrics_file.open("a") as fh:
+                    fh.write(json.dumps({"step": state.step, "data/batch_sha1": step_sha1}) + "\n")
         window_steps += 1
 
         if state.step % t.log_interval == 0 or state.step == t.max_steps:

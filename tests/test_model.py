@@ -187,3 +187,49 @@ def test_greedy_generate():
     first = out[:1, 5].item()
     stopped = generate(model, prompt[:1], max_new_tokens=10, eos_token_id=first)
     assert stopped.shape == (1, 6) and stopped[0, -1].item() == first
+
+
+def test_padded_vocab_is_never_predicted_and_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = make_model(vocab_pad_multiple=64).eval()  # vocab 97 -> 128 embedding rows
+    assert model.wte.weight.shape[0] == 128 and model.config.padded_vocab_size == 128
+    ids = random_ids(97)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.logits.shape[-1] == 97  # the 31 padding rows never reach the logits
+    save_hf(model, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.vocab_size == 97
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, out.logits, atol=1e-4, rtol=0)
+    loaded = load_hf(tmp_path)
+    assert loaded.config == model.config and loaded.wte.weight.shape[0] == 128
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, out.logits)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_cross_entropy_matches_plain_loss_and_grads(chunk):
+    ids = random_ids(97, B=3, T=20)
+    labels = ids.clone()
+    labels[0, 5] = -100  # an ignored position must stay ignored
+    results = []
+    for loss_chunk_size in (0, chunk):
+        model = make_model(seed=3, vocab_pad_multiple=64, loss_chunk_size=loss_chunk_size)
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_attention_backend_choice():
+    ids = random_ids(97)
+    with torch.no_grad():
+        auto = make_model(seed=4).eval()(ids).logits
+        math_ = make_model(seed=4, attention_backend="math").eval()(ids).logits
+    torch.testing.assert_close(math_, auto, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_backend"):
+        make_model(attention_backend="fastest")

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 RAW_FIELDS = ("repo_name", "path", "copies", "size", "content", "license")
-NOT_SHARDS = {"manifest.json", "report.json"}  # artifact metadata that sits beside the shards
+# Artifact metadata that sits beside the shards.
+NOT_SHARDS = {"manifest.json", "report.json", "near_duplicate_clusters.jsonl"}
 LOGGED_BAD_RECORDS = 20  # log this many bad records per stream one line each, then only count
 
 

@@ -172,7 +172,7 @@ class ConstantLengthDataset(IterableDataset):
             if not texts:
                 break  # end of a finite epoch: the partial block left in `tail` is dropped
             ids = list(tail)
-            for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False):
+            for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False):  # ids, no offsets
                 ids.extend(encoding.ids)
                 ids.append(self.eos_token_id)
             n_blocks = len(ids) // seq
@@ -223,9 +223,13 @@ class ConstantLengthDataset(IterableDataset):
         self.epoch = state["epoch"]
 
 
-def make_dataloader(dataset: ConstantLengthDataset, batch_size: int, num_workers: int,
+def make_dataloader(dataset: IterableDataset, batch_size: int, num_workers: int,
                     pin_memory: bool = False) -> StatefulDataLoader:
-    """A DataLoader giving LongTensor [batch_size, seq_length] batches, with state_dict()/load_state_dict()."""
+    """A DataLoader giving LongTensor [batch_size, seq_length] batches, with state_dict()/load_state_dict().
+
+    `dataset` is a ConstantLengthDataset or a TokenShardDataset: one that shards itself by (rank, worker) and has
+    state_dict()/load_state_dict().
+    """
     # StatefulDataLoader snapshots each worker's dataset state in step with the batches the main process consumed.
     kwargs: dict[str, Any] = {}
     if num_workers > 0:

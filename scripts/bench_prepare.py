@@ -1,0 +1,173 @@
+"""Benchmark: near-dedup signatures + LSH (codeparrot.corpus.dedup) against datasketch, per core, on the same files.
+
+    python scripts/bench_prepare.py                        # the first 40 MB of work/tiny/raw
+    python scripts/bench_prepare.py --raw DIR --max-mb 100
+
+The first --max-mb of content is copied into fresh shards (untimed), one set used by every contender:
+  read       iter_shard alone (gzip + JSON), the floor under every contender;
+  ours 1p    signatures_for_shards(num_proc=1), then near_duplicate_clusters (LSH, verification, union-find);
+  ours Np    the same with num_proc = os.cpu_count() worker processes;
+  reference  per file: datasketch MinHash(num_perm=256), m.update(token.encode()) per distinct CodeParrot token,
+             MinHashLSH(threshold=0.85, num_perm=256).insert.
+Goal: ours per core >= 3x the reference per core. When `prepare` calls into dedup, the whole stage is also timed
+on 1 process and on all cores, with its per-phase MB/s.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from codeparrot.corpus.dedup import (VERIFIED_FN_WEIGHT, LSHIndex, duplicates_to_drop, near_duplicate_clusters,
+                                     signatures_for_shards)
+from codeparrot.corpus.source import BadRecords, ShardWriter, iter_shard, list_shards
+
+GOAL = 3.0  # ours per core / reference per core
+NUM_PERM, THRESHOLD = 256, 0.85
+
+
+def copy_prefix(raw: Path, out: Path, max_mb: float, n_shards: int) -> tuple[int, int]:
+    """Copy records until max_mb of content into about n_shards new shards; (files, content bytes)."""
+    records, size = [], 0
+    for shard in list_shards(raw):
+        for _, record in iter_shard(shard, BadRecords()):
+            if size >= max_mb * 1e6:
+                break
+            records.append(record)
+            size += len(record["content"])
+    with ShardWriter(out, -(-len(records) // n_shards)) as writer:
+        for record in records:
+            writer.write(record)
+    return len(records), size
+
+
+def time_read(shards: list[Path]) -> float:
+    start = time.perf_counter()
+    for shard in shards:
+        for _ in iter_shard(shard, BadRecords()):
+            pass
+    return time.perf_counter() - start
+
+
+def time_ours(shards: list[Path], num_proc: int) -> tuple[float, float, np.ndarray, list[list[int]]]:
+    """(signature seconds incl. reading, LSH seconds, signatures, clusters)."""
+    start = time.perf_counter()
+    blocks = [sigs for _, _, sigs in signatures_for_shards(shards, NUM_PERM, 1, 1, num_proc=num_proc)]
+    signatures = np.concatenate(blocks)
+    mid = time.perf_counter()
+    clusters = near_duplicate_clusters(signatures, THRESHOLD)
+    return mid - start, time.perf_counter() - mid, signatures, clusters
+
+
+def time_reference(shards: list[Path]) -> float:
+    from datasketch import MinHash, MinHashLSH
+
+    split = re.compile(r"[^A-Za-z_0-9]+")  # CodeParrot's tokenisation
+    start = time.perf_counter()
+    lsh = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM)
+    i = 0
+    for shard in shards:
+        for _, record in iter_shard(shard, BadRecords()):
+            m = MinHash(num_perm=NUM_PERM)
+            for token in {t for t in split.split(record["content"]) if t}:
+                m.update(token.encode())
+            lsh.insert(i, m)
+            i += 1
+    return time.perf_counter() - start
+
+
+def index_bytes_per_file(signatures: np.ndarray, fn_weight: float) -> tuple[int, float]:
+    """(bands, bytes per file) of an LSHIndex holding every signature."""
+    index = LSHIndex(THRESHOLD, NUM_PERM, 1 - fn_weight, fn_weight)
+    keys = index.band_keys(signatures).tolist()
+    for i, row in enumerate(keys):
+        index.insert_keys(i, row)
+    return index.bands, index.memory_bytes_estimate() / len(signatures)
+
+
+def time_prepare(shard_dir: Path, work: Path, num_proc: int) -> dict | None:
+    """run_prepare's result on the shards, or None when prepare does not call into dedup yet."""
+    prepare_py = Path(__file__).resolve().parents[1] / "codeparrot" / "corpus" / "prepare.py"
+    if "near_duplicate_clusters" not in prepare_py.read_text():
+        return None
+    from codeparrot.config import load_config
+    from codeparrot.corpus.prepare import run_prepare
+
+    cfg = load_config(None, [f"paths.workdir={work}", f"paths.raw={shard_dir}", f"corpus.num_proc={num_proc}"])
+    start = time.perf_counter()
+    result = run_prepare(cfg)
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--raw", default="work/tiny/raw", help="a directory of export shards")
+    p.add_argument("--max-mb", type=float, default=40.0, help="MB of file content to benchmark on")
+    p.add_argument("--no-prepare", action="store_true", help="skip timing the whole prepare stage")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cores = os.cpu_count() or 1
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = Path(tmp) / "raw"
+        n_files, n_bytes = copy_prefix(Path(args.raw), shard_dir, args.max_mb, 4 * cores)
+        shards = list_shards(shard_dir)
+        mb = n_bytes / 1e6
+        print(f"input: {n_files:,} files, {mb:.1f} MB of content, {len(shards)} shards; {cores} cores; "
+              f"num_perm {NUM_PERM}, threshold {THRESHOLD}, token shingles")
+        print("load average before: %.2f %.2f %.2f (other processes share these cores)" % os.getloadavg())
+
+        read_s = time_read(shards)
+        sig1, lsh1, signatures, clusters = time_ours(shards, 1)
+        sigN, lshN, signatures_n, _ = time_ours(shards, cores)
+        assert np.array_equal(signatures, signatures_n), "signatures differ between 1 and N processes"
+        ref_s = time_reference(shards)
+        print("load average after:  %.2f %.2f %.2f" % os.getloadavg())
+
+        rows = [("read only (gzip+JSON)", read_s, 1),
+                ("ours, 1 process", sig1 + lsh1, 1),
+                (f"ours, {cores} processes", sigN + lshN, cores),
+                ("reference datasketch, 1 process", ref_s, 1)]
+        ref_per_core = mb / ref_s
+        print(f"\n{'':34}{'seconds':>9}{'MB/s':>9}{'MB/s/core':>11}{'x ref/core':>12}")
+        for name, seconds, procs in rows:
+            per_core = mb / seconds / procs
+            print(f"{name:34}{seconds:9.2f}{mb / seconds:9.2f}{per_core:11.2f}{per_core / ref_per_core:12.2f}")
+        print(f"\nours, split: signatures {sig1:.2f} s on 1 process ({mb / sig1:.1f} MB/s, reading included), "
+              f"{sigN:.2f} s on {cores}; LSH+verify+union-find {lsh1:.2f} s ({n_files / lsh1:,.0f} files/s)")
+        ratio = (mb / (sig1 + lsh1)) / ref_per_core
+        print(f"ours per core / reference per core: {ratio:.2f}x on 1 process, "
+              f"{(mb / (sigN + lshN) / cores) / ref_per_core:.2f}x on {cores} (goal >= {GOAL}x on 1 process): "
+              f"{'MET' if ratio >= GOAL else 'NOT MET'}")
+        print(f"clusters: {len(clusters):,}, near-duplicates dropped: {len(duplicates_to_drop(clusters)):,} "
+              f"of {n_files:,} files (exact copies included: no exact dedup runs here)")
+        for label, fn in (("0.5/0.5 (datasketch default)", 0.5), (f"fn {VERIFIED_FN_WEIGHT} (used with verify)",
+                                                                   VERIFIED_FN_WEIGHT)):
+            bands, per_file = index_bytes_per_file(signatures, fn)
+            print(f"LSH index, weights {label}: {bands} bands, {per_file:.0f} bytes/file = "
+                  f"{per_file * 1e6 / 1e9:.2f} GB per million files (signatures, 1024 B/file, not included)")
+
+        if not args.no_prepare:
+            for num_proc in (1, cores):
+                result = time_prepare(shard_dir, Path(tmp) / f"work{num_proc}", num_proc)
+                if result is None:
+                    print("\nprepare does not call into dedup yet: stage not timed")
+                    break
+                phases = ", ".join(f"{k} {v.get('seconds')} s" + (f" ({v['mb_per_s']} MB/s)" if "mb_per_s" in v else "")
+                                   for k, v in result.get("phases", {}).items())
+                print(f"\nprepare, {num_proc} process(es): {result['wall_seconds']:.2f} s wall, "
+                      f"{result.get('mb_per_s')} MB/s; {result.get('files_in')} files in, "
+                      f"{result.get('near_duplicates')} near-duplicates; phases: {phases}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
