@@ -88,7 +88,7 @@ class DataConfig:
     seq_length: int = 1024
     chars_per_token: float = 3.6  # estimate used to size the tokenization buffer
     num_of_sequences: int = 256  # blocks' worth of characters tokenized per buffer
-    shuffle_buffer: int = 0  # blocks held for shuffling in infinite mode; 0 = no shuffle
+    shuffle: bool = True  # train blocks in a shuffled order: per tokenized buffer (streaming) or per epoch (shards)
     num_workers: int = 0  # DataLoader workers per process
     pretokenized: bool = False  # train from tokens/ (`codeparrot pretokenize`) instead of tokenizing clean/ on the fly
     pretokenize_num_proc: int = 0  # processes of the pretokenize stage (one input shard each); 0 = CPU count
@@ -150,7 +150,9 @@ class EvalConfig:
 
     batch_size: int = 8
     max_batches: int = 50  # 0 or negative: the whole valid split
-    prompt: str = "def fibonacci(n):\n"  # greedy completion shown after evaluation; "" for none
+    # Greedy completion shown after evaluation ("" for none). No trailing newline: BPE merges "\n" with the
+    # indentation after it, so a prompt cut after "\n" ends on a token the model rarely saw.
+    prompt: str = "def fibonacci(n):"
     max_new_tokens: int = 48
 
 

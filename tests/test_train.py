@@ -98,7 +98,14 @@ def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
     assert state.step == 6 and state.tokens_seen == 6 * 4 * 32
     assert [h["step"] for h in state.history] == [0, 3, 6]  # eval at step 0, every 3 steps, and the end
     assert state.history[-1]["loss"] < state.history[0]["loss"]
-    assert list((full / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
+    events = list((full / "logs").rglob("events.out.tfevents*"))
+    assert events, "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    ppl = {e.step: e.value for e in acc.Scalars("eval/perplexity")}
+    assert sorted(ppl) == [0, 3, 6] and ppl[6] < ppl[0]
+    assert ppl[6] == pytest.approx(math.exp(state.history[-1]["loss"]), rel=1e-4)
 
     # Simulate a crash after step 3: keep only the step-3 checkpoint and the log lines up to it.
     _train(workdir, "train.run_name=cut", "train.max_steps=6")

@@ -17,11 +17,11 @@ def split_dataset(cfg: Config, split: str, tokenizer, rank: int, world_size: int
     seq_length = seq_length or d.seq_length
     shuffle = split == "train"
     if d.pretokenized:  # token shards: blocks read by memmap, train order shuffled by (train.seed, epoch)
-        return TokenShardDataset(cfg.paths.resolve("tokens"), split, seq_length, infinite=infinite, shuffle=shuffle,
+        return TokenShardDataset(cfg.paths.resolve("tokens"), split, seq_length, infinite=infinite, shuffle=shuffle and d.shuffle,
                                  seed=cfg.train.seed, rank=rank, world_size=world_size,
                                  tokenizer_fingerprint=fingerprint(cfg.paths.resolve("tokenizer")))
     return ConstantLengthDataset(
         list_shards(cfg.paths.resolve("clean") / split), tokenizer, seq_length,
         tokenizer.token_to_id(cfg.tokenizer.eos_token), chars_per_token=d.chars_per_token,
-        num_of_sequences=d.num_of_sequences, infinite=infinite, shuffle=shuffle and d.shuffle_buffer > 0,
+        num_of_sequences=d.num_of_sequences, infinite=infinite, shuffle=shuffle and d.shuffle,
         seed=cfg.train.seed, rank=rank, world_size=world_size, max_bad_ratio=cfg.corpus.max_bad_ratio)
