@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete or damaged."""
+
+
 def code_version() -> str:
     """Package version, plus the git commit when running from a checkout."""
     try:

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from .artifacts import CheckpointError
 from .config import ConfigError, load_config
 from .corpus.source import TooManyBadRecords
 from .logs import setup_logging
@@ -52,6 +53,10 @@ def _summary(title: str, result: dict[str, Any]) -> None:
     for key, value in result.items():
         if isinstance(value, dict):
             value = json.dumps(value)
+        if isinstance(value, str) and "\n" in value:  # code (prompt, completion): show it as a block
+            print(f"  {key}:")
+            print("\n".join("    | " + line for line in value.split("\n")))
+            continue
         print(f"  {key}: {value}")
 
 
@@ -91,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, result in run_pipeline(cfg).items():
                 _summary(name, result)
-    except (ConfigError, TooManyBadRecords, FileNotFoundError) as e:
+    except (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError) as e:
+        # Expected failures (bad config or input, refused resume, damaged checkpoint) get a message, not a trace;
+        # --log-level DEBUG shows the trace too.
+        log.debug("traceback", exc_info=True)
         print(f"codeparrot {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

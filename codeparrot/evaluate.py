@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .artifacts import CheckpointError
 from .config import Config
 from .model import generate, load_hf
 
@@ -69,21 +70,26 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, eos_id: int | N
 
 
 def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """Evaluate a `step-N` checkpoint on clean/valid; write `runs/<run>/eval/step-N.json`."""
+    """Evaluate a `step-N` checkpoint on the valid split; write `runs/<run>/eval/step-N.json`."""
     from accelerate import Accelerator
     from tokenizers import Tokenizer
 
     from .data.packing import make_dataloader
     from .data.splits import split_dataset
 
+    from .train import resolve_mixed_precision
+
     ckpt = Path(checkpoint)
-    if not (ckpt / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint (no model.safetensors)")
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() and
-                              torch.cuda.is_bf16_supported() else "no")
-    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (ckpt / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: missing {', '.join(missing)}")
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    try:
+        tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        model = load_hf(ckpt).to(accelerator.device)
+    except Exception as e:  # tokenizers and safetensors raise their own kinds on a damaged file
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e})") from e
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
-    model = load_hf(ckpt).to(accelerator.device)
     dataset = split_dataset(cfg, "valid", tokenizer, accelerator.process_index, accelerator.num_processes,
                             infinite=False, seq_length=min(cfg.data.seq_length, model.config.n_positions))
     start = time.perf_counter()

@@ -339,11 +339,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, chunk_size: int):  # h [N, C], weight [Vp, C], targets [N]
+    def forward(ctx, h, weight, targets, vocab_size: int, chunk_size: int, grad_enabled: bool):
+        # h [N, C], weight [Vp, C], targets [N]
         w = weight[:vocab_size]  # [V, C]
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is set under no_grad too (weight.requires_grad), so evaluation asks explicitly
+        want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         grad_h = torch.zeros_like(h) if want_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -367,13 +369,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                           chunk_size: int) -> torch.Tensor:
     """Mean next-token loss of hidden states `h` [N, C] through the LM head `weight` [Vp, C]; ignore_index -100."""
-    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, torch.is_grad_enabled())
 
 
 @torch.no_grad()

@@ -44,7 +44,11 @@ def pipeline_stages(cfg: Config) -> list[tuple[str, Callable[[Config], dict[str,
 
     stages: list[tuple[str, Callable[[Config], dict[str, Any]]]] = []
     raw = cfg.paths.resolve("raw")
-    if cfg.corpus.source == "local":
+    raw_manifest = read_manifest(raw)
+    foreign = raw.exists() and (raw_manifest or {}).get("stage") != "export-local"
+    if cfg.corpus.source == "local" and foreign:  # never overwrite an export we did not make
+        log.info("pipeline: %s holds an export not made by export-local; using it as it is", raw)
+    elif cfg.corpus.source == "local":
         stages.append(("export-local", lambda c: run_export_local(
             raw, c.corpus.local_roots or None, c.corpus.export_shard_records, c.corpus.local_max_files)))
     elif not raw.exists():

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 
-from .artifacts import fingerprint
-from .config import Config, canonical_json
+from .artifacts import CheckpointError, fingerprint
+from .config import Config, ConfigError, canonical_json
 from .data.packing import make_dataloader
 from .data.splits import split_dataset
 from .data.tokens import check_tokenizer
@@ -85,10 +85,15 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
 
 
 def training_fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
-    """What must match for a resume or a skip: everything that shapes the run except its length and I/O cadence."""
+    """What must match for a resume or a skip: everything that shapes the run's numbers.
+
+    Left out: the run's name and length (a longer max_steps recomputes the cosine for the new length from the
+    resumed step on), I/O cadence, and speed switches that do not change the result.
+    """
     train = {k: v for k, v in vars(cfg.train).items()
-             if k not in ("max_steps", "log_interval", "eval_interval", "save_interval", "keep_last", "resume",
-                          "trackers", "peak_flops", "record_batch_digests")}
+             if k not in ("run_name", "max_steps", "log_interval", "eval_interval", "save_interval", "keep_last",
+                          "resume", "trackers", "peak_flops", "record_batch_digests", "compile", "fused_adamw",
+                          "tf32")}
     data = {k: v for k, v in vars(cfg.data).items() if k != "pretokenize_num_proc"}  # shapes tokens/, not the run
     return canonical_json({"model": vars(cfg.model), "data": data, "train": train, "inputs": inputs})
 
@@ -139,15 +144,17 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            self._prune()
+            self._prune(step)
         acc.wait_for_everyone()
         log.info("checkpoint: saved %s", final)
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, current: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to `current`; never touch later ones of an earlier run."""
         if self.keep_last <= 0:
             return
-        steps = sorted((int(m.group(1)), p) for p in self.directory.iterdir() if (m := STEP_DIR.match(p.name)))
+        steps = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
+                       if (m := STEP_DIR.match(p.name)) and int(m.group(1)) <= current)
         for _, path in steps[:-self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -215,6 +222,9 @@ def _write_rank_report(accelerator: Accelerator, model: torch.nn.Module, out: Pa
 def run_train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the model of `cfg`; rank 0 returns a summary."""
     t = cfg.train
+    for key in ("max_steps", "log_interval", "save_interval", "micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
     out = run_dir(cfg)
     tokenizer_dir = cfg.paths.resolve("tokenizer")
     inputs = {"clean": fingerprint(cfg.paths.resolve("clean")), "tokenizer": fingerprint(tokenizer_dir)}
@@ -258,18 +268,21 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
     # Our datasets shard themselves by (rank, worker), so their loaders are not passed through prepare().
     train_ds = split_dataset(cfg, "train", tokenizer, rank, world, infinite=True)
-    valid_ds = split_dataset(cfg, "valid", tokenizer, rank, world, infinite=False)
     pin = accelerator.device.type == "cuda"
     train_loader = make_dataloader(train_ds, t.micro_batch_size, cfg.data.num_workers, pin_memory=pin)
-    valid_loader_fn = lambda: make_dataloader(valid_ds, cfg.eval.batch_size, 0, pin_memory=pin)  # noqa: E731
+    valid_ds = split_dataset(cfg, "valid", tokenizer, rank, world, infinite=False) if t.eval_interval > 0 else None
 
     state = TrainerState(config_fingerprint=config_fp)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "accelerate"))
         data_state = resume_from / f"data_state_rank{rank}.pt"
         if not data_state.is_file():
             raise FileNotFoundError(f"{data_state} missing: resume with the world size the checkpoint was saved with")
-        train_loader.load_state_dict(torch.load(data_state, weights_only=False))
+        try:
+            accelerator.load_state(str(resume_from / "accelerate"))
+            train_loader.load_state_dict(torch.load(data_state, weights_only=False))
+        except Exception as e:  # torch, safetensors and pickle each raise their own kind on a damaged file
+            raise CheckpointError(f"checkpoint {resume_from} is damaged ({type(e).__name__}: {e}); delete it to "
+                                  f"resume from the one before, or set train.resume=none") from e
         state = read_trainer_state(resume_from)
         log.info("train: resumed from %s at step %d", resume_from, state.step)
 
@@ -291,7 +304,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate_loss(model, valid_loader_fn(), accelerator, cfg.eval.max_batches)
+        valid_loader = make_dataloader(valid_ds, cfg.eval.batch_size, 0, pin_memory=pin)
+        result = evaluate_loss(model, valid_loader, accelerator, cfg.eval.max_batches)
         state.best_val_loss = min(state.best_val_loss, result["loss"])
         state.history.append({"step": step, **result})
         record({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"],
@@ -312,6 +326,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     start_step = state.step
     first_batch_digest = ""
     while state.step < t.max_steps:
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains with (read before the scheduler advances)
         step_loss, grad_norm, batches, wait = step_fn(data_iter)
         loss_sum += step_loss
         data_wait += wait
@@ -333,18 +348,19 @@ def run_train(cfg: Config) -> dict[str, Any]:
                     fh.write(json.dumps({"step": state.step, "data/batch_sha1": step_sha1}) + "\n")
         window_steps += 1
 
-        if state.step % t.log_interval == 0 or state.step == t.max_steps:
+        # Also log at each save, so a resumed run's loss windows line up with an uninterrupted run's.
+        if state.step % t.log_interval == 0 or state.step % t.save_interval == 0 or state.step == t.max_steps:
             mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / (
                 window_steps * t.gradient_accumulation_steps)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
-            record({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+            record({"train/loss": mean_loss, "train/lr": lr,
                     "train/grad_norm": float(grad_norm), "train/tokens_seen": state.tokens_seen,
                     "train/tokens_per_s": tokens_per_s, "train/step_time_s": elapsed / window_steps,
                     "train/data_wait_frac": data_wait / elapsed,
                     "train/mfu": flops_per_token * tokens_per_s / (t.peak_flops * world)}, state.step)
             log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tokens/s, data wait %.0f%%", state.step, t.max_steps,
-                     mean_loss, scheduler.get_last_lr()[0], tokens_per_s, 100 * data_wait / elapsed)
+                     mean_loss, lr, tokens_per_s, 100 * data_wait / elapsed)
             loss_sum.zero_()
             window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         if t.eval_interval > 0 and (state.step % t.eval_interval == 0 or state.step == t.max_steps):

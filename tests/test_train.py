@@ -190,3 +190,46 @@ def test_fsdp_config_trains_saves_and_resumes_on_two_cpu_processes(workdir):
     cfg = load_config(None, [f"paths.workdir={workdir}", "corpus.valid_fraction=0.3", *TINY])
     result = run_evaluate(cfg, run / "step-6")
     assert math.isfinite(result["loss"]) and result["loss"] < state.history[0]["loss"]
+
+
+def test_damaged_checkpoint_and_bad_intervals_give_clear_errors(workdir):
+    _train(workdir, "train.run_name=damaged", "train.max_steps=3")
+    run = workdir / "runs" / "damaged"
+    optimizer = run / "step-3" / "accelerate" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a save cut off by a full disk, say
+    cmd = [sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}", "corpus.valid_fraction=0.3",
+           *TINY, "train.run_name=damaged", "train.max_steps=6"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "step-3 is damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+    (run / "step-3" / "tokenizer.json").unlink()
+    cfg = load_config(None, [f"paths.workdir={workdir}", "corpus.valid_fraction=0.3", *TINY])
+    with pytest.raises(FileNotFoundError, match="missing tokenizer.json"):
+        run_evaluate(cfg, run / "step-3")
+
+    proc = subprocess.run(cmd[:-1] + ["train.save_interval=0"], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "train.save_interval must be at least 1" in proc.stderr
+
+
+def test_pruning_keeps_checkpoints_newer_than_the_current_step(tmp_path):
+    from codeparrot.train import Checkpointer
+
+    for step in (2, 4, 6, 9):
+        (tmp_path / f"step-{step}").mkdir()
+    (tmp_path / "step-8.tmp").mkdir()
+    Checkpointer(accelerator=None, directory=tmp_path, keep_last=2)._prune(current=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6", "step-8.tmp", "step-9"]
+
+
+def test_pipeline_never_overwrites_a_foreign_export(tmp_path, workdir):
+    from codeparrot.pipeline import pipeline_stages
+
+    foreign = tmp_path / "bigquery"
+    shutil.copytree(workdir / "raw", foreign)
+    (foreign / "manifest.json").unlink()  # as a BigQuery download has none
+    cfg = load_config(None, [f"paths.workdir={tmp_path}", f"paths.raw={foreign}"])
+    assert cfg.corpus.source == "local"
+    assert [name for name, _ in pipeline_stages(cfg)][0] == "prepare"
+    fresh = load_config(None, [f"paths.workdir={tmp_path}"])
+    assert [name for name, _ in pipeline_stages(fresh)][0] == "export-local"

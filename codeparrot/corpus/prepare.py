@@ -14,7 +14,7 @@ Three phases; only phase 2 holds state that grows with the corpus:
    as `file-<input shard index:012d>-<k:06d>.json.gz`; each task owns its output files, so the names and bytes
    do not depend on the number of processes.
 Everything is written into `clean.tmp/` and swapped in at the end (`staged_dir`): an interrupted run leaves no
-partial `clean/`.
+partial `clean/`. `report.py` presents the results: report.json's fields, the summary table, the length plot.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import json
 import logging
 import multiprocessing
 import os
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,21 +32,21 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ..artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, write_manifest
-from ..config import Config, ConfigError, section_dict
+from ..config import Config, ConfigError, CorpusConfig, section_dict
 from ..logs import progress_bar
 from .decontaminate import Decontaminator
 from .filters import FILTERS, FilterSettings, QualityFilter, compute_columns, strip_whitespace
+from .report import (CLUSTERS_FILE, LENGTHS_PLOT, cluster_summary, decontamination_summary, format_report,
+                     length_hist, length_histogram, mb_per_s, peak_rss_mb, plot_lengths, timing, write_clusters)
 from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, list_shards
 
 log = logging.getLogger(__name__)
 
 STAGE = "prepare"
-CLUSTERS_FILE = "near_duplicate_clusters.jsonl"
-LENGTHS_PLOT = "file_lengths.png"
 KEEP, DUP_IN_SHARD, DECONTAMINATED, FILTERED = 0, 1, 2, 10  # scan verdicts; FILTERED + FILTERS.index(name)
-LENGTH_BINS = np.logspace(0, 8, 65)  # file length in characters, 1 to 1e8, 8 bins per decade
 SIGNATURE_BATCH_CHARS = 8_000_000  # text MinHashed together in a scan task (bounds a task's memory on huge shards)
 NOT_IDENTITY = ("num_proc",)  # corpus keys that change how prepare runs, not what it writes
+SPLIT_KEYS = ("train_files", "train_bytes", "valid_files", "valid_bytes")
 
 
 def is_valid_repo(repo_name: str, valid_fraction: float, seed: int) -> bool:
@@ -55,6 +54,13 @@ def is_valid_repo(repo_name: str, valid_fraction: float, seed: int) -> bool:
     digest = hashlib.md5(f"{seed}:{repo_name}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < valid_fraction
 
+
+def _where(record: dict[str, Any]) -> dict[str, str]:
+    """A record's repo_name and path, as the report names files."""
+    return {"repo_name": str(record.get("repo_name", "")), "path": str(record.get("path", ""))}
+
+
+# ---- in the workers: phase 1 (_scan_shard) and phase 3 (_write_shard), one input shard per task ----
 
 @dataclass
 class _QuietBad(BadRecords):
@@ -72,40 +78,29 @@ class _QuietBad(BadRecords):
 class _Settings:
     """What a worker process needs; pickled once per worker."""
 
-    filters: FilterSettings
-    filter_tokenizer: str
+    corpus: CorpusConfig
+    filters: FilterSettings  # the enabled filters: chars_per_token only with a tokenizer
     decontam: Decontaminator | None
-    exact_dedup: bool
-    near_dedup: bool
-    num_perm: int
-    ngram: int
-    seed: int
-    valid_fraction: float
-    split_seed: int
-    shard_records: int
 
 
 _worker: dict[str, Any] = {}  # per-process state built by _init_worker
 
 
 def _init_worker(settings: _Settings) -> None:
+    """Build this process's filter, tokenizer and MinHasher once, for all its tasks."""
+    c = settings.corpus
     tokenizer = None
     if "chars_per_token" in settings.filters.enabled:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(settings.filter_tokenizer)
+        tokenizer = Tokenizer.from_file(c.filter_tokenizer)
     hasher = None
-    if settings.near_dedup:
+    if c.near_dedup:
         from .dedup import MinHasher
 
-        hasher = MinHasher(num_perm=settings.num_perm, ngram=settings.ngram, seed=settings.seed)
+        hasher = MinHasher(num_perm=c.minhash_num_perm, ngram=c.minhash_ngram, seed=c.minhash_seed)
     _worker.clear()
     _worker.update(settings=settings, quality=QualityFilter(settings.filters, tokenizer), hasher=hasher)
-
-
-def _length_hist(sizes: Iterable[int]) -> np.ndarray:
-    values = np.clip(np.fromiter(sizes, dtype=np.float64), 1, LENGTH_BINS[-1] * 0.999)
-    return np.histogram(values, bins=LENGTH_BINS)[0].astype(np.int64)
 
 
 @dataclass
@@ -118,18 +113,13 @@ class _Scan:
     sizes: list[int]
     verdicts: list[int]
     signatures: np.ndarray | None  # one row per KEEP verdict, in order
-    decontaminated: dict[int, list[dict[str, str]]]  # line -> matched needles
-    meta: dict[int, dict[str, str]]  # line -> repo_name/path of decontaminated records
-    good: int
-    bad_counts: dict[str, int]
-    bad_samples: list[tuple[str, str, str]]
-    hist: np.ndarray
-    seconds: float
+    decontaminated: dict[int, dict[str, Any]]  # line -> repo_name, path and the matched needles
+    bad: _QuietBad
 
 
 def _scan_shard(task: tuple[int, str]) -> _Scan:
+    """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, MinHash."""
     index, path = task
-    start = time.perf_counter()
     s: _Settings = _worker["settings"]
     quality: QualityFilter = _worker["quality"]
     hasher = _worker["hasher"]
@@ -138,8 +128,7 @@ def _scan_shard(task: tuple[int, str]) -> _Scan:
     batch: list[str] = []
     batch_chars = 0
     blocks: list[np.ndarray] = []
-    decontaminated: dict[int, list[dict[str, str]]] = {}
-    meta: dict[int, dict[str, str]] = {}
+    decontaminated: dict[int, dict[str, Any]] = {}
     seen_here: set[bytes] = set()
     for line, record in iter_shard(path, bad):
         content = record["content"]
@@ -155,7 +144,7 @@ def _scan_shard(task: tuple[int, str]) -> _Scan:
         lines.append(line)
         digests.append(digest)
         sizes.append(len(content))
-        if s.exact_dedup:
+        if s.corpus.exact_dedup:
             if digest in seen_here:  # a later copy in the same shard: an exact duplicate, whatever came before
                 verdicts.append(DUP_IN_SHARD)
                 continue
@@ -168,9 +157,8 @@ def _scan_shard(task: tuple[int, str]) -> _Scan:
             found = s.decontam.find(content, stripped)
             if found:
                 verdicts.append(DECONTAMINATED)
-                decontaminated[line] = [{"benchmark": n.benchmark, "task_id": n.task_id, "field": n.field}
-                                        for n in found]
-                meta[line] = {"repo_name": str(record.get("repo_name", "")), "path": str(record.get("path", ""))}
+                decontaminated[line] = {**_where(record), "matches": [
+                    {"benchmark": n.benchmark, "task_id": n.task_id, "field": n.field} for n in found]}
                 continue
         verdicts.append(KEEP)
         if hasher is not None:
@@ -183,40 +171,38 @@ def _scan_shard(task: tuple[int, str]) -> _Scan:
     if hasher is not None:
         if batch:
             blocks.append(hasher.signatures(batch))
-        signatures = np.concatenate(blocks) if blocks else np.zeros((0, s.num_perm), dtype=np.uint32)
-    return _Scan(index, lines, digests, sizes, verdicts, signatures, decontaminated, meta, bad.good,
-                 dict(bad.counts), bad.samples, _length_hist(sizes), time.perf_counter() - start)
+        signatures = np.concatenate(blocks) if blocks else np.zeros((0, s.corpus.minhash_num_perm), dtype=np.uint32)
+    return _Scan(index, lines, digests, sizes, verdicts, signatures, decontaminated, bad)
 
 
 def _write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[str, Any]:
+    """Phase 3 for one shard: write the kept lines to train/ or valid/, and name the cluster members."""
     index, path, keep_lines, members, out = task
-    s: _Settings = _worker["settings"]
+    c: CorpusConfig = _worker["settings"].corpus
     keep = set(keep_lines.tolist())
     writers: dict[str, ShardWriter] = {}
-    counts = {"train_files": 0, "train_bytes": 0, "valid_files": 0, "valid_bytes": 0}
-    sizes: list[int] = []
-    meta: dict[int, dict[str, str]] = {}
+    counts = dict.fromkeys(SPLIT_KEYS, 0)
+    names: dict[int, dict[str, str]] = {}  # line -> repo_name/path of the cluster members, for the clusters file
     for line, record in iter_shard(path, _QuietBad()):
         if line in members:
-            meta[line] = {"repo_name": str(record.get("repo_name", "")), "path": str(record.get("path", ""))}
+            names[line] = _where(record)
         if line not in keep:
             continue
         content = record["content"]
-        side = "valid" if is_valid_repo(str(record.get("repo_name", "")), s.valid_fraction, s.split_seed) else "train"
+        side = "valid" if is_valid_repo(str(record.get("repo_name", "")), c.valid_fraction, c.split_seed) else "train"
         if side not in writers:
             # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
-            writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", s.shard_records)
+            writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records)
         writers[side].write({**record, **compute_columns(content)})
         counts[f"{side}_files"] += 1
         counts[f"{side}_bytes"] += len(content)
-        sizes.append(len(content))
     for side, writer in writers.items():
         writer.close()
         for k, part in enumerate(sorted(writer.directory.iterdir())):
             part.rename(writer.directory.parent / f"file-{index:012d}-{k:06d}.json.gz")
         writer.directory.rmdir()
-    written = counts["train_files"] + counts["valid_files"]
-    return {"index": index, **counts, "missing": len(keep) - written, "meta": meta, "hist": _length_hist(sizes)}
+    missing = len(keep) - counts["train_files"] - counts["valid_files"]
+    return {"index": index, **counts, "missing": missing, "names": names}
 
 
 class _Runner:
@@ -243,7 +229,10 @@ class _Runner:
             self.pool = None
 
 
+# ---- in the main process: the stage, phase by phase ----
+
 def _sha256(path: str | Path) -> str:
+    """A short content hash of an extra input, for the manifest."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
@@ -267,15 +256,7 @@ def _settings(cfg: Config) -> tuple[_Settings, dict[str, str]]:
     if c.decontaminate:
         decontam = Decontaminator.from_specs(c.decontaminate, c.decontaminate_min_chars)
         extra_inputs["decontaminate"] = ",".join(f"{k}:{v}" for k, v in sorted(decontam.sources.items()))
-    settings = _Settings(filters=filters, filter_tokenizer=c.filter_tokenizer, decontam=decontam,
-                         exact_dedup=c.exact_dedup, near_dedup=c.near_dedup, num_perm=c.minhash_num_perm,
-                         ngram=c.minhash_ngram, seed=c.minhash_seed, valid_fraction=c.valid_fraction,
-                         split_seed=c.split_seed, shard_records=c.output_shard_records)
-    return settings, extra_inputs
-
-
-def _mb_per_s(n_bytes: int, seconds: float) -> float:
-    return round(n_bytes / 1e6 / max(seconds, 1e-9), 2)
+    return _Settings(c, filters, decontam), extra_inputs
 
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
@@ -296,18 +277,15 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     c = cfg.corpus
     num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
     start = time.perf_counter()
+    shard_bytes = [f.stat().st_size for f in files]  # the progress bars' units
     runner = _Runner(settings, num_proc)
     try:
         with staged_dir(clean) as tmp:
-            counts, report = _prepare(cfg, settings, files, runner, tmp)
-            runner.close()
-            counts["seconds"] = round(time.perf_counter() - start, 2)
-            counts["mb_per_s"] = _mb_per_s(counts["bytes_in"], counts["seconds"])
-            counts["num_proc"] = num_proc
-            counts["peak_rss_mb"] = _peak_rss_mb()
-            report = {**counts, **report}
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            _plot_lengths(report["length_histogram"], tmp / LENGTHS_PLOT)
+            survey = _scan_phase(runner, files, shard_bytes, settings, c.max_bad_ratio)
+            near = _near_dedup_phase(survey, c)
+            written = _write_phase(runner, files, shard_bytes, survey, near, tmp, raw)
+            runner.close()  # joins the workers: RUSAGE_CHILDREN, read for the peak RSS, counts only waited-for ones
+            counts = _report_phase(tmp, settings, files, survey, near, written, time.perf_counter() - start, num_proc)
             write_manifest(tmp, STAGE, config, inputs, counts, counts["seconds"], full_config=cfg)
     finally:
         runner.close(cancel=True)
@@ -315,224 +293,207 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     return {"skipped": False, **counts}
 
 
-def _prepare(cfg: Config, settings: _Settings, files: list[Path], runner: _Runner, tmp: Path
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Phases 1-3 into the staging directory `tmp`: (counts for the manifest, extra report fields)."""
-    c = cfg.corpus
-    bad = BadRecords(max_ratio=c.max_bad_ratio)
-    logged_bad = 0
-    filtered = {name: 0 for name in settings.filters.enabled}
-    bytes_filtered = {name: 0 for name in settings.filters.enabled}
-    counts: dict[str, Any] = {"files_in": 0, "bytes_in": 0, "exact_duplicates": 0, "bytes_exact_duplicates": 0}
-    n_decontam = bytes_decontam = 0
-    decontaminated: list[dict[str, Any]] = []
-    hist_in = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
+@dataclass
+class _Survey:
+    """Phase 1 and exact dedup over the corpus: what each step removed, and the survivors in input order."""
+
+    bad: BadRecords
+    removed_by_filter: dict[str, int]  # enabled filter -> files it removed
+    bytes_removed_by_filter: dict[str, int]
+    files_in: int = 0
+    bytes_in: int = 0
+    exact_duplicates: int = 0
+    bytes_exact_duplicates: int = 0
+    bytes_decontaminated: int = 0
+    decontaminated_files: list[dict[str, Any]] = field(default_factory=list)
+    hist_in: np.ndarray = field(default_factory=lambda: length_hist(()))
+    # One entry per survivor, in input order: its shard index, line and length; signatures in per-shard blocks.
+    shard_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    line_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    size_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    signature_blocks: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _add_bad(total: BadRecords, part: _QuietBad) -> None:
+    """Add a worker's bad records to the stage's, log its samples up to LOGGED_BAD_RECORDS in all, check the ratio."""
+    logged = min(total.total_bad, LOGGED_BAD_RECORDS)  # each earlier bad record left a sample, up to the cap
+    for kind, where, detail in part.samples[:LOGGED_BAD_RECORDS - logged]:
+        log.warning("skipped %s at %s%s", kind, where, f": {detail}" if detail else "")
+        logged += 1
+        if logged == LOGGED_BAD_RECORDS:
+            log.warning("further bad records are counted but not logged")
+    total.good += part.good
+    for kind, n in part.counts.items():
+        total.counts[kind] = total.counts.get(kind, 0) + n
+    total.check()
+
+
+def _exact_dedup(scan: _Scan, shard: str, seen: set[bytes], exact: bool, survey: _Survey) -> tuple[list, list]:
+    """Tally one shard's verdicts into `survey`, exact duplicates of earlier shards included: (rows, signature rows)
+    of its survivors."""
+    rows, sig_rows = [], []
+    candidate = -1  # row in scan.signatures: one per KEEP verdict
+    for i, (line, digest, size, verdict) in enumerate(zip(scan.lines, scan.digests, scan.sizes, scan.verdicts)):
+        if verdict == KEEP:
+            candidate += 1
+        if verdict == DUP_IN_SHARD or (exact and digest in seen):
+            survey.exact_duplicates += 1
+            survey.bytes_exact_duplicates += size
+            continue
+        if exact:
+            seen.add(digest)  # whatever its verdict: later copies of a filtered file are exact duplicates too
+        if verdict >= FILTERED:
+            name = FILTERS[verdict - FILTERED]
+            survey.removed_by_filter[name] += 1
+            survey.bytes_removed_by_filter[name] += size
+        elif verdict == DECONTAMINATED:
+            survey.bytes_decontaminated += size
+            survey.decontaminated_files.append({"shard": shard, "line": line + 1, **scan.decontaminated[line]})
+        else:
+            rows.append(i)
+            sig_rows.append(candidate)
+    return rows, sig_rows
+
+
+def _scan_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], settings: _Settings,
+                max_bad_ratio: float) -> _Survey:
+    """Phase 1 in the workers; here, the bad-record policy and exact dedup as each shard's scan arrives, in order."""
+    start = time.perf_counter()
+    survey = _Survey(BadRecords(max_ratio=max_bad_ratio), dict.fromkeys(settings.filters.enabled, 0),
+                     dict.fromkeys(settings.filters.enabled, 0))
     seen: set[bytes] = set()  # 16-byte MD5 digests: about 100 bytes per distinct file in a Python set
-    surv_shard: list[np.ndarray] = []  # per scanned shard: the surviving records' shard index, line, size
-    surv_line: list[np.ndarray] = []
-    surv_size: list[np.ndarray] = []
-    sig_blocks: list[np.ndarray] = []
-
-    # Phase 1 (workers) + exact dedup and bookkeeping (here), shard by shard in input order.
-    t0 = time.perf_counter()
-    bar = progress_bar(sum(f.stat().st_size for f in files), desc="prepare: scan", unit="B", unit_scale=True)
+    shard_of, line_of, size_of = [], [], []  # per shard, its survivors' columns
+    bar = progress_bar(sum(shard_bytes), desc="prepare: scan", unit="B", unit_scale=True)
     for scan in runner.map(_scan_shard, [(i, str(f)) for i, f in enumerate(files)]):
-        bad.good += scan.good
-        for kind, n in scan.bad_counts.items():
-            bad.counts[kind] = bad.counts.get(kind, 0) + n
-        for kind, where, detail in scan.bad_samples:
-            if logged_bad < LOGGED_BAD_RECORDS:
-                log.warning("skipped %s at %s%s", kind, where, f": {detail}" if detail else "")
-                logged_bad += 1
-                if logged_bad == LOGGED_BAD_RECORDS:
-                    log.warning("further bad records are counted but not logged")
-        bad.check()
-        hist_in += scan.hist
-        keep_rows, sig_rows = [], []
-        candidate = -1
-        for i, (line, digest, size, verdict) in enumerate(zip(scan.lines, scan.digests, scan.sizes, scan.verdicts)):
-            counts["files_in"] += 1
-            counts["bytes_in"] += size
-            if verdict == KEEP:
-                candidate += 1
-            if verdict == DUP_IN_SHARD or (c.exact_dedup and digest in seen):
-                counts["exact_duplicates"] += 1
-                counts["bytes_exact_duplicates"] += size
-                continue
-            if c.exact_dedup:
-                seen.add(digest)
-            if verdict >= FILTERED:
-                name = FILTERS[verdict - FILTERED]
-                filtered[name] += 1
-                bytes_filtered[name] += size
-            elif verdict == DECONTAMINATED:
-                n_decontam += 1
-                bytes_decontam += size
-                decontaminated.append({"shard": files[scan.index].name, "line": line + 1, **scan.meta[line],
-                                       "matches": scan.decontaminated[line]})
-            else:
-                keep_rows.append(i)
-                sig_rows.append(candidate)
-        surv_shard.append(np.full(len(keep_rows), scan.index, dtype=np.int64))
-        surv_line.append(np.array([scan.lines[i] for i in keep_rows], dtype=np.int64))
-        surv_size.append(np.array([scan.sizes[i] for i in keep_rows], dtype=np.int64))
+        _add_bad(survey.bad, scan.bad)
+        survey.files_in += len(scan.sizes)
+        survey.bytes_in += sum(scan.sizes)
+        survey.hist_in += length_hist(scan.sizes)
+        rows, sig_rows = _exact_dedup(scan, files[scan.index].name, seen, settings.corpus.exact_dedup, survey)
+        shard_of.append(np.full(len(rows), scan.index, dtype=np.int64))
+        line_of.append(np.array(scan.lines, dtype=np.int64)[rows])
+        size_of.append(np.array(scan.sizes, dtype=np.int64)[rows])
         if scan.signatures is not None:
-            sig_blocks.append(scan.signatures[np.array(sig_rows, dtype=np.int64)])
-        bar.update(files[scan.index].stat().st_size)
-        bar.set_postfix_str(f"{counts['files_in']:,} files, "
-                            f"{_mb_per_s(counts['bytes_in'], time.perf_counter() - t0)} MB/s")
+            survey.signature_blocks.append(scan.signatures[np.array(sig_rows, dtype=np.int64)])
+        bar.update(shard_bytes[scan.index])
+        bar.set_postfix_str(f"{survey.files_in:,} files, "
+                            f"{mb_per_s(survey.bytes_in, time.perf_counter() - start)} MB/s")
     bar.close()
-    bad.check(final=True)
-    scan_seconds = time.perf_counter() - t0
-    shard_of, line_of, size_of = (np.concatenate(a) if a else np.zeros(0, np.int64)
-                                  for a in (surv_shard, surv_line, surv_size))
-    del surv_shard, surv_line, surv_size
+    survey.bad.check(final=True)
+    survey.seconds = time.perf_counter() - start
+    if shard_of:
+        survey.shard_of, survey.line_of, survey.size_of = map(np.concatenate, (shard_of, line_of, size_of))
+    return survey
 
-    # Phase 2: near-duplicate clusters over the survivors, in input order; the first of each cluster is kept.
-    t1 = time.perf_counter()
-    clusters: list[list[int]] = []
-    drop = np.zeros(len(shard_of), dtype=bool)
-    signature_mb = 0.0
-    if c.near_dedup and len(shard_of):
+
+@dataclass
+class _NearDups:
+    """Phase 2's near-dedup over the survivors."""
+
+    drop: np.ndarray  # per survivor: True for each cluster member but the first
+    clusters: list[list[int]] = field(default_factory=list)  # survivor rows, each sorted, ordered by first row
+    signature_mb: float = 0.0
+    seconds: float = 0.0
+
+
+def _near_dedup_phase(survey: _Survey, corpus: CorpusConfig) -> _NearDups:
+    """Phase 2: MinHash-LSH clusters over the survivors, in input order; the first file of each cluster is kept."""
+    start = time.perf_counter()
+    near = _NearDups(drop=np.zeros(len(survey.shard_of), dtype=bool))
+    if corpus.near_dedup and len(survey.shard_of):
         from .dedup import duplicates_to_drop, near_duplicate_clusters
 
-        signatures = np.concatenate(sig_blocks)
-        del sig_blocks
-        signature_mb = round(signatures.nbytes / 1e6, 1)
-        log.info("prepare: clustering %d files (%.1f MB of signatures)", len(signatures), signature_mb)
-        clusters = sorted((sorted(cl) for cl in near_duplicate_clusters(signatures, threshold=c.minhash_threshold)),
-                          key=lambda cl: cl[0])
+        signatures = np.concatenate(survey.signature_blocks)
+        survey.signature_blocks.clear()  # now copied into `signatures`
+        near.signature_mb = round(signatures.nbytes / 1e6, 1)
+        log.info("prepare: clustering %d files (%.1f MB of signatures)", len(signatures), near.signature_mb)
+        near.clusters = near_duplicate_clusters(signatures, threshold=corpus.minhash_threshold)
         del signatures
-        drop[np.array(sorted(duplicates_to_drop(clusters)), dtype=np.int64)] = True
-    near_seconds = time.perf_counter() - t1
-    counts["near_duplicates"] = int(drop.sum())
-    counts["bytes_near_duplicates"] = int(size_of[drop].sum())
+        near.drop[np.fromiter(duplicates_to_drop(near.clusters), dtype=np.int64)] = True
+    near.seconds = time.perf_counter() - start
+    return near
 
-    # Phase 3 (workers): re-read each shard and write its kept records.
-    t2 = time.perf_counter()
-    members: dict[int, set[int]] = {}
-    for cl in clusters:
+
+@dataclass
+class _Written:
+    """Phase 3's result."""
+
+    split: dict[str, int]  # SPLIT_KEYS: files and bytes written to train/ and valid/
+    names: dict[tuple[int, int], dict[str, str]]  # (shard index, line) -> repo_name/path of each cluster member
+    seconds: float = 0.0
+
+
+def _write_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], survey: _Survey, near: _NearDups,
+                 tmp: Path, raw: Path) -> _Written:
+    """Phase 3 in the workers: re-read each shard and write its kept records to train/ or valid/ under `tmp`."""
+    start = time.perf_counter()
+    members: dict[int, set[int]] = {}  # shard index -> lines of its cluster members
+    for cl in near.clusters:
         for row in cl:
-            members.setdefault(int(shard_of[row]), set()).add(int(line_of[row]))
-    kept = ~drop
-    bounds = np.searchsorted(shard_of, np.arange(len(files) + 1))  # survivors are in input order: shard, line
-    tasks = [(i, str(f), line_of[bounds[i]:bounds[i + 1]][kept[bounds[i]:bounds[i + 1]]],
-              frozenset(members.get(i, ())), str(tmp)) for i, f in enumerate(files)]
-    split = {"train_files": 0, "train_bytes": 0, "valid_files": 0, "valid_bytes": 0}
-    hist_out = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
-    meta: dict[tuple[int, int], dict[str, str]] = {}
+            members.setdefault(int(survey.shard_of[row]), set()).add(int(survey.line_of[row]))
+    kept = ~near.drop
+    kept_shard, kept_line = survey.shard_of[kept], survey.line_of[kept]
+    bounds = np.searchsorted(kept_shard, np.arange(len(files) + 1))  # survivors are in input order: shard, line
+    tasks = [(i, str(f), kept_line[bounds[i]:bounds[i + 1]], frozenset(members.get(i, ())), str(tmp))
+             for i, f in enumerate(files)]
+    written = _Written(dict.fromkeys(SPLIT_KEYS, 0), {})
     missing = 0
-    bar = progress_bar(sum(f.stat().st_size for f in files), desc="prepare: write", unit="B", unit_scale=True)
+    bar = progress_bar(sum(shard_bytes), desc="prepare: write", unit="B", unit_scale=True)
     for done in runner.map(_write_shard, tasks):
-        for key in split:
-            split[key] += done[key]
-        hist_out += done["hist"]
+        for key in SPLIT_KEYS:
+            written.split[key] += done[key]
         missing += done["missing"]
-        meta.update({(done["index"], line): m for line, m in done["meta"].items()})
-        bar.update(files[done["index"]].stat().st_size)
+        written.names.update({(done["index"], line): m for line, m in done["names"].items()})
+        bar.update(shard_bytes[done["index"]])
     bar.close()
-    (tmp / "train").mkdir(exist_ok=True)
+    (tmp / "train").mkdir(exist_ok=True)  # both splits exist, even when empty
     (tmp / "valid").mkdir(exist_ok=True)
     if missing:
         raise RuntimeError(f"{missing} records to keep were not found when re-reading the raw shards; "
-                           f"did {cfg.paths.resolve('raw')} change during prepare?")
-    write_seconds = time.perf_counter() - t2
-    with open(tmp / CLUSTERS_FILE, "w") as fh:
-        for cl in clusters:
-            rows = [{"shard": files[int(shard_of[r])].name, "line": int(line_of[r]) + 1,
-                     **meta.get((int(shard_of[r]), int(line_of[r])), {})} for r in cl]
-            fh.write(json.dumps({"size": len(cl), "members": rows}) + "\n")
-
-    if split["valid_files"] == 0:
+                           f"did {raw} change during prepare?")
+    written.seconds = time.perf_counter() - start
+    if written.split["valid_files"] == 0:
         log.warning("prepare: no repository fell in the valid split; raise corpus.valid_fraction")
-    sizes = [len(cl) for cl in clusters]
-    out_bytes = split["train_bytes"] + split["valid_bytes"]
-    counts.update(bad.as_dict())
-    counts.update({
-        "removed_by_filter": filtered,
-        "bytes_removed_by_filter": bytes_filtered,
-        "decontaminated": n_decontam,
-        "bytes_decontaminated": bytes_decontam,
+    return written
+
+
+def _report_phase(tmp: Path, settings: _Settings, files: list[Path], survey: _Survey, near: _NearDups,
+                  written: _Written, seconds: float, num_proc: int) -> dict[str, Any]:
+    """Write the clusters file, report.json and the length plot into `tmp`; return the counts for the manifest."""
+    def member(row: int) -> dict[str, Any]:
+        shard, line = int(survey.shard_of[row]), int(survey.line_of[row])
+        return {"shard": files[shard].name, "line": line + 1, **written.names.get((shard, line), {})}
+
+    write_clusters(tmp / CLUSTERS_FILE, ([member(row) for row in cl] for cl in near.clusters))
+    split, seconds = written.split, round(seconds, 2)
+    counts = {  # the manifest's counts; report.json adds the fields of `report` below
+        "files_in": survey.files_in, "bytes_in": survey.bytes_in,
+        "exact_duplicates": survey.exact_duplicates, "bytes_exact_duplicates": survey.bytes_exact_duplicates,
+        "near_duplicates": int(near.drop.sum()), "bytes_near_duplicates": int(survey.size_of[near.drop].sum()),
+        **survey.bad.as_dict(),
+        "removed_by_filter": survey.removed_by_filter, "bytes_removed_by_filter": survey.bytes_removed_by_filter,
+        "decontaminated": len(survey.decontaminated_files), "bytes_decontaminated": survey.bytes_decontaminated,
         **split,
         "files_out": split["train_files"] + split["valid_files"],
-        "bytes_out": out_bytes,
-        "clusters": {"count": len(clusters), "files": sum(sizes),
-                     "mean_size": round(sum(sizes) / len(sizes), 2) if sizes else 0, "max_size": max(sizes, default=0)},
-        "phases": {
-            "scan": {"seconds": round(scan_seconds, 2), "mb_per_s": _mb_per_s(counts["bytes_in"], scan_seconds)},
-            "near_dedup": {"seconds": round(near_seconds, 2), "files": int(len(shard_of)),
-                           "signature_mb": signature_mb},
-            "write": {"seconds": round(write_seconds, 2), "mb_per_s": _mb_per_s(counts["bytes_in"], write_seconds)},
-        },
-    })
-    report = {
-        "filters_active": list(settings.filters.enabled),
-        "decontaminate": {"benchmarks": settings.decontam.sources if settings.decontam else {},
-                          "needles": len(settings.decontam.needles) if settings.decontam else 0,
-                          "needles_too_short": settings.decontam.skipped_short if settings.decontam else 0},
-        "decontaminated_files": decontaminated,
-        "length_histogram": {"bin_edges": [round(float(x), 3) for x in LENGTH_BINS],
-                             "before": hist_in.tolist(), "after": hist_out.tolist()},
+        "bytes_out": split["train_bytes"] + split["valid_bytes"],
+        "clusters": cluster_summary(near.clusters),
+        "phases": {"scan": timing(survey.seconds, survey.bytes_in),
+                   "near_dedup": {"seconds": round(near.seconds, 2), "files": len(survey.shard_of),
+                                  "signature_mb": near.signature_mb},
+                   "write": timing(written.seconds, survey.bytes_in)},
+        "seconds": seconds, "mb_per_s": mb_per_s(survey.bytes_in, seconds), "num_proc": num_proc,
+        "peak_rss_mb": peak_rss_mb(),
     }
-    return counts, report
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    """Peak resident memory of this process and of the largest finished child (Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"main": round(own, 1), "largest_worker": round(children, 1)}
-
-
-def _plot_lengths(hist: dict[str, list], path: Path) -> None:
-    """The file-length distribution before and after cleaning, as a PNG (needs matplotlib: the `plot` extra)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info("prepare: matplotlib is not installed, no %s (pip install 'codeparrot[plot]')", path.name)
-        return
-    edges = np.array(hist["bin_edges"])
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for key, label in (("before", "raw (good records)"), ("after", "clean (train + valid)")):
-        ax.stairs(hist[key], edges, label=f"{label}: {sum(hist[key]):,} files")
-    ax.set_xscale("log")
-    filled = np.flatnonzero(np.add(hist["before"], hist["after"]))
-    if len(filled):
-        ax.set_xlim(edges[max(filled[0] - 1, 0)], edges[min(filled[-1] + 2, len(edges) - 1)])
-    ax.set_xlabel("file length (characters)")
-    ax.set_ylabel("files")
-    ax.set_title("prepare: file lengths before and after cleaning")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def format_report(counts: dict[str, Any]) -> str:
-    """The report as a table of files and MB removed at each step, then outputs, clusters and phase timings."""
-    rows = [("in", counts["files_in"], counts["bytes_in"])]
-    rows.append(("bad records (skipped)", counts.get("bad", 0), None))
-    rows.append(("exact duplicates", counts["exact_duplicates"], counts["bytes_exact_duplicates"]))
-    for name, n in counts["removed_by_filter"].items():
-        rows.append((f"filter {name}", n, counts["bytes_removed_by_filter"][name]))
-    rows.append(("decontaminated", counts["decontaminated"], counts["bytes_decontaminated"]))
-    rows.append(("near duplicates", counts["near_duplicates"], counts["bytes_near_duplicates"]))
-    rows.append(("out: train", counts["train_files"], counts["train_bytes"]))
-    rows.append(("out: valid", counts["valid_files"], counts["valid_bytes"]))
-    lines = [f"  {'':<28}{'files':>12}{'MB':>12}{'% files':>9}"]
-    total = max(counts["files_in"], 1)
-    for label, n, b in rows:
-        mb = f"{b / 1e6:12.2f}" if b is not None else f"{'':>12}"
-        lines.append(f"  {label:<28}{n:>12,}{mb}{100 * n / total:8.1f}%")
-    cl = counts["clusters"]
-    lines.append(f"  near-duplicate clusters: {cl['count']:,} holding {cl['files']:,} files "
-                 f"(mean size {cl['mean_size']}, max {cl['max_size']})")
-    for phase, p in counts["phases"].items():
-        rate = f", {p['mb_per_s']} MB/s" if "mb_per_s" in p else f", {p['files']:,} files"
-        lines.append(f"  phase {phase:<11}{p['seconds']:8.2f} s{rate}")
-    lines.append(f"  total {counts['seconds']:.2f} s, {counts['mb_per_s']} MB/s with {counts['num_proc']} process(es); "
-                 f"peak RSS {counts['peak_rss_mb']['main']} MB main, {counts['peak_rss_mb']['largest_worker']} MB "
-                 "largest worker")
-    return "\n".join(lines)
+    report = {
+        **counts,
+        "filters_active": list(settings.filters.enabled),
+        "decontaminate": decontamination_summary(settings.decontam),
+        "decontaminated_files": survey.decontaminated_files,
+        # the kept survivors are exactly the records written (the write phase checked that none went missing)
+        "length_histogram": length_histogram(survey.hist_in, length_hist(survey.size_of[~near.drop])),
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not plot_lengths(report["length_histogram"], tmp / LENGTHS_PLOT):
+        log.info("prepare: matplotlib is not installed, no %s (pip install 'codeparrot[plot]')", LENGTHS_PLOT)
+    return counts

@@ -1,0 +1,122 @@
+"""How the `prepare` stage presents its results: report fields, the summary table, the file-length plot.
+
+Nothing here decides what is kept; `prepare` calls these to describe what it did.
+"""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .decontaminate import Decontaminator
+
+CLUSTERS_FILE = "near_duplicate_clusters.jsonl"
+LENGTHS_PLOT = "file_lengths.png"
+LENGTH_BINS = np.logspace(0, 8, 65)  # file length in characters, 1 to 1e8, 8 bins per decade
+
+
+def length_hist(sizes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Counts of file lengths in LENGTH_BINS (lengths outside 1..1e8 land in the end bins)."""
+    values = np.clip(np.asarray(sizes, dtype=np.float64), 1, LENGTH_BINS[-1] * 0.999)
+    return np.histogram(values, bins=LENGTH_BINS)[0].astype(np.int64)
+
+
+def length_histogram(before: np.ndarray, after: np.ndarray) -> dict[str, list]:
+    """The report's `length_histogram`: bin edges, and counts over the good input and over the output."""
+    return {"bin_edges": [round(float(x), 3) for x in LENGTH_BINS], "before": before.tolist(), "after": after.tolist()}
+
+
+def mb_per_s(n_bytes: int, seconds: float) -> float:
+    """Throughput in MB/s, rounded for the report."""
+    return round(n_bytes / 1e6 / max(seconds, 1e-9), 2)
+
+
+def timing(seconds: float, n_bytes: int) -> dict[str, float]:
+    """A phase's `seconds` and `mb_per_s` over the whole input."""
+    return {"seconds": round(seconds, 2), "mb_per_s": mb_per_s(n_bytes, seconds)}
+
+
+def cluster_summary(clusters: list[list[int]]) -> dict[str, Any]:
+    """Count, files held, mean and max size of the near-duplicate clusters."""
+    sizes = [len(cl) for cl in clusters]
+    return {"count": len(clusters), "files": sum(sizes),
+            "mean_size": round(sum(sizes) / len(sizes), 2) if sizes else 0, "max_size": max(sizes, default=0)}
+
+
+def write_clusters(path: Path, clusters: Iterable[list[dict[str, Any]]]) -> None:
+    """One JSON line per cluster: its size and its members (shard, 1-based line, repo_name, path)."""
+    with open(path, "w") as fh:
+        for members in clusters:
+            fh.write(json.dumps({"size": len(members), "members": members}) + "\n")
+
+
+def decontamination_summary(decontam: Decontaminator | None) -> dict[str, Any]:
+    """The benchmarks searched (name -> sha256 of their file) and how many needles were searched or too short."""
+    return {"benchmarks": decontam.sources if decontam else {},
+            "needles": len(decontam.needles) if decontam else 0,
+            "needles_too_short": decontam.skipped_short if decontam else 0}
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of the largest finished child (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"main": round(own, 1), "largest_worker": round(children, 1)}
+
+
+def plot_lengths(hist: dict[str, list], path: Path) -> bool:
+    """Plot the file-length distribution before and after cleaning as a PNG; False without matplotlib."""
+    try:  # matplotlib is optional (the `plot` extra)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    edges = np.array(hist["bin_edges"])
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, label in (("before", "raw (good records)"), ("after", "clean (train + valid)")):
+        ax.stairs(hist[key], edges, label=f"{label}: {sum(hist[key]):,} files")
+    ax.set_xscale("log")
+    filled = np.flatnonzero(np.add(hist["before"], hist["after"]))
+    if len(filled):  # zoom on the occupied bins, with one empty bin either side
+        ax.set_xlim(edges[max(filled[0] - 1, 0)], edges[min(filled[-1] + 2, len(edges) - 1)])
+    ax.set_xlabel("file length (characters)")
+    ax.set_ylabel("files")
+    ax.set_title("prepare: file lengths before and after cleaning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def format_report(counts: dict[str, Any]) -> str:
+    """The report as a table of files and MB removed at each step, then outputs, clusters and phase timings."""
+    rows = [("in", counts["files_in"], counts["bytes_in"]),
+            ("bad records (skipped)", counts.get("bad", 0), None),
+            ("exact duplicates", counts["exact_duplicates"], counts["bytes_exact_duplicates"])]
+    for name, n in counts["removed_by_filter"].items():
+        rows.append((f"filter {name}", n, counts["bytes_removed_by_filter"][name]))
+    rows += [("decontaminated", counts["decontaminated"], counts["bytes_decontaminated"]),
+             ("near duplicates", counts["near_duplicates"], counts["bytes_near_duplicates"]),
+             ("out: train", counts["train_files"], counts["train_bytes"]),
+             ("out: valid", counts["valid_files"], counts["valid_bytes"])]
+    lines = [f"  {'':<28}{'files':>12}{'MB':>12}{'% files':>9}"]
+    total = max(counts["files_in"], 1)
+    for label, n, b in rows:
+        mb = f"{b / 1e6:12.2f}" if b is not None else f"{'':>12}"
+        lines.append(f"  {label:<28}{n:>12,}{mb}{100 * n / total:8.1f}%")
+    cl = counts["clusters"]
+    lines.append(f"  near-duplicate clusters: {cl['count']:,} holding {cl['files']:,} files "
+                 f"(mean size {cl['mean_size']}, max {cl['max_size']})")
+    for phase, p in counts["phases"].items():
+        rate = f", {p['mb_per_s']} MB/s" if "mb_per_s" in p else f", {p['files']:,} files"
+        lines.append(f"  phase {phase:<11}{p['seconds']:8.2f} s{rate}")
+    rss = counts["peak_rss_mb"]
+    lines.append(f"  total {counts['seconds']:.2f} s, {counts['mb_per_s']} MB/s with {counts['num_proc']} process(es); "
+                 f"peak RSS {rss['main']} MB main, {rss['largest_worker']} MB largest worker")
+    return "\n".join(lines)
