@@ -92,14 +92,15 @@ def main() -> int:
     print(f"\n{len(texts):,} files, {mb:.2f} MB of text, vocab {args.vocab_size}, "
           f"best of {args.repeats}, outputs in {workdir}")
     rows = [("raw tokenizers trainer", raw, f"{mb / raw:.2f}", "1.00"),
-            ("stage: training part", train, f"{stage['train_mb_per_s']:.2f}", f"{train / raw:.2f}"),
+            ("stage: training part", train, f"{mb / train:.2f}", f"{train / raw:.2f}"),
             ("stage: total (+report, save)", total, f"{mb / total:.2f}", f"{total / raw:.2f}")]
     print(f"{'':30} {'seconds':>9} {'MB/s':>8} {'x raw':>7}")
     for name, s, rate, ratio in rows:
         print(f"{name:30} {s:9.2f} {rate:>8} {ratio:>7}")
-    verdict = "MEETS" if total / raw <= GOAL else "MISSES"
-    print(f"verdict: stage total costs {total / raw - 1:+.1%} vs raw (training part {train / raw - 1:+.1%}); "
-          f"{verdict} the goal of at most +{GOAL - 1:.0%}")
+    # The stage's MB/s (report.json's train_mb_per_s) is its training part: streaming from gz + training.
+    for what, seconds in (("stage training (its MB/s)", train), ("whole command (+valid report, save)", total)):
+        verdict = "meets" if seconds / raw <= GOAL else "misses"
+        print(f"{what}: {seconds / raw - 1:+.1%} vs raw; {verdict} the goal of at most +{GOAL - 1:.0%}")
     return 0
 
 

@@ -14,20 +14,19 @@ Three phases; only phase 2 holds state that grows with the corpus:
    as `file-<input shard index:012d>-<k:06d>.json.gz`; each task owns its output files, so the names and bytes
    do not depend on the number of processes.
 Everything is written into `clean.tmp/` and swapped in at the end (`staged_dir`): an interrupted run leaves no
-partial `clean/`. `report.py` presents the results: report.json's fields, the summary table, the length plot.
+partial `clean/`. Phases 1 and 3 run in worker processes; their per-shard code is `shards.py`. `report.py`
+presents the results: report.json's fields, the summary table, the length plot.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,208 +34,26 @@ from ..artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, w
 from ..config import Config, ConfigError, CorpusConfig, section_dict
 from ..logs import progress_bar
 from .decontaminate import Decontaminator
-from .filters import FILTERS, FilterSettings, QualityFilter, compute_columns, strip_whitespace
+from .filters import FILTERS, FilterSettings
 from .report import (CLUSTERS_FILE, LENGTHS_PLOT, cluster_summary, decontamination_summary, format_report,
                      length_hist, length_histogram, mb_per_s, peak_rss_mb, plot_lengths, timing, write_clusters)
-from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, list_shards
+from .shards import (DECONTAMINATED, DUP_IN_SHARD, FILTERED, KEEP, SPLIT_KEYS, QuietBad, Runner, Scan, Settings,
+                     scan_shard, write_shard)
+from .shards import is_valid_repo  # re-exported: callers (tests, conftest) take the split rule from the stage
+from .source import LOGGED_BAD_RECORDS, BadRecords, list_shards
 
 log = logging.getLogger(__name__)
 
 STAGE = "prepare"
-KEEP, DUP_IN_SHARD, DECONTAMINATED, FILTERED = 0, 1, 2, 10  # scan verdicts; FILTERED + FILTERS.index(name)
-SIGNATURE_BATCH_CHARS = 8_000_000  # text MinHashed together in a scan task (bounds a task's memory on huge shards)
 NOT_IDENTITY = ("num_proc",)  # corpus keys that change how prepare runs, not what it writes
-SPLIT_KEYS = ("train_files", "train_bytes", "valid_files", "valid_bytes")
 
-
-def is_valid_repo(repo_name: str, valid_fraction: float, seed: int) -> bool:
-    """Stable repo-level split: a repository's files all land on the same side, on every machine."""
-    digest = hashlib.md5(f"{seed}:{repo_name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < valid_fraction
-
-
-def _where(record: dict[str, Any]) -> dict[str, str]:
-    """A record's repo_name and path, as the report names files."""
-    return {"repo_name": str(record.get("repo_name", "")), "path": str(record.get("path", ""))}
-
-
-# ---- in the workers: phase 1 (_scan_shard) and phase 3 (_write_shard), one input shard per task ----
-
-@dataclass
-class _QuietBad(BadRecords):
-    """BadRecords for a worker: counts, never raises, keeps the first samples for the main process to log."""
-
-    samples: list = field(default_factory=list)
-
-    def add(self, kind: str, where: str, detail: str = "") -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        if len(self.samples) < LOGGED_BAD_RECORDS:
-            self.samples.append((kind, where, detail))
-
-
-@dataclass
-class _Settings:
-    """What a worker process needs; pickled once per worker."""
-
-    corpus: CorpusConfig
-    filters: FilterSettings  # the enabled filters: chars_per_token only with a tokenizer
-    decontam: Decontaminator | None
-
-
-_worker: dict[str, Any] = {}  # per-process state built by _init_worker
-
-
-def _init_worker(settings: _Settings) -> None:
-    """Build this process's filter, tokenizer and MinHasher once, for all its tasks."""
-    c = settings.corpus
-    tokenizer = None
-    if "chars_per_token" in settings.filters.enabled:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(c.filter_tokenizer)
-    hasher = None
-    if c.near_dedup:
-        from .dedup import MinHasher
-
-        hasher = MinHasher(num_perm=c.minhash_num_perm, ngram=c.minhash_ngram, seed=c.minhash_seed)
-    _worker.clear()
-    _worker.update(settings=settings, quality=QualityFilter(settings.filters, tokenizer), hasher=hasher)
-
-
-@dataclass
-class _Scan:
-    """Phase 1 result for one shard: per good record, in file order."""
-
-    index: int
-    lines: list[int]
-    digests: list[bytes]
-    sizes: list[int]
-    verdicts: list[int]
-    signatures: np.ndarray | None  # one row per KEEP verdict, in order
-    decontaminated: dict[int, dict[str, Any]]  # line -> repo_name, path and the matched needles
-    bad: _QuietBad
-
-
-def _scan_shard(task: tuple[int, str]) -> _Scan:
-    """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, MinHash."""
-    index, path = task
-    s: _Settings = _worker["settings"]
-    quality: QualityFilter = _worker["quality"]
-    hasher = _worker["hasher"]
-    bad = _QuietBad()
-    lines, digests, sizes, verdicts = [], [], [], []
-    batch: list[str] = []
-    batch_chars = 0
-    blocks: list[np.ndarray] = []
-    decontaminated: dict[int, dict[str, Any]] = {}
-    seen_here: set[bytes] = set()
-    for line, record in iter_shard(path, bad):
-        content = record["content"]
-        stripped = strip_whitespace(content)
-        try:  # JSON can escape lone surrogates ("\ud800"), which no UTF-8 writer accepts
-            columns = compute_columns(content, stripped)
-            json.dumps({k: v for k, v in record.items() if k != "content"}, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            bad.good -= 1
-            bad.add("invalid_utf8", f"{path}:{line + 1}", str(e)[:80])
-            continue
-        digest = bytes.fromhex(columns["hash"])
-        lines.append(line)
-        digests.append(digest)
-        sizes.append(len(content))
-        if s.corpus.exact_dedup:
-            if digest in seen_here:  # a later copy in the same shard: an exact duplicate, whatever came before
-                verdicts.append(DUP_IN_SHARD)
-                continue
-            seen_here.add(digest)
-        reason = quality.reason(content, columns)
-        if reason is not None:
-            verdicts.append(FILTERED + FILTERS.index(reason))
-            continue
-        if s.decontam:
-            found = s.decontam.find(content, stripped)
-            if found:
-                verdicts.append(DECONTAMINATED)
-                decontaminated[line] = {**_where(record), "matches": [
-                    {"benchmark": n.benchmark, "task_id": n.task_id, "field": n.field} for n in found]}
-                continue
-        verdicts.append(KEEP)
-        if hasher is not None:
-            batch.append(content)
-            batch_chars += len(content)
-            if batch_chars >= SIGNATURE_BATCH_CHARS:
-                blocks.append(hasher.signatures(batch))
-                batch, batch_chars = [], 0
-    signatures = None
-    if hasher is not None:
-        if batch:
-            blocks.append(hasher.signatures(batch))
-        signatures = np.concatenate(blocks) if blocks else np.zeros((0, s.corpus.minhash_num_perm), dtype=np.uint32)
-    return _Scan(index, lines, digests, sizes, verdicts, signatures, decontaminated, bad)
-
-
-def _write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[str, Any]:
-    """Phase 3 for one shard: write the kept lines to train/ or valid/, and name the cluster members."""
-    index, path, keep_lines, members, out = task
-    c: CorpusConfig = _worker["settings"].corpus
-    keep = set(keep_lines.tolist())
-    writers: dict[str, ShardWriter] = {}
-    counts = dict.fromkeys(SPLIT_KEYS, 0)
-    names: dict[int, dict[str, str]] = {}  # line -> repo_name/path of the cluster members, for the clusters file
-    for line, record in iter_shard(path, _QuietBad()):
-        if line in members:
-            names[line] = _where(record)
-        if line not in keep:
-            continue
-        content = record["content"]
-        side = "valid" if is_valid_repo(str(record.get("repo_name", "")), c.valid_fraction, c.split_seed) else "train"
-        if side not in writers:
-            # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
-            writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records)
-        writers[side].write({**record, **compute_columns(content)})
-        counts[f"{side}_files"] += 1
-        counts[f"{side}_bytes"] += len(content)
-    for side, writer in writers.items():
-        writer.close()
-        for k, part in enumerate(sorted(writer.directory.iterdir())):
-            part.rename(writer.directory.parent / f"file-{index:012d}-{k:06d}.json.gz")
-        writer.directory.rmdir()
-    missing = len(keep) - counts["train_files"] - counts["valid_files"]
-    return {"index": index, **counts, "missing": missing, "names": names}
-
-
-class _Runner:
-    """Runs per-shard tasks in input order: in this process (num_proc 1) or in a pool of spawned workers."""
-
-    def __init__(self, settings: _Settings, num_proc: int):
-        self.pool: ProcessPoolExecutor | None = None
-        if num_proc > 1:
-            # spawn, not fork: the parent may hold threads (torch, tokenizers) that a forked child would inherit.
-            # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool instead of hanging.
-            self.pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(settings,))
-        else:
-            _init_worker(settings)
-
-    def map(self, fn: Callable, tasks: Iterable) -> Iterator:
-        if self.pool is None:
-            return map(fn, tasks)
-        return self.pool.map(fn, tasks)
-
-    def close(self, cancel: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=cancel)
-            self.pool = None
-
-
-# ---- in the main process: the stage, phase by phase ----
 
 def _sha256(path: str | Path) -> str:
     """A short content hash of an extra input, for the manifest."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _settings(cfg: Config) -> tuple[_Settings, dict[str, str]]:
+def _settings(cfg: Config) -> tuple[Settings, dict[str, str]]:
     """Worker settings from the corpus config, plus the identities of the extra inputs (tokenizer, benchmarks)."""
     c = cfg.corpus
     extra_inputs: dict[str, str] = {}
@@ -256,7 +73,7 @@ def _settings(cfg: Config) -> tuple[_Settings, dict[str, str]]:
     if c.decontaminate:
         decontam = Decontaminator.from_specs(c.decontaminate, c.decontaminate_min_chars)
         extra_inputs["decontaminate"] = ",".join(f"{k}:{v}" for k, v in sorted(decontam.sources.items()))
-    return _Settings(c, filters, decontam), extra_inputs
+    return Settings(c, filters, decontam), extra_inputs
 
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
@@ -278,7 +95,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
     start = time.perf_counter()
     shard_bytes = [f.stat().st_size for f in files]  # the progress bars' units
-    runner = _Runner(settings, num_proc)
+    runner = Runner(settings, num_proc)
     try:
         with staged_dir(clean) as tmp:
             survey = _scan_phase(runner, files, shard_bytes, settings, c.max_bad_ratio)
@@ -315,7 +132,7 @@ class _Survey:
     seconds: float = 0.0
 
 
-def _add_bad(total: BadRecords, part: _QuietBad) -> None:
+def _add_bad(total: BadRecords, part: QuietBad) -> None:
     """Add a worker's bad records to the stage's, log its samples up to LOGGED_BAD_RECORDS in all, check the ratio."""
     logged = min(total.total_bad, LOGGED_BAD_RECORDS)  # each earlier bad record left a sample, up to the cap
     for kind, where, detail in part.samples[:LOGGED_BAD_RECORDS - logged]:
@@ -329,7 +146,7 @@ def _add_bad(total: BadRecords, part: _QuietBad) -> None:
     total.check()
 
 
-def _exact_dedup(scan: _Scan, shard: str, seen: set[bytes], exact: bool, survey: _Survey) -> tuple[list, list]:
+def _exact_dedup(scan: Scan, shard: str, seen: set[bytes], exact: bool, survey: _Survey) -> tuple[list, list]:
     """Tally one shard's verdicts into `survey`, exact duplicates of earlier shards included: (rows, signature rows)
     of its survivors."""
     rows, sig_rows = [], []
@@ -356,7 +173,7 @@ def _exact_dedup(scan: _Scan, shard: str, seen: set[bytes], exact: bool, survey:
     return rows, sig_rows
 
 
-def _scan_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], settings: _Settings,
+def _scan_phase(runner: Runner, files: list[Path], shard_bytes: list[int], settings: Settings,
                 max_bad_ratio: float) -> _Survey:
     """Phase 1 in the workers; here, the bad-record policy and exact dedup as each shard's scan arrives, in order."""
     start = time.perf_counter()
@@ -365,7 +182,7 @@ def _scan_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], sett
     seen: set[bytes] = set()  # 16-byte MD5 digests: about 100 bytes per distinct file in a Python set
     shard_of, line_of, size_of = [], [], []  # per shard, its survivors' columns
     bar = progress_bar(sum(shard_bytes), desc="prepare: scan", unit="B", unit_scale=True)
-    for scan in runner.map(_scan_shard, [(i, str(f)) for i, f in enumerate(files)]):
+    for scan in runner.map(scan_shard, [(i, str(f)) for i, f in enumerate(files)]):
         _add_bad(survey.bad, scan.bad)
         survey.files_in += len(scan.sizes)
         survey.bytes_in += sum(scan.sizes)
@@ -424,7 +241,7 @@ class _Written:
     seconds: float = 0.0
 
 
-def _write_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], survey: _Survey, near: _NearDups,
+def _write_phase(runner: Runner, files: list[Path], shard_bytes: list[int], survey: _Survey, near: _NearDups,
                  tmp: Path, raw: Path) -> _Written:
     """Phase 3 in the workers: re-read each shard and write its kept records to train/ or valid/ under `tmp`."""
     start = time.perf_counter()
@@ -440,7 +257,7 @@ def _write_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], sur
     written = _Written(dict.fromkeys(SPLIT_KEYS, 0), {})
     missing = 0
     bar = progress_bar(sum(shard_bytes), desc="prepare: write", unit="B", unit_scale=True)
-    for done in runner.map(_write_shard, tasks):
+    for done in runner.map(write_shard, tasks):
         for key in SPLIT_KEYS:
             written.split[key] += done[key]
         missing += done["missing"]
@@ -458,7 +275,7 @@ def _write_phase(runner: _Runner, files: list[Path], shard_bytes: list[int], sur
     return written
 
 
-def _report_phase(tmp: Path, settings: _Settings, files: list[Path], survey: _Survey, near: _NearDups,
+def _report_phase(tmp: Path, settings: Settings, files: list[Path], survey: _Survey, near: _NearDups,
                   written: _Written, seconds: float, num_proc: int) -> dict[str, Any]:
     """Write the clusters file, report.json and the length plot into `tmp`; return the counts for the manifest."""
     def member(row: int) -> dict[str, Any]:
