@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-records", type=int, default=2000, help="records per shard")
     p.add_argument("--max-files", type=int, default=0, help="stop after this many files (0: all)")
 
-    for name, help_ in [("prepare", "deduplicate and split the raw export into clean/"),
+    for name, help_ in [("prepare", "filter, deduplicate, decontaminate and split the raw export into clean/"),
                         ("train-tokenizer", "train the byte-level BPE tokenizer on clean/train"),
                         ("pretokenize", "encode clean/ into flat token shards tokens/{train,valid}/*.bin"),
                         ("train", "train the model (also under `accelerate launch -m codeparrot train`)"),

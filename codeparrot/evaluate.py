@@ -76,7 +76,6 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
     from .data.packing import make_dataloader
     from .data.splits import split_dataset
-
     from .train import resolve_mixed_precision
 
     ckpt = Path(checkpoint)

@@ -213,3 +213,25 @@ def test_lsh_index_candidates_and_memory_estimate():
     estimate = index.memory_bytes_estimate()
     assert abs(estimate - used) / used < 0.1, (estimate, used)
     assert estimate / n <= 92 * index.bands + 32  # the documented bound per file (new buckets, no lists)
+
+
+def test_near_duplicate_clusters_memory_is_bounded_and_finds_planted_clusters():
+    """No Python object per file: tracemalloc's peak (numpy buffers included) stays under 400 B/file."""
+    rng = np.random.default_rng(5)
+    n = 50000
+    sigs = rng.integers(0, 2**32, (n, 256), dtype=np.uint32)
+    planted = []
+    for base in range(0, n - 50, 50):  # 999 clusters of 2-4 files, Jaccard ~0.92-0.96 to their first member
+        members = sorted({base, *(base + 1 + rng.choice(49, int(rng.integers(1, 4)), replace=False)).tolist()})
+        for m in members[1:]:
+            sigs[m] = sigs[base]
+            sigs[m, rng.choice(256, int(rng.integers(5, 12)), replace=False)] += 1
+        planted.append(members)
+    sigs[-20:] = 0xFFFFFFFF  # 20 empty files: one run of equal keys in every band
+    planted.append(list(range(n - 20, n)))
+    tracemalloc.start()
+    clusters = near_duplicate_clusters(sigs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert clusters == planted
+    assert peak / n < 400, peak / n
