@@ -152,3 +152,27 @@ def trained_tokenizer(prepared) -> tuple[Config, dict[str, Any]]:
 
     cfg, _ = prepared
     return cfg, run_train_tokenizer(cfg)
+
+
+def summaries(stdout: str) -> dict[str, dict[str, str]]:
+    """The CLI's `== stage ==` blocks of `key: value` lines."""
+    import re
+
+    out: dict[str, dict[str, str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if m := re.fullmatch(r"== (.+) ==", line):
+            current = out.setdefault(m.group(1), {})
+        elif current is not None and (m := re.fullmatch(r"  (\w+): (.*)", line)):
+            current[m.group(1)] = m.group(2)
+    return out
+
+
+def first_batches(loader: Iterable, n: int) -> list:
+    """The first `n` batches of a loader (a fresh iteration)."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from codeparrot.artifacts import read_manifest
 
-from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, read_all
+from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, read_all, summaries
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -20,18 +20,6 @@ TINY_TRAIN = ["train.max_steps=2", "train.eval_interval=1", "train.save_interval
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "codeparrot", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
-
-
-def summaries(stdout: str) -> dict[str, dict[str, str]]:
-    """`== stage ==` blocks of `key: value` lines."""
-    out: dict[str, dict[str, str]] = {}
-    current = None
-    for line in stdout.splitlines():
-        if m := re.fullmatch(r"== (.+) ==", line):
-            current = out.setdefault(m.group(1), {})
-        elif current is not None and (m := re.fullmatch(r"  (\w+): (.*)", line)):
-            current[m.group(1)] = m.group(2)
-    return out
 
 
 def small_overrides(workdir: Path, split_seed: int) -> list[str]:

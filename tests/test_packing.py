@@ -14,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from conftest import first_batches
 from codeparrot.corpus.source import ShardWriter, list_shards
 from codeparrot.data import packing
 from codeparrot.data.packing import ConstantLengthDataset, make_dataloader
@@ -211,15 +212,6 @@ def test_dataset_resumes_exactly_at_every_position(shards, tokenizer, eos):
             assert torch.equal(next(rit), reference[i][1]), (k, i)
 
 
-def _batches(loader, n: int) -> list[torch.Tensor]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
 def _dataset_states(state) -> list[dict]:
     """The dataset states inside a StatefulDataLoader state, wherever it keeps them."""
     if isinstance(state, dict):
@@ -231,23 +223,23 @@ def _dataset_states(state) -> list[dict]:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("mode", ["finite", "shuffled-infinite"])
-def test_dataloader_resume_gives_the_uninterrupted_batches(shards, tokenizer, eos, docs, num_workers, mode):
+def test_dataloader_resume_gives_the_uninterruptedfirst_batches(shards, tokenizer, eos, docs, num_workers, mode):
     kw = dict(shuffle=True, infinite=True, seed=7) if mode == "shuffled-infinite" else {}
     batch = 4
     epoch_batches = len(stream(tokenizer, eos, docs)) // SEQ // batch  # about one epoch of batches
     k = epoch_batches - 3 if mode == "shuffled-infinite" else epoch_batches // 2
     m = 25 if mode == "shuffled-infinite" else epoch_batches  # finite: run to the end of the epoch
 
-    reference = _batches(make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers), k + m)
+    reference = first_batches(make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers), k + m)
 
     first = make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers)
-    head = _batches(first, k)
+    head = first_batches(first, k)
     state = pickle.loads(pickle.dumps(first.state_dict()))
     assert len(_dataset_states(state)) == max(1, num_workers)
 
     second = make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers)
     second.load_state_dict(state)
-    rest = _batches(second, m)
+    rest = first_batches(second, m)
     assert len(head + rest) == len(reference)
     for i, (a, b) in enumerate(zip(head + rest, reference)):
         assert torch.equal(a, b), i
@@ -297,11 +289,11 @@ def test_state_from_another_geometry_is_refused(shards, tokenizer, eos):
 
     # Through a loader: a 1-rank run's state loaded into a 2-rank run.
     loader = make_dataloader(make(shards, tokenizer, eos), 2, num_workers=0)
-    _batches(loader, 3)
+    first_batches(loader, 3)
     resumed = make_dataloader(make(shards, tokenizer, eos, world_size=2), 2, num_workers=0)
     resumed.load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="geometry"):
-        _batches(resumed, 1)
+        first_batches(resumed, 1)
 
 
 def test_worker_state_is_refused_by_another_worker_count(shards, tokenizer, eos, monkeypatch):

@@ -23,7 +23,7 @@ from codeparrot.data.tokens import (
 )
 from codeparrot.tokenizer import load_tokenizer, run_train_tokenizer
 
-from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, read_all
+from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, first_batches, read_all, summaries
 
 SEQ = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -58,15 +58,6 @@ def expected_stream(cfg, split: str) -> list[int]:
 
 def make(tokens_dir, **kw) -> TokenShardDataset:
     return TokenShardDataset(tokens_dir, kw.pop("split", "train"), kw.pop("seq_length", SEQ), **kw)
-
-
-def _batches(loader, n: int) -> list[torch.Tensor]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -187,19 +178,19 @@ def test_dataset_resumes_exactly_at_every_position(tokens_dir):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_dataloader_resume_gives_the_uninterrupted_batches(tokens_dir, num_workers):
+def test_dataloader_resume_gives_the_uninterruptedfirst_batches(tokens_dir, num_workers):
     kw = dict(infinite=True, shuffle=True, seed=7)
     batch = 4
     epoch_batches = make(tokens_dir).n_blocks // batch
     k, m = epoch_batches - 3, 20  # stop just before the epoch ends; the resumed part crosses into epoch 1
-    reference = _batches(make_dataloader(make(tokens_dir, **kw), batch, num_workers), k + m)
+    reference = first_batches(make_dataloader(make(tokens_dir, **kw), batch, num_workers), k + m)
 
     first = make_dataloader(make(tokens_dir, **kw), batch, num_workers)
-    head = _batches(first, k)
+    head = first_batches(first, k)
     state = pickle.loads(pickle.dumps(first.state_dict()))
     second = make_dataloader(make(tokens_dir, **kw), batch, num_workers)
     second.load_state_dict(state)
-    rest = _batches(second, m)
+    rest = first_batches(second, m)
     assert len(head + rest) == len(reference) == k + m
     for i, (a, b) in enumerate(zip(head + rest, reference)):
         assert torch.equal(a, b), i
@@ -231,11 +222,11 @@ def test_state_from_another_geometry_is_refused(tokens_dir):
         make(tokens_dir, split="valid", shuffle=True, seed=1).load_state_dict(state)
     # Through a loader: a 1-rank run's state loaded into a 2-rank run fails when iteration starts.
     loader = make_dataloader(make(tokens_dir), 2, num_workers=0)
-    _batches(loader, 3)
+    first_batches(loader, 3)
     resumed = make_dataloader(make(tokens_dir, world_size=2), 2, num_workers=0)
     resumed.load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="geometry"):
-        _batches(resumed, 1)
+        first_batches(resumed, 1)
 
 
 def test_blocks_skip_empty_files(tokens_dir, tmp_path):
@@ -290,17 +281,6 @@ def test_tokens_from_another_tokenizer_stop_the_run(pretok, tokens_dir, tmp_path
 
 # --- pipeline -----------------------------------------------------------------------------------
 
-def _summaries(stdout: str) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    current = None
-    for line in stdout.splitlines():
-        if m := re.fullmatch(r"== (.+) ==", line):
-            current = out.setdefault(m.group(1), {})
-        elif current is not None and (m := re.fullmatch(r"  (\w+): (.*)", line)):
-            current[m.group(1)] = m.group(2)
-    return out
-
-
 def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
     work = tmp_path / "work"
     args = [sys.executable, "-m", "codeparrot", "pipeline", "--config", REPO / "configs" / "tiny.yaml",
@@ -312,7 +292,7 @@ def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
             "data.seq_length=32", "train.micro_batch_size=2"]
     first = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
-    stages = _summaries(first.stdout)
+    stages = summaries(first.stdout)
     assert list(stages) == ["export-local", "prepare", "train-tokenizer", "pretokenize", "train", "evaluate"]
     assert all(s.get("skipped", "False") == "False" for s in stages.values()), stages
     meta = load_meta(work / "tokens")
@@ -325,7 +305,7 @@ def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
 
     second = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert second.returncode == 0, second.stderr[-3000:]
-    again = _summaries(second.stdout)
+    again = summaries(second.stdout)
     assert list(again) == list(stages)
     assert all(s.get("skipped") == "True" for s in again.values()), again
     assert json.loads((work / "tokens" / "meta.json").read_text()) == meta
