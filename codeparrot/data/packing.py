@@ -34,6 +34,22 @@ class _Cursor:
     record_index: int = 0  # global index of the next good record in this epoch (for record striding)
 
 
+def consumer_of(rank: int, world_size: int) -> tuple[int, int]:
+    """(c, C) for the calling process: c = rank * num_workers + worker_id of C = world_size * num_workers."""
+    info = get_worker_info()
+    num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
+    return rank * num_workers + worker_id, world_size * num_workers
+
+
+def check_same_consumer(state: dict[str, Any], consumer: int, num_consumers: int) -> None:
+    """Refuse a data state saved by another consumer: resuming needs the same world size and worker count."""
+    if (state["consumer"], state["num_consumers"]) != (consumer, num_consumers):
+        raise ValueError(
+            f"data state geometry mismatch: it was saved by consumer {state['consumer']} of "
+            f"{state['num_consumers']} (rank * num_workers + worker_id of world_size * num_workers), but this "
+            f"is consumer {consumer} of {num_consumers}; resume with the same world_size and num_workers")
+
+
 class ConstantLengthDataset(IterableDataset):
     """Streams documents from JSON-lines shards and yields `seq_length` token blocks (LongTensor).
 
@@ -79,9 +95,7 @@ class ConstantLengthDataset(IterableDataset):
 
     def consumer(self) -> tuple[int, int]:
         """(c, C): this process's consumer index and the number of consumers, from rank and worker."""
-        info = get_worker_info()
-        num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
-        return self.rank * num_workers + worker_id, self.world_size * num_workers
+        return consumer_of(self.rank, self.world_size)
 
     def _plan(self, consumer: int, num_consumers: int) -> tuple[list[Path], bool]:
         """The files this consumer reads and whether it must stride over records instead of owning files."""
@@ -197,11 +211,7 @@ class ConstantLengthDataset(IterableDataset):
         """Refuse a state saved by another consumer or for other files or block length."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown ConstantLengthDataset state version {state.get('version')!r}")
-        if (state["consumer"], state["num_consumers"]) != (consumer, num_consumers):
-            raise ValueError(
-                f"data state geometry mismatch: it was saved by consumer {state['consumer']} of "
-                f"{state['num_consumers']} (rank * num_workers + worker_id of world_size * num_workers), but this "
-                f"is consumer {consumer} of {num_consumers}; resume with the same world_size and num_workers")
+        check_same_consumer(state, consumer, num_consumers)
         if (state["num_files"], state["seq_length"]) != (len(self.files), self.seq_length):
             raise ValueError(
                 f"data state geometry mismatch: it was saved for {state['num_files']} files and seq_length "

@@ -25,11 +25,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from codeparrot.artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, write_manifest
 from codeparrot.config import Config, ConfigError
 from codeparrot.corpus.source import SHARD_SUFFIXES, BadRecords, iter_shard, list_shards
+from codeparrot.data.packing import check_same_consumer, consumer_of
 from codeparrot.logs import progress_bar
 
 log = logging.getLogger(__name__)
@@ -324,9 +325,7 @@ class TokenShardDataset(IterableDataset):
 
     def consumer(self) -> tuple[int, int]:
         """(c, C): this process's consumer index and the number of consumers, from rank and worker."""
-        info = get_worker_info()
-        num_workers, worker_id = (1, 0) if info is None else (info.num_workers, info.id)
-        return self.rank * num_workers + worker_id, self.world_size * num_workers
+        return consumer_of(self.rank, self.world_size)
 
     def share(self, epoch: int, consumer: int, num_consumers: int) -> np.ndarray:
         """The block indices `consumer` reads in `epoch`, in order."""
@@ -400,11 +399,7 @@ class TokenShardDataset(IterableDataset):
         if state.get("kind") != "token_shards" or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a TokenShardDataset state (version {STATE_VERSION}): "
                              f"kind {state.get('kind')!r}, version {state.get('version')!r}")
-        if (state["consumer"], state["num_consumers"]) != (consumer, num_consumers):
-            raise ValueError(
-                f"data state geometry mismatch: it was saved by consumer {state['consumer']} of "
-                f"{state['num_consumers']} (rank * num_workers + worker_id of world_size * num_workers), but this "
-                f"is consumer {consumer} of {num_consumers}; resume with the same world_size and num_workers")
+        check_same_consumer(state, consumer, num_consumers)
         saved = (state["seq_length"], state["total_tokens"], state["shuffle"], state["seed"])
         here = (self.seq_length, self.total_tokens, self.shuffle, self.seed)
         if saved != here:
