@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,26 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete or damaged."""
+
+
+# Out of space on the device, over a file-size limit (RLIMIT_FSIZE, the filesystem's), or over a disk quota.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+class DiskFull(OSError):
+    """A write that failed for lack of space; `filename` is the file, or the artifact directory, being written."""
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The disk-full OSError that `exc` is or was raised from (a pool re-raises its worker's), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def code_version() -> str:

@@ -6,12 +6,15 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Iterable
 
-from .artifacts import CheckpointError
-from .config import ConfigError, load_config
+from .artifacts import CheckpointError, disk_full_cause
+from .config import SECTIONS, ConfigError, describe_config, load_config, section_summary
+from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
 from .logs import setup_logging
+from .pipeline import STEPS, Step, run_pipeline
+from .stage import Stage
 
 log = logging.getLogger("codeparrot")
 
@@ -21,28 +24,55 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+def _paths_read(step: Stage | Step) -> tuple[str, ...]:
+    """A stage reads the paths of its inputs and its output (not part of its identity, so not in its keys)."""
+    if isinstance(step, Stage):
+        return tuple(f"paths.{key}" for key in (*step.inputs, step.output))
+    return ()
+
+
+def sections_read(keys: Iterable[str]) -> str:
+    """`--help`'s epilog: one line per config section read, naming the keys when only some are read."""
+    by_section: dict[str, set[str] | None] = {}  # None: the whole section
+    for entry in keys:
+        section, _, key = entry.partition(".")
+        if not key or by_section.get(section, set()) is None:
+            by_section[section] = None
+        else:
+            by_section.setdefault(section, set()).add(key)
+    lines = ["config sections read (`codeparrot config` lists every key with its value and meaning):"]
+    for section in (s for s in SECTIONS if s in by_section):
+        _, doc = section_summary(section).split(":", 1)
+        some = by_section[section]
+        which = f" ({', '.join(sorted(some))})" if some else ""
+        lines.append(f"  {section}{which}:{doc}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `codeparrot` argument parser."""
     parser = argparse.ArgumentParser(prog="codeparrot", description="Pretrain a GPT-2-style code model.")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export-local", help="export the local Python installation as BigQuery-format shards")
+    p = sub.add_parser("export-local", help=EXPORT_LOCAL.help)
     p.add_argument("out", help="output directory (raw/)")
     p.add_argument("--root", action="append", dest="roots", help="directory to walk (repeatable); "
                    "default: the interpreter's standard library, site-packages included")
     p.add_argument("--shard-records", type=int, default=2000, help="records per shard")
     p.add_argument("--max-files", type=int, default=0, help="stop after this many files (0: all)")
 
-    for name, help_ in [("prepare", "filter, deduplicate, decontaminate and split the raw export into clean/"),
-                        ("train-tokenizer", "train the byte-level BPE tokenizer on clean/train"),
-                        ("pretokenize", "encode clean/ into flat token shards tokens/{train,valid}/*.bin"),
-                        ("train", "train the model (also under `accelerate launch -m codeparrot train`)"),
-                        ("pipeline", "run every stage in order, skipping finished ones")]:
-        _add_config_args(sub.add_parser(name, help=help_))
-    p = sub.add_parser("evaluate", help="validation loss and perplexity of a checkpoint")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="a runs/<run>/step-<N> directory")
+    every_key = [k for step in STEPS for k in (*step.keys, *_paths_read(step))]
+    commands = [(step.name, step.help, (*step.keys, *_paths_read(step))) for step in STEPS if step is not EXPORT_LOCAL]
+    commands.append(("pipeline", "run every stage in order, skipping finished ones", every_key))
+    for name, help_, keys in commands:
+        p = sub.add_parser(name, help=help_, epilog=sections_read(keys),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_config_args(p)
+        if name == "evaluate":
+            p.add_argument("--checkpoint", required=True, help="a runs/<run>/step-<N> directory; its config.yaml "
+                           "is the base config, --config and overrides apply on top")
+    _add_config_args(sub.add_parser("config", help="print the resolved config: each key's type, value and meaning"))
     return parser
 
 
@@ -60,46 +90,69 @@ def _summary(title: str, result: dict[str, Any]) -> None:
         print(f"  {key}: {value}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    """Run the command of `args`, printing its summary."""
+    if args.command == "export-local":
+        _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files))
+        return
+    if args.command == "evaluate":  # the checkpoint's own config, with --config and overrides on top
+        from .runs import checkpoint_config
+
+        cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(describe_config(cfg), end="")
+    elif args.command == "train":
+        from .train import run_train
+
+        _summary("train", run_train(cfg))
+    elif args.command == "evaluate":
+        from .evaluate import run_evaluate
+
+        _summary("evaluate", run_evaluate(cfg, args.checkpoint))
+    elif args.command == "pipeline":
+        for name, result in run_pipeline(cfg).items():
+            _summary(name, result)
+    else:
+        stage = next(s for s in STEPS if s.name == args.command)
+        _summary(stage.name, stage.run(cfg))
+
+
+# Expected failures (bad config or input, refused resume, damaged checkpoint) get a message, not a trace.
+EXPECTED_ERRORS = (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError)
+
+
+def error_message(e: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for a bug (whose traceback is shown)."""
+    full = disk_full_cause(e)  # also when a pool re-raised it from a worker, or it surfaced wrapped
+    if full is not None:
+        return f"no space left writing {full.filename or 'a file'} ({full.strerror or full})"
+    return str(e) if isinstance(e, EXPECTED_ERRORS) else None
+
+
+def _end_process_group() -> None:
+    """Leave the launch's process group once the command is done (stages keep it open for the next one)."""
+    if "torch" not in sys.modules:  # nothing imported torch, so nothing joined a group (and importing costs ~2 s)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `codeparrot` console script."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        if args.command == "export-local":
-            from .pipeline import run_export_local
-
-            _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files))
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "prepare":
-            from .corpus.prepare import run_prepare
-
-            _summary("prepare", run_prepare(cfg))
-        elif args.command == "train-tokenizer":
-            from .tokenizer import run_train_tokenizer
-
-            _summary("train-tokenizer", run_train_tokenizer(cfg))
-        elif args.command == "pretokenize":
-            from .data.tokens import run_pretokenize
-
-            _summary("pretokenize", run_pretokenize(cfg))
-        elif args.command == "train":
-            from .train import run_train
-
-            _summary("train", run_train(cfg))
-        elif args.command == "evaluate":
-            from .evaluate import run_evaluate
-
-            _summary("evaluate", run_evaluate(cfg, args.checkpoint))
-        elif args.command == "pipeline":
-            from .pipeline import run_pipeline
-
-            for name, result in run_pipeline(cfg).items():
-                _summary(name, result)
-    except (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError) as e:
-        # Expected failures (bad config or input, refused resume, damaged checkpoint) get a message, not a trace;
-        # --log-level DEBUG shows the trace too.
-        log.debug("traceback", exc_info=True)
-        print(f"codeparrot {args.command}: error: {e}", file=sys.stderr)
+        _run(args)
+        _end_process_group()
+    except Exception as e:
+        message = error_message(e)
+        if message is None:
+            raise
+        log.debug("traceback", exc_info=True)  # --log-level DEBUG shows it
+        print(f"codeparrot {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

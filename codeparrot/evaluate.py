@@ -12,7 +12,8 @@ import torch
 
 from .artifacts import CheckpointError
 from .config import Config
-from .model import generate, load_hf
+from .model import generate, load_hf, model_device
+from .runs import latest_checkpoint, resolve_mixed_precision, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], accel
     lacks, because a sharded (FSDP) forward needs every rank to take part.
     """
     model.eval()
-    device = accelerator.device
+    device = model_device(model)  # batches go where the model is
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = torch.zeros((), dtype=torch.float64, device=device)
     it = iter(batches)
@@ -64,7 +65,8 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], accel
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int, eos_id: int | None) -> str:
     """Greedy completion of `prompt`, decoded."""
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
+    # Made on the model's device: a prompt left on the CPU crashes every GPU run.
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids], device=model_device(model))
     out = generate(model, ids, max_new_tokens, eos_token_id=eos_id)
     return tokenizer.decode(out[0].tolist()[ids.size(1):])
 
@@ -76,7 +78,6 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
     from .data.packing import make_dataloader
     from .data.splits import split_dataset
-    from .train import resolve_mixed_precision
 
     ckpt = Path(checkpoint)
     missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (ckpt / n).is_file()]
@@ -111,8 +112,6 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
 def run_evaluate_latest(cfg: Config) -> dict[str, Any]:
     """Evaluate the run's latest checkpoint (the pipeline's last stage); skipped when already evaluated."""
-    from .train import latest_checkpoint, run_dir
-
     ckpt = latest_checkpoint(run_dir(cfg))
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir(cfg)}; run `codeparrot train` first")

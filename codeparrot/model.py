@@ -181,21 +181,24 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
-        self.apply(self._init_weights)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation; also materialises a model built on `meta` once `to_empty` gave it storage."""
+        # nn.init on meta tensors is a no-op, so building on the meta device stays cheap
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()  # weight 1, bias 0 (to_empty leaves garbage there)
         # GPT-2 scales the residual projections by 1/sqrt(2L): each block adds two of them to the stream
-        resid_std = INIT_STD / math.sqrt(2 * config.n_layer)
+        resid_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # nn.init on meta tensors is a no-op, so building on the meta device stays cheap
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        # nn.LayerNorm already starts at weight 1, bias 0
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> GPTOutput:
         """Logits for `input_ids` [B, T]; with `labels` [B, T], also the loss of predicting labels[t+1] at t."""
@@ -250,6 +253,11 @@ class GPT(nn.Module):
         ]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (of its local shard under FSDP): where its inputs must be made."""
+    return next(model.parameters()).device
+
+
 def save_hf(model: GPT, directory: str | os.PathLike, eos_token_id: int = 0,
             state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write `config.json` and `model.safetensors` that `transformers.GPT2LMHeadModel` loads as is.
@@ -287,7 +295,7 @@ def save_hf(model: GPT, directory: str | os.PathLike, eos_token_id: int = 0,
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tensors = {}
     for name, t in (state_dict if state_dict is not None else model.state_dict()).items():
-        name = name.removeprefix("_orig_mod.")  # torch.compile's wrapper prefix
+        name = name.replace("_orig_mod.", "")  # torch.compile's wrapper prefix (whole model or per block)
         if name == "lm_head.weight":
             continue  # tied to wte; transformers re-ties it on load
         t = t.detach().cpu()

@@ -1,68 +1,117 @@
-"""The `export-local` stage and `pipeline`, which runs every stage in order and skips finished ones."""
+"""`pipeline`: every step in order, each skipping itself when its output is up to date.
+
+The steps are declared once, in STEPS: the artifact stages (codeparrot/stage.py), then train and evaluate, which
+keep their own bookkeeping under runs/. The command line takes each command's help from the same declarations.
+Under `accelerate launch`, rank 0 runs the artifact stages while the other ranks wait; they then find every stage
+up to date, and all ranks train together.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
-import time
-from pathlib import Path
-from typing import Any, Callable
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
-from .artifacts import is_up_to_date, read_manifest, staged_dir, write_manifest
+from .artifacts import read_manifest
 from .config import Config
-from .corpus.source import default_local_roots, export_local
+from .corpus.export import EXPORT_LOCAL, run_export_local  # noqa: F401  (run_export_local: re-exported)
+from .corpus.prepare import PREPARE
+from .data.pretokenize import PRETOKENIZE
+from .stage import Stage
+from .tokenizer import TRAIN_TOKENIZER
 
 log = logging.getLogger(__name__)
 
-
-def run_export_local(out: str | Path, roots: list[str] | None = None, shard_records: int = 2000,
-                     max_files: int = 0) -> dict[str, Any]:
-    """Export the local installation's `.py` files as BigQuery-format shards under `out`."""
-    out = Path(out)
-    roots = [str(Path(r).resolve()) for r in (roots or default_local_roots())]
-    config = {"roots": roots, "shard_records": shard_records, "max_files": max_files, "python": sys.version.split()[0]}
-    if is_up_to_date(out, "export-local", config, {}):
-        log.info("export-local: %s is up to date, skipping", out)
-        return {"skipped": True, **read_manifest(out)["counts"]}
-    start = time.perf_counter()
-    with staged_dir(out) as tmp:
-        stats = export_local(tmp, roots, shard_records, max_files)
-        counts = dict(vars(stats))
-        write_manifest(tmp, "export-local", config, {}, counts, time.perf_counter() - start)
-    log.info("export-local: %d files (%.1f MB) in %d shards; skipped %d not UTF-8, %d unreadable, %d empty",
-             stats.files, stats.bytes / 1e6, stats.shards, stats.skipped_not_utf8, stats.skipped_unreadable,
-             stats.skipped_empty)
-    return {"skipped": False, **counts, "seconds": round(time.perf_counter() - start, 2)}
+# How long the other ranks wait for rank 0's data stages: cleaning a 50 GB export takes hours, far past the
+# 30 minutes of a process group's default timeout, so the wait has a gloo group of its own.
+DATA_STAGES_TIMEOUT = timedelta(days=2)
 
 
-def pipeline_stages(cfg: Config) -> list[tuple[str, Callable[[Config], dict[str, Any]]]]:
-    """The stages `pipeline` runs, in order, for this config."""
-    from .corpus.prepare import run_prepare
-    from .data.tokens import run_pretokenize
-    from .evaluate import run_evaluate_latest
-    from .tokenizer import run_train_tokenizer
+@dataclass(frozen=True)
+class Step:
+    """A step that writes no Stage artifact (train, evaluate): it runs on every rank."""
+
+    name: str
+    keys: tuple[str, ...]  # the config sections and keys it reads, for `--help`
+    run: Callable[[Config], dict[str, Any]]
+    help: str
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     from .train import run_train
 
-    stages: list[tuple[str, Callable[[Config], dict[str, Any]]]] = []
+    return run_train(cfg)
+
+
+def _evaluate_latest(cfg: Config) -> dict[str, Any]:
+    from .evaluate import run_evaluate_latest
+
+    return run_evaluate_latest(cfg)
+
+
+TRAIN = Step("train", ("model", "data", "train", "eval", "paths", "tokenizer.eos_token", "corpus.max_bad_ratio"),
+             _train, "train the model (also under `accelerate launch -m codeparrot train`)")
+EVALUATE = Step("evaluate", ("eval", "data", "train.mixed_precision", "train.seed", "paths", "tokenizer.eos_token",
+                             "corpus.max_bad_ratio"),
+                _evaluate_latest, "validation loss and perplexity of a checkpoint (in `pipeline`: the run's latest)")
+STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETOKENIZE, TRAIN, EVALUATE)
+
+
+def _exports(cfg: Config) -> bool:
+    """Whether `pipeline` runs export-local for this config; never over an export that export-local did not make."""
     raw = cfg.paths.resolve("raw")
-    raw_manifest = read_manifest(raw)
-    foreign = raw.exists() and (raw_manifest or {}).get("stage") != "export-local"
-    if cfg.corpus.source == "local" and foreign:  # never overwrite an export we did not make
+    foreign = raw.exists() and (read_manifest(raw) or {}).get("stage") != EXPORT_LOCAL.name
+    if cfg.corpus.source == "local" and foreign:
         log.info("pipeline: %s holds an export not made by export-local; using it as it is", raw)
-    elif cfg.corpus.source == "local":
-        stages.append(("export-local", lambda c: run_export_local(
-            raw, c.corpus.local_roots or None, c.corpus.export_shard_records, c.corpus.local_max_files)))
-    elif not raw.exists():
-        raise FileNotFoundError(f"paths.raw={raw} does not exist and corpus.source is {cfg.corpus.source!r}, not 'local'")
-    stages += [("prepare", run_prepare), ("train-tokenizer", run_train_tokenizer)]
-    if cfg.data.pretokenized:  # train reads tokens/ instead of tokenizing clean/ on the fly
-        stages.append(("pretokenize", run_pretokenize))
-    return stages + [("train", run_train), ("evaluate", run_evaluate_latest)]
+        return False
+    if cfg.corpus.source != "local" and not raw.exists():
+        raise FileNotFoundError(f"paths.raw={raw} does not exist and corpus.source is {cfg.corpus.source!r}, "
+                                "not 'local'")
+    return cfg.corpus.source == "local"
+
+
+def pipeline_steps(cfg: Config) -> list[Stage | Step]:
+    """The steps `pipeline` runs for this config, in order."""
+    skip = set()
+    if not _exports(cfg):
+        skip.add(EXPORT_LOCAL.name)
+    if not cfg.data.pretokenized:  # train tokenizes clean/ on the fly instead of reading tokens/
+        skip.add(PRETOKENIZE.name)
+    return [step for step in STEPS if step.name not in skip]
+
+
+@contextlib.contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Under a multi-process launch, run the block on rank 0 while the other ranks wait, then on the others."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # Joins the launch's process group, which training then reuses; `cpu` as Accelerator reads it, or a CPU launch
+    # would look like one process here.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    group = dist.new_group(backend="gloo", timeout=DATA_STAGES_TIMEOUT)
+    if not state.is_main_process:
+        dist.barrier(group=group)
+    yield
+    if state.is_main_process:
+        dist.barrier(group=group)
 
 
 def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Run every stage in order; each stage skips itself when its manifest matches."""
+    """Run every step in order; each skips itself when its output is up to date."""
+    steps = pipeline_steps(cfg)
     results = {}
-    for name, stage in pipeline_stages(cfg):
-        log.info("pipeline: stage %s", name)
-        results[name] = stage(cfg)
+    with main_rank_first():  # the other ranks then find each stage up to date: they skip, never write
+        for stage in (s for s in steps if isinstance(s, Stage)):
+            log.info("pipeline: stage %s", stage.name)
+            results[stage.name] = stage.run(cfg)
+    for step in (s for s in steps if not isinstance(s, Stage)):  # train, then evaluate, on every rank
+        log.info("pipeline: step %s", step.name)
+        results[step.name] = step.run(cfg)
     return results

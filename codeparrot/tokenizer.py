@@ -11,14 +11,13 @@ from typing import Any, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, write_manifest
-from .config import Config, section_dict
-from .corpus.source import BadRecords, iter_records, list_shards
+from .config import Config
+from .corpus.source import BadRecords, iter_records, list_shards, utf8_len
 from .logs import progress
+from .stage import Stage
 
 log = logging.getLogger(__name__)
 
-STAGE = "train-tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 BATCH_FILES = 256  # files handed to the trainer per batch
 
@@ -93,27 +92,20 @@ def train_on(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eo
     return tok
 
 
-def run_train_tokenizer(cfg: Config) -> dict[str, Any]:
-    """Train on the first `tokenizer.n_examples` files of clean/train; report on clean/valid."""
-    clean, out = cfg.paths.resolve("clean"), cfg.paths.resolve("tokenizer")
-    t = cfg.tokenizer
-    config = section_dict(cfg, "tokenizer")
-    inputs = {"clean": fingerprint(clean)}
-    if is_up_to_date(out, STAGE, config, inputs):
-        log.info("train-tokenizer: %s is up to date, skipping", out)
-        return {"skipped": True, **read_manifest(out)["counts"]}
-    train_files = list_shards(clean / "train")
+def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
+    """Train on the first `tokenizer.n_examples` files of clean/train, report on clean/valid, save into `tmp`."""
+    clean, t = cfg.paths.resolve("clean"), cfg.tokenizer
     bad = BadRecords(max_ratio=cfg.corpus.max_bad_ratio)
-    n_chars = 0
+    n_bytes = 0
 
     def counted(texts: Iterator[str]) -> Iterator[str]:
-        nonlocal n_chars
+        nonlocal n_bytes
         for text in texts:
-            n_chars += len(text)
+            n_bytes += utf8_len(text)
             yield text
 
     start = time.perf_counter()
-    contents = counted(iter_contents(train_files, t.n_examples, bad))
+    contents = counted(iter_contents(list_shards(clean / "train"), t.n_examples, bad))
     batches = progress(batched(contents, BATCH_FILES), desc="train-tokenizer", unit=f"x{BATCH_FILES} files")
     tok = train_on(batches, t.vocab_size, t.min_frequency, t.eos_token)
     train_seconds = time.perf_counter() - start
@@ -125,18 +117,27 @@ def run_train_tokenizer(cfg: Config) -> dict[str, Any]:
         "vocab_size": tok.get_vocab_size(),
         "eos_token_id": tok.token_to_id(t.eos_token),
         "train_files": n_train_files,
-        "train_mb": round(n_chars / 1e6, 2),
+        "train_mb": round(n_bytes / 1e6, 2),
         "train_seconds": round(train_seconds, 2),
-        "train_mb_per_s": round(n_chars / 1e6 / max(train_seconds, 1e-9), 2),
+        "train_mb_per_s": round(n_bytes / 1e6 / max(train_seconds, 1e-9), 2),
         "valid_files": len(valid_texts),
         "chars_per_token_valid": round(chars_per_token(tok, valid_texts), 3) if valid_texts else None,
         "keywords_not_single_tokens": split_keywords(tok),
         "bad_records": bad.as_dict(),
     }
-    with staged_dir(out) as tmp:
-        save_tokenizer(tok, tmp, t.eos_token, model_max_length=cfg.data.seq_length)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_manifest(tmp, STAGE, config, inputs, report, time.perf_counter() - start, full_config=cfg)
+    save_tokenizer(tok, tmp, t.eos_token, model_max_length=cfg.data.seq_length)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("train-tokenizer: vocab %d, %.2f chars/token on valid, %.1f MB/s",
              report["vocab_size"], report["chars_per_token_valid"] or 0.0, report["train_mb_per_s"])
-    return {"skipped": False, **report}
+    return report
+
+
+# data.seq_length is the model_max_length of tokenizer_config.json; max_bad_ratio decides whether it is written.
+TRAIN_TOKENIZER = Stage(name="train-tokenizer", output="tokenizer", inputs=("clean",), build=_build,
+                        keys=("tokenizer", "data.seq_length", "corpus.max_bad_ratio"),
+                        help="train the byte-level BPE tokenizer on clean/train")
+
+
+def run_train_tokenizer(cfg: Config) -> dict[str, Any]:
+    """Train the tokenizer of `cfg` into `paths.tokenizer`; skipped when its manifest already matches."""
+    return TRAIN_TOKENIZER.run(cfg)

@@ -5,14 +5,14 @@
 
 The first --max-mb of content is copied into fresh shards (untimed), one set used by every contender:
   read       iter_shard alone (gzip + JSON), the floor under every contender;
-  ours 1p    signatures_for_shards(num_proc=1), then near_duplicate_clusters (numpy LSH banding, verification,
-             array union-find);
-  ours Np    the same with num_proc = os.cpu_count() worker processes;
+  ours 1p    MinHasher signatures shard by shard (as prepare's scan workers compute them), then
+             near_duplicate_clusters (numpy LSH banding, verification, array union-find);
+  ours Np    the same with the shards spread over os.cpu_count() worker processes (codeparrot.procs.WorkerPool);
   reference  per file: datasketch MinHash(num_perm=256), m.update(token.encode()) per distinct CodeParrot token,
              MinHashLSH(threshold=0.85, num_perm=256).insert.
-Goal: ours per core >= 3x the reference per core. When `prepare` calls into dedup, the whole stage is also timed
+Goal: ours per core >= 3x the reference per core. The whole prepare stage is also timed
 on 1 process and on all cores, with its per-phase MB/s. Memory: near_duplicate_clusters' tracemalloc peak per file
-(numpy buffers included; ~100 B, was ~4.2 KB with the dict-based index), and the incremental LSHIndex's per file.
+(numpy buffers included; ~100 B, was ~4.2 KB with a dict-based index).
 """
 from __future__ import annotations
 
@@ -28,23 +28,23 @@ from pathlib import Path
 
 import numpy as np
 
-from codeparrot.corpus.dedup import (VERIFIED_FN_WEIGHT, LSHIndex, duplicates_to_drop, near_duplicate_clusters,
-                                     signatures_for_shards)
-from codeparrot.corpus.source import BadRecords, ShardWriter, iter_shard, list_shards
+from codeparrot.corpus.dedup import MinHasher, duplicates_to_drop, near_duplicate_clusters
+from codeparrot.corpus.source import BadRecords, ShardWriter, iter_shard, list_shards, utf8_len
+from codeparrot.procs import WorkerPool
 
 GOAL = 3.0  # ours per core / reference per core
 NUM_PERM, THRESHOLD = 256, 0.85
 
 
 def copy_prefix(raw: Path, out: Path, max_mb: float, n_shards: int) -> tuple[int, int]:
-    """Copy records until max_mb of content into about n_shards new shards; (files, content bytes)."""
+    """Copy records until max_mb of content into about n_shards new shards; (files, content bytes in UTF-8)."""
     records, size = [], 0
     for shard in list_shards(raw):
         for _, record in iter_shard(shard, BadRecords()):
             if size >= max_mb * 1e6:
                 break
             records.append(record)
-            size += len(record["content"])
+            size += utf8_len(record["content"])
     with ShardWriter(out, -(-len(records) // n_shards)) as writer:
         for record in records:
             writer.write(record)
@@ -59,11 +59,17 @@ def time_read(shards: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def shard_signatures(path: Path) -> np.ndarray:
+    """[n, NUM_PERM] uint32 signatures of one shard's good records (token shingles, seed 1, as prepare's default)."""
+    contents = [record["content"] for _, record in iter_shard(path, BadRecords())]
+    return MinHasher(NUM_PERM, 1, 1).signatures(contents)
+
+
 def time_ours(shards: list[Path], num_proc: int) -> tuple[float, float, np.ndarray, list[list[int]]]:
-    """(signature seconds incl. reading, LSH seconds, signatures, clusters)."""
+    """(signature seconds incl. reading and the workers' start, LSH seconds, signatures, clusters)."""
     start = time.perf_counter()
-    blocks = [sigs for _, _, sigs in signatures_for_shards(shards, NUM_PERM, 1, 1, num_proc=num_proc)]
-    signatures = np.concatenate(blocks)
+    with WorkerPool(num_proc) as pool:
+        signatures = np.concatenate(list(pool.map(shard_signatures, shards)))
     mid = time.perf_counter()
     clusters = near_duplicate_clusters(signatures, THRESHOLD)
     return mid - start, time.perf_counter() - mid, signatures, clusters
@@ -96,20 +102,8 @@ def clustering_bytes_per_file(signatures: np.ndarray) -> float:
         tracemalloc.stop()
 
 
-def index_bytes_per_file(signatures: np.ndarray, fn_weight: float) -> tuple[int, float]:
-    """(bands, bytes per file) of an incremental LSHIndex holding every signature (not what clustering uses)."""
-    index = LSHIndex(THRESHOLD, NUM_PERM, 1 - fn_weight, fn_weight)
-    keys = index.band_keys(signatures).tolist()
-    for i, row in enumerate(keys):
-        index.insert_keys(i, row)
-    return index.bands, index.memory_bytes_estimate() / len(signatures)
-
-
-def time_prepare(shard_dir: Path, work: Path, num_proc: int) -> dict | None:
-    """run_prepare's result on the shards, or None when prepare does not call into dedup yet."""
-    prepare_py = Path(__file__).resolve().parents[1] / "codeparrot" / "corpus" / "prepare.py"
-    if "near_duplicate_clusters" not in prepare_py.read_text():
-        return None
+def time_prepare(shard_dir: Path, work: Path, num_proc: int) -> dict:
+    """run_prepare's result on the shards, with its wall time."""
     from codeparrot.config import load_config
     from codeparrot.corpus.prepare import run_prepare
 
@@ -165,18 +159,10 @@ def main() -> int:
         per_file = clustering_bytes_per_file(signatures)
         print(f"near_duplicate_clusters memory (numpy, tracemalloc peak): {per_file:.0f} bytes/file = "
               f"{per_file * 1e6 / 1e9:.3f} GB per million files (signatures, 1024 B/file, not included)")
-        for label, fn in (("0.5/0.5 (datasketch default)", 0.5), (f"fn {VERIFIED_FN_WEIGHT} (verify's bands)",
-                                                                   VERIFIED_FN_WEIGHT)):
-            bands, per_file = index_bytes_per_file(signatures, fn)
-            print(f"incremental LSHIndex (streaming inserts only), weights {label}: {bands} bands, "
-                  f"{per_file:.0f} bytes/file = {per_file * 1e6 / 1e9:.2f} GB per million files")
 
         if not args.no_prepare:
             for num_proc in (1, cores):
                 result = time_prepare(shard_dir, Path(tmp) / f"work{num_proc}", num_proc)
-                if result is None:
-                    print("\nprepare does not call into dedup yet: stage not timed")
-                    break
                 phases = ", ".join(f"{k} {v.get('seconds')} s" + (f" ({v['mb_per_s']} MB/s)" if "mb_per_s" in v else "")
                                    for k, v in result.get("phases", {}).items())
                 print(f"\nprepare, {num_proc} process(es): {result['wall_seconds']:.2f} s wall, "

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from codeparrot.config import load_config
-from codeparrot.corpus.source import BadRecords, list_shards
+from codeparrot.corpus.source import BadRecords, list_shards, utf8_len
 from codeparrot.tokenizer import BATCH_FILES, iter_contents, run_train_tokenizer
 
 DEFAULT_CLEAN = "work/tiny/clean"
@@ -72,7 +72,7 @@ def main() -> int:
 
     # Untimed: the same texts the stage will stream, in the same order.
     texts = list(iter_contents(list_shards(clean / "train"), args.n_examples, BadRecords()))
-    mb = sum(len(t) for t in texts) / 1e6  # chars, as the stage counts them
+    mb = sum(utf8_len(t) for t in texts) / 1e6  # UTF-8 bytes, as the stage counts them
     defaults = load_config(None).tokenizer
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_tokenizer_"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python scripts/bench_train.py --tokens work/tiny/tokens --preset small --micro-batch 64 --steps 30 [--baseline]
     accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/bench_train.py --preset large ...
 
-Our path is the training loop's own code (`build_model_and_optimizer` + `TrainStep`). `--baseline` also times, in the
+Our path is the training loop's own code (`build_model`, `build_optimizer`, `prepare_model`, `train_step`). `--baseline` also times, in the
 same run, the reference CodeParrot setup: transformers' GPT2LMHeadModel with `scale_attn_by_inverse_layer_idx` and
 `reorder_and_upcast_attn` (as CodeParrot's initialize_model.py configured it), eager attention, plain AdamW, no
 compile, on the same data and batch, and prints the ratio. Extra `section.key=value` arguments override the config.
@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from codeparrot.config import load_config
 from codeparrot.data.packing import make_dataloader
 from codeparrot.data.tokens import TokenShardDataset
-from codeparrot.train import TrainStep, build_model_and_optimizer, lr_lambda, resolve_mixed_precision
+from codeparrot.runs import resolve_mixed_precision
+from codeparrot.train import build_model, build_optimizer, prepare_model, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -30,7 +31,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step_fn: TrainStep, batches, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+def time_steps(step_fn, batches, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
     """Run warm-up steps, then time `steps` steps with device synchronisation at both ends."""
     for _ in range(warmup):
         step_fn(batches)
@@ -40,9 +41,9 @@ def time_steps(step_fn: TrainStep, batches, warmup: int, steps: int, device: tor
     start, wait = time.perf_counter(), 0.0
     loss = torch.zeros((), device=device)
     for _ in range(steps):
-        step_loss, _, _, w = step_fn(batches)
-        loss += step_loss
-        wait += w
+        result = step_fn(batches)
+        loss += result.loss_sum
+        wait += result.data_wait
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -65,8 +66,13 @@ def reference_model(cfg, vocab_size: int, accelerator: Accelerator):
         model.gradient_checkpointing_enable()
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, "cosine", 0.0))
-    return accelerator.prepare(model, optimizer, scheduler)
+    return accelerator.prepare(model, optimizer)
+
+
+def our_setup(cfg, vocab_size: int, accelerator: Accelerator):
+    """The training loop's own model and optimizer, prepared (and compiled) as `codeparrot train` does."""
+    model = build_model(cfg, vocab_size, accelerator)
+    return prepare_model(model, build_optimizer(model, cfg.train, accelerator), cfg.train, accelerator)
 
 
 def main() -> None:
@@ -96,23 +102,25 @@ def main() -> None:
     batches = iter(make_dataloader(dataset, args.micro_batch, args.workers, pin_memory=device.type == "cuda"))
     tokens_per_step = args.micro_batch * args.seq * cfg.train.gradient_accumulation_steps * accelerator.num_processes
 
-    setups = [("codeparrot", lambda: build_model_and_optimizer(cfg, args.vocab, accelerator))]
+    setups = [("codeparrot", lambda: our_setup(cfg, args.vocab, accelerator))]
     if args.baseline:
         setups.append(("reference (transformers GPT2LMHeadModel)", lambda: reference_model(cfg, args.vocab,
                                                                                           accelerator)))
     results = {}
     flops_per_token = None
     for name, build in setups:
-        model, optimizer, scheduler = build()
+        model, optimizer = build()
         if flops_per_token is None:
             flops_per_token = accelerator.unwrap_model(model).flops_per_token(args.seq)
-        step_fn = TrainStep(model, optimizer, scheduler, accelerator, cfg.train.gradient_accumulation_steps,
-                            cfg.train.max_grad_norm)
+
+        def step_fn(batches, model=model, optimizer=optimizer):  # a constant lr: the schedule costs nothing
+            return train_step(model, optimizer, batches, accelerator, cfg.train.gradient_accumulation_steps,
+                              cfg.train.max_grad_norm, cfg.train.learning_rate)
         r = time_steps(step_fn, batches, args.warmup, args.steps, device)
         r["tokens_per_s"] = args.steps * tokens_per_step / r["seconds"]
         r["mfu"] = flops_per_token * r["tokens_per_s"] / (peak_flops * accelerator.num_processes)
         results[name] = r
-        del model, optimizer, scheduler, step_fn
+        del model, optimizer, step_fn
         accelerator.free_memory()
         gc.collect()
 

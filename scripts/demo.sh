@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # From a fresh clone to a trained tiny code model on this machine's own Python files:
-# export-local -> prepare -> train-tokenizer -> train -> evaluate. A second run skips finished stages.
+# export-local -> prepare -> train-tokenizer -> pretokenize -> train -> evaluate. A second run skips finished stages.
 # Extra arguments are config overrides, e.g. `bash scripts/demo.sh train.max_steps=50`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"

@@ -62,6 +62,17 @@ def read_all(spec: Any, bad: BadRecords | None = None) -> list[dict[str, Any]]:
     return list(iter_records(list_shards(spec), bad if bad is not None else BadRecords()))
 
 
+def read_tokens(directory: Path, split: str) -> "np.ndarray":
+    """All token ids of a pretokenized split, its files concatenated in meta.json's order (loads it all)."""
+    import numpy as np
+
+    from codeparrot.data.pretokenize import load_meta
+
+    meta = load_meta(directory)
+    parts = [np.fromfile(Path(directory) / f["path"], dtype=meta["dtype"]) for f in meta["splits"][split]["files"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=meta["dtype"])
+
+
 def write_jsonl(path: Path, lines: Iterable[bytes | str | dict], gz: bool | None = None) -> Path:
     """Write raw lines (bytes/str written as-is, dicts as JSON) to a shard, gzipped when the name says so."""
     gz = path.name.endswith(".gz") if gz is None else gz

@@ -1,12 +1,21 @@
 """The real command line, run as a subprocess: summaries, exit codes, clear errors, resumable pipeline."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import resource
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from codeparrot.artifacts import read_manifest
+from codeparrot.config import describe_config, load_config, section_summary
 
 from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, read_all, summaries
 
@@ -74,10 +83,11 @@ def test_missing_raw_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_runs_then_skips(tmp_path, stdlib_root, stdlib_files, split_seed):
     work = tmp_path / "work"
     args = ["pipeline", "--config", TINY, *small_overrides(work, split_seed), f"corpus.local_roots={stdlib_root}",
-            "corpus.source=local", *TINY_TRAIN]
+            "corpus.source=local", "data.pretokenized=false", *TINY_TRAIN]  # the streaming path end to end
     first = cli(*args, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     stages = summaries(first.stdout)
@@ -96,3 +106,90 @@ def test_pipeline_runs_then_skips(tmp_path, stdlib_root, stdlib_files, split_see
     assert list(again) == list(stages)
     assert all(s.get("skipped") == "True" for s in again.values()), again
     assert again["prepare"]["train_files"] == stages["prepare"]["train_files"]
+
+
+def test_stage_help_lists_the_config_sections_it_reads():
+    prepare = cli("prepare", "--help")
+    assert prepare.returncode == 0
+    epilog = prepare.stdout.split("config sections read", 1)[1]
+    sections = {line.split(":")[0].strip() for line in epilog.splitlines()[1:] if line.strip()}
+    assert sections == {"paths (clean, raw)", "corpus"}
+    assert section_summary("corpus").split(": ", 1)[1] in epilog
+    tokenizer = cli("train-tokenizer", "--help").stdout
+    assert "data (seq_length):" in tokenizer and "tokenizer:" in tokenizer and "model" not in tokenizer
+    train = cli("train", "--help").stdout.split("config sections read", 1)[1]
+    for line in ("model:", "data:", "train:", "eval:", "paths:", "tokenizer (eos_token):"):
+        assert "\n  " + line in train, line
+    evaluate = cli("evaluate", "--help").stdout
+    assert "train (mixed_precision, seed):" in evaluate and "model" not in evaluate.split("config sections", 1)[1]
+
+
+def test_config_prints_the_resolved_tree():
+    p = cli("config", "--config", TINY, "train.max_steps=7", "corpus.num_proc=3")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == describe_config(load_config(TINY, ["train.max_steps=7", "corpus.num_proc=3"]))
+    assert re.search(r"^  max_steps +int +7 ", p.stdout, re.M) and re.search(r"^  num_proc +int +3 ", p.stdout, re.M)
+    bad = cli("config", "train.max_steps=many")
+    assert bad.returncode == 2 and "integer" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _file_size_limit(limit: int):
+    """A preexec_fn: files may not grow past `limit` bytes; a write past it fails with EFBIG, as on a full disk."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the default action would kill the process instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("num_proc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_full_disk_stops_prepare_with_one_line_and_no_partial_artifact(tmp_path, raw_export, split_seed,
+                                                                         num_proc):
+    work = tmp_path / "work"
+    args = ["prepare", *small_overrides(work, split_seed), f"paths.raw={raw_export[0]}", "corpus.filters=",
+            f"corpus.num_proc={num_proc}"]
+    p = subprocess.run([sys.executable, "-m", "codeparrot", *map(str, args)], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, preexec_fn=_file_size_limit(8192))
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if "rror" in line]
+    assert errors == [f"codeparrot prepare: error: no space left writing {work / 'clean'} (File too large)"], \
+        p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert sorted(p.name for p in work.iterdir()) == []  # neither clean/ nor clean.tmp/
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_pipeline_under_accelerate_launch_runs_the_data_stages_once(tmp_path, stdlib_root, split_seed):
+    """Two real CPU processes: rank 0 writes each artifact once while rank 1 waits; both train and evaluate."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), "-m", "codeparrot", "pipeline", "--config", str(TINY),
+           *small_overrides(work, split_seed), f"corpus.local_roots={stdlib_root}", "corpus.source=local",
+           *TINY_TRAIN]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    artifacts = ("raw", "clean", "tokenizer", "tokens")  # tiny.yaml trains from token shards
+    first_seen: dict[str, int] = {}  # the inode of each artifact directory when its manifest first appeared
+    while proc.poll() is None and len(first_seen) < len(artifacts):
+        for name in artifacts:
+            if name not in first_seen and (work / name / "manifest.json").is_file():
+                first_seen[name] = (work / name).stat().st_ino
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    # A stage that ran again on rank 1 would have swapped in a new directory (a new inode).
+    assert first_seen == {name: (work / name).stat().st_ino for name in artifacts}
+    for name in ("export-local", "prepare", "train-tokenizer", "pretokenize"):
+        assert len(re.findall(rf"INFO codeparrot.stage: {name}: wrote ", stderr)) == 1, name
+    assert not list(work.glob("*.tmp")) and not list(work.glob("*.old"))
+    logs = work / "runs" / "tiny" / "logs"
+    assert [json.loads((logs / f"rank{r}.json").read_text())["world_size"] for r in (0, 1)] == [2, 2]
+    assert list(summaries(stdout)) == ["export-local", "prepare", "train-tokenizer", "pretokenize", "train",
+                                       "evaluate"]
+    assert (work / "runs" / "tiny" / "eval" / "step-2.json").is_file()

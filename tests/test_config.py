@@ -1,4 +1,4 @@
-"""The typed config tree: shipped YAML files, overrides, errors, save/load."""
+"""The typed config tree: shipped YAML files, overrides, errors, save/load, choices, describe, identity."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from codeparrot.config import (
-    SECTIONS, Config, ConfigError, TrainConfig, config_from_dict, load_config, parse_override,
+    CHOICES, RUNTIME_KEYS, SECTIONS, Config, ConfigError, TrainConfig, accumulation_steps, config_from_dict,
+    describe_config, identity, load_config, parse_override, section_summary,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -42,7 +43,9 @@ def test_codeparrot_small_published_hyperparameters():
     assert cfg.train.learning_rate == 5e-4
     assert cfg.train.warmup_steps == 2000
     assert cfg.train.micro_batch_size == 12
-    assert cfg.train.gradient_accumulation_steps == 1
+    assert cfg.train.global_batch_size == 192  # 12 x 16 GPUs, published; derived on any GPU count
+    assert accumulation_steps(cfg.train, 16) == 1 and accumulation_steps(cfg.train, 1) == 16
+    assert cfg.data.pretokenized is True  # GPU configs read token shards
     assert cfg.train.max_steps == 150000
     assert cfg.train.save_interval == 15000
     assert cfg.model.preset == "small"
@@ -54,7 +57,9 @@ def test_codeparrot_large_published_hyperparameters():
     assert cfg.train.learning_rate == 2e-4
     assert cfg.train.warmup_steps == 750
     assert cfg.train.micro_batch_size == 2
-    assert cfg.train.gradient_accumulation_steps == 16
+    assert cfg.train.global_batch_size == 512  # 2 x 16 accumulation x 16 GPUs, published
+    assert accumulation_steps(cfg.train, 16) == 16 and accumulation_steps(cfg.train, 8) == 32
+    assert cfg.data.pretokenized is True
     assert cfg.train.max_steps == 50000
     assert cfg.model.gradient_checkpointing is True
     assert cfg.model.preset == "large"
@@ -145,6 +150,7 @@ def test_bad_yaml_files_raise(tmp_path):
         "type.yaml": ("train:\n  compile: maybe\n", "true or false"),
         "list.yaml": ("- a\n- b\n", "mapping"),
         "flat.yaml": ("train: 3\n", "mapping"),
+        "broken.yaml": ("train: [1\n", "not valid YAML"),
     }
     for name, (text, hint) in cases.items():
         (tmp_path / name).write_text(text)
@@ -175,3 +181,267 @@ def test_config_from_dict_round_trip():
     assert dataclasses.asdict(again) == data
     with pytest.raises(ConfigError, match="valid sections"):
         config_from_dict({"nosuch": {"a": 1}})
+
+
+# --- a YAML file and an override give the same value ---------------------------------------------------------------
+
+def _from_file(tmp_path: Path, dotted: str, text: str) -> Config:
+    """The config of a one-key YAML file `section:\n  key: text`."""
+    section, key = dotted.split(".")
+    path = tmp_path / "one.yaml"
+    path.write_text(f"{section}:\n  {key}: {text}\n")
+    return load_config(path)
+
+
+@pytest.mark.parametrize("dotted, text, expected", [
+    ("train.mixed_precision", "no", "no"),  # YAML 1.1 would read a bool here
+    ("train.mixed_precision", "bf16", "bf16"),
+    ("train.run_name", "yes", "yes"),
+    ("train.run_name", "off", "off"),
+    ("train.run_name", "1.50", "1.50"),  # a string field keeps the text, not float 1.5
+    ("train.run_name", "null", "null"),
+    ("train.run_name", "007", "007"),
+    ("train.compile", "true", True),
+    ("train.compile", "No", False),  # bools accept yes/no/on/off in any case
+    ("train.compile", "ON", True),
+    ("train.compile", "null", None),
+    ("data.shuffle", "off", False),
+    ("data.shuffle", "FALSE", False),
+    ("model.n_layer", "4", 4),
+    ("model.n_layer", "~", None),
+    ("train.max_steps", "1e3", 1000),
+    ("train.learning_rate", "1e-3", 1e-3),
+    ("train.learning_rate", "2", 2.0),
+    ("train.trackers", "[wandb, tensorboard]", ["wandb", "tensorboard"]),
+    ("train.trackers", "tensorboard,wandb", ["tensorboard", "wandb"]),
+    ("corpus.local_roots", "[no, 1.50]", ["no", "1.50"]),
+])
+def test_yaml_file_and_override_give_the_same_value(tmp_path, dotted, text, expected):
+    from_file = _from_file(tmp_path, dotted, text)
+    from_override = load_config(None, [f"{dotted}={text}"])
+    assert from_file == from_override
+    section, key = dotted.split(".")
+    got = getattr(getattr(from_file, section), key)
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+@pytest.mark.parametrize("dotted, text, hint", [
+    ("train.compile", "maybe", "true or false"),
+    ("data.shuffle", "1", "true or false"),
+    ("train.max_steps", "1.5", "integer"),
+    ("train.learning_rate", "fast", "number"),
+    ("train.mixed_precision", "yes", "is not one of auto, bf16, fp16, no"),
+])
+def test_yaml_file_and_override_reject_the_same_values(tmp_path, dotted, text, hint):
+    with pytest.raises(ConfigError, match=hint):
+        _from_file(tmp_path, dotted, text)
+    with pytest.raises(ConfigError, match=hint):
+        load_config(None, [f"{dotted}={text}"])
+
+
+def test_parse_override_returns_the_text_as_typed():
+    assert parse_override("train.max_steps=7") == ("train", "max_steps", "7")
+    assert parse_override("eval.prompt=a = b") == ("eval", "prompt", "a = b")
+    assert parse_override("train.run_name=") == ("train", "run_name", "")
+    assert load_config(None, ["eval.prompt=x=1 # y"]).eval.prompt == "x=1 # y"
+
+
+def test_string_values_that_yaml_1_1_would_retype_survive_save_and_load(tmp_path):
+    cfg = load_config(None, ["train.run_name=1.50", "train.mixed_precision=no", "eval.prompt=on",
+                             "corpus.local_roots=yes,null"])
+    path = tmp_path / "saved.yaml"
+    cfg.save(path)
+    again = load_config(path)
+    assert again == cfg
+    assert (again.train.run_name, again.eval.prompt, again.corpus.local_roots) == ("1.50", "on", ["yes", "null"])
+
+
+# --- choices ----------------------------------------------------------------------------------------------------------
+
+def test_choices_are_declared_for_the_closed_string_fields():
+    assert CHOICES == {
+        "corpus.source": ("local", "path"),
+        "model.preset": ("tiny", "small", "large"),
+        "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
+        "train.lr_schedule": ("cosine", "constant"),
+        "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
+    }
+
+
+@pytest.mark.parametrize("dotted", sorted(CHOICES))
+def test_every_choice_loads_and_anything_else_is_rejected_with_the_choices(dotted):
+    section, key = dotted.split(".")
+    for choice in CHOICES[dotted]:
+        assert getattr(getattr(load_config(None, [f"{dotted}={choice}"]), section), key) == choice
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{dotted}=bogus"])
+    assert str(e.value) == f"{dotted}: 'bogus' is not one of {', '.join(CHOICES[dotted])}"
+
+
+def test_choices_are_checked_after_overrides_and_in_config_from_dict(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr_schedule: cosin\n")
+    with pytest.raises(ConfigError, match="train.lr_schedule: 'cosin' is not one of cosine, constant"):
+        load_config(path)
+    assert load_config(path, ["train.lr_schedule=constant"]).train.lr_schedule == "constant"  # the override fixes it
+    data = Config().to_dict()
+    data["model"]["attention_backend"] = "fast"
+    with pytest.raises(ConfigError, match="model.attention_backend: 'fast' is not one of auto, flash"):
+        config_from_dict(data)
+
+
+def test_resume_accepts_auto_none_or_a_path_but_not_empty():
+    for value in ("auto", "none", "/runs/tiny/step-200"):
+        assert load_config(None, [f"train.resume={value}"]).train.resume == value
+    with pytest.raises(ConfigError, match="train.resume: must not be empty"):
+        load_config(None, ["train.resume="])
+
+
+# --- global batch size -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("global_batch, micro, world, expected", [
+    (192, 12, 1, 16),
+    (192, 12, 2, 8),
+    (192, 12, 16, 1),
+    (512, 8, 8, 8),
+    (512, 2, 64, 4),
+])
+def test_accumulation_steps_from_global_batch(global_batch, micro, world, expected):
+    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, gradient_accumulation_steps=99)
+    assert accumulation_steps(train, world) == expected
+    assert expected * micro * world == global_batch
+
+
+def test_accumulation_steps_without_global_batch_is_the_configured_one():
+    assert accumulation_steps(TrainConfig(gradient_accumulation_steps=16), 8) == 16
+    assert load_config(CONFIGS / "tiny.yaml").train.global_batch_size is None
+
+
+def test_accumulation_steps_that_do_not_divide_say_what_would():
+    with pytest.raises(ConfigError) as e:
+        accumulation_steps(TrainConfig(global_batch_size=192, micro_batch_size=12), 5)
+    msg = str(e.value)
+    for part in ("train.global_batch_size=192", "train.micro_batch_size=12", "5 processes", "= 60", "180 or 240"):
+        assert part in msg, msg
+    with pytest.raises(ConfigError) as e:  # divides, but into 0 steps
+        accumulation_steps(TrainConfig(global_batch_size=192, micro_batch_size=12), 32)
+    assert "384" in str(e.value) and "micro_batch_size that divides 6: 1, 2, 3, 6" in str(e.value)
+
+
+def test_global_batch_no_device_count_can_fit_fails_at_load():
+    assert load_config(None, ["train.global_batch_size=192"]).train.global_batch_size == 192
+    with pytest.raises(ConfigError, match="train.global_batch_size=100"):
+        load_config(None, ["train.global_batch_size=100"])  # micro_batch_size 12 never divides it
+    with pytest.raises(ConfigError, match="positive multiple"):
+        load_config(None, ["train.global_batch_size=0"])
+
+
+# --- describe_config and section_summary ----------------------------------------------------------------------------
+
+def test_every_key_has_a_meaning():
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help", "").strip(), f"{section}.{f.name} has no meaning"
+            assert "\n" not in f.metadata["help"], f"{section}.{f.name}: the meaning must be one line"
+
+
+def _described_lines(text: str, section: str) -> list[str]:
+    """The key lines under `section`'s header in describe_config output."""
+    block = text.split(section_summary(section) + "\n", 1)[1]
+    return block.split("\n\n", 1)[0].rstrip("\n").split("\n")
+
+
+def test_describe_config_lists_every_key_with_type_value_and_meaning():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.max_steps=7", "model.n_layer=3"])
+    text = describe_config(cfg)
+    for section, cls in SECTIONS.items():
+        lines = _described_lines(text, section)
+        assert [line.split()[0] for line in lines] == [f.name for f in dataclasses.fields(cls)]
+        for line in lines:
+            assert line.startswith("  ") and len(line.split()) >= 4, line
+    train = {line.split()[0]: line for line in _described_lines(text, "train")}
+    assert train["max_steps"].split()[1:3] == ["int", "7"]
+    assert train["mixed_precision"].split()[1:3] == ["str", '"no"']
+    assert "one of: auto, bf16, fp16, no" in train["mixed_precision"]
+    assert train["compile"].split()[1:5] == ["bool", "|", "null", "null"]
+    assert "list[str]" in train["trackers"] and '["tensorboard"]' in train["trackers"]
+    assert "int | null" in _described_lines(text, "model")[1] and " 3 " in _described_lines(text, "model")[1]
+
+
+def test_describe_config_is_aligned():
+    lines = [line for line in describe_config(Config()).splitlines() if line.startswith("  ")]
+    type_columns = {line.index(line.split()[1], len(line.split()[0]) + 2) for line in lines}
+    assert len(type_columns) == 1
+
+
+def test_describe_config_named_sections_only():
+    text = describe_config(Config(), ["train", "data"])
+    assert text.splitlines()[0] == section_summary("train")
+    assert section_summary("data") in text
+    assert section_summary("model") not in text and "attention_backend" not in text
+    with pytest.raises(ConfigError, match="valid sections"):
+        describe_config(Config(), ["trian"])
+
+
+def test_section_summary_is_one_line_with_the_docstring():
+    for section, cls in SECTIONS.items():
+        summary = section_summary(section)
+        assert summary.startswith(f"{section}: ") and "\n" not in summary
+        assert cls.__doc__.strip().splitlines()[0] in summary
+    with pytest.raises(ConfigError, match="valid sections"):
+        section_summary("nosuch")
+
+
+# --- runtime keys and identity --------------------------------------------------------------------------------------
+
+def test_runtime_keys_are_real_keys_and_exclude_data_num_workers():
+    for dotted in RUNTIME_KEYS:
+        section, key = dotted.split(".")
+        assert key in {f.name for f in dataclasses.fields(SECTIONS[section])}, dotted
+    assert "data.num_workers" not in RUNTIME_KEYS  # it changes which consumer reads which data
+    for dotted in ("train.max_steps", "train.resume", "train.compile", "model.attention_backend", "corpus.num_proc"):
+        assert dotted in RUNTIME_KEYS
+
+
+def test_identity_of_sections_leaves_runtime_keys_out():
+    cfg = Config()
+    ident = identity(cfg, ["train", "model", "corpus", "data"])
+    assert set(ident) == {"train", "model", "corpus", "data"}
+    for section, values in ident.items():
+        for key in values:
+            assert f"{section}.{key}" not in RUNTIME_KEYS
+        expected = {f.name for f in dataclasses.fields(SECTIONS[section])} - {
+            k.split(".")[1] for k in RUNTIME_KEYS if k.startswith(section + ".")}
+        assert set(values) == expected
+    assert ident["train"]["learning_rate"] == cfg.train.learning_rate
+    assert ident["data"]["num_workers"] == 0
+
+
+def test_identity_changes_with_results_not_with_runtime_keys():
+    base = identity(Config(), ["train", "model"])
+    faster = load_config(None, ["train.compile=true", "train.max_steps=9", "model.attention_backend=math",
+                                "train.run_name=other"])
+    assert identity(faster, ["train", "model"]) == base
+    assert identity(load_config(None, ["train.learning_rate=1e-3"]), ["train", "model"]) != base
+
+
+def test_identity_of_dotted_keys():
+    cfg = load_config(None, ["data.seq_length=64"])
+    assert identity(cfg, ["data.seq_length"]) == {"data": {"seq_length": 64}}
+    assert identity(cfg, ["train.resume"]) == {}  # a runtime key is left out even when named
+    both = identity(cfg, ["tokenizer", "data.seq_length"])
+    assert both["data"] == {"seq_length": 64} and both["tokenizer"]["vocab_size"] == 32768
+    ident = identity(cfg, ["corpus.filters"])
+    ident["corpus"]["filters"].append("x")  # a copy: the config is untouched
+    assert "x" not in cfg.corpus.filters
+
+
+@pytest.mark.parametrize("keys, hint", [
+    (["trian"], "valid sections"),
+    (["trian.max_steps"], "valid sections"),
+    (["train.nope"], "valid keys"),
+])
+def test_identity_unknown_names_raise(keys, hint):
+    with pytest.raises(ConfigError, match=hint):
+        identity(Config(), keys)

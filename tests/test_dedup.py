@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codeparrot.corpus.dedup import (LSHIndex, MinHasher, duplicates_to_drop, estimated_jaccard, exact_jaccard,
-                                     lsh_params, near_duplicate_clusters, shingles, signatures_for_shards)
-from codeparrot.corpus.source import BadRecords, iter_shard
+from codeparrot.config import load_config
+from codeparrot.corpus.dedup import (LSHBands, MinHasher, duplicates_to_drop, estimated_jaccard, exact_jaccard,
+                                     lsh_params, near_duplicate_clusters, shingles)
+from codeparrot.corpus.filters import FilterSettings
+from codeparrot.corpus.shards import KEEP, Settings, init_worker, scan_shard
+from codeparrot.procs import WorkerPool
 
 STDLIB = Path(os.__file__).parent
 TOKEN = re.compile(r"[A-Za-z_0-9]+")
@@ -86,12 +89,15 @@ def test_signatures_match_across_processes(tmp_path, pool):
         (tmp_path / f"file-{k:012d}.json").write_text("\n".join(lines) + "\n")
     shards = sorted(tmp_path.glob("*.json"))
     in_process = MinHasher().signatures(contents)
-    for num_proc in (1, 2):
-        results = list(signatures_for_shards(shards, 256, 1, 1, num_proc=num_proc))
-        assert [r[0] for r in results] == shards
-        assert [r[1] for r in results] == [[ln for ln, _ in iter_shard(s, BadRecords())] for s in shards]
-        assert results[1][1] == [0, 1, 2, 4, 5, 6, 7, 8]
-        assert np.array_equal(np.concatenate([r[2] for r in results]), in_process)
+    corpus = load_config(None, ["corpus.filters=", "corpus.exact_dedup=false"]).corpus  # every file kept
+    settings = Settings(corpus, FilterSettings.from_config(corpus, with_tokenizer=False), None)
+    for num_proc in (1, 2):  # prepare's scan, in this process and in spawned workers
+        with WorkerPool(num_proc, init_worker, (settings,)) as workers:
+            scans = list(workers.map(scan_shard, [(i, str(s)) for i, s in enumerate(shards)]))
+        assert [s.index for s in scans] == [0, 1, 2]
+        assert [s.lines for s in scans] == [list(range(8)), [0, 1, 2, 4, 5, 6, 7, 8], list(range(8))]
+        assert all(v == KEEP for s in scans for v in s.verdicts)
+        assert np.array_equal(np.concatenate([s.signatures for s in scans]), in_process)
 
 
 def test_estimated_jaccard_tracks_exact_jaccard(pool):
@@ -193,26 +199,20 @@ def test_union_find_chains_and_first_member_is_kept():
     assert duplicates_to_drop([[7, 5]]) == {7}
 
 
-def test_lsh_index_candidates_and_memory_estimate():
+def test_band_keys_agree_exactly_on_the_bands_two_signatures_share():
     rng = np.random.default_rng(1)
-    n = 20000
-    sigs = rng.integers(0, 2**32, (n, 256), dtype=np.uint32)
-    sigs[1::10] = sigs[0::10]  # every tenth file has a copy right after it
-    index = LSHIndex(0.85, 256)
-    assert (index.bands, index.rows) == (13, 19)
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    candidates = {}
-    for i in range(n):
-        found = index.insert(i, sigs[i])
-        if i in (0, 1, 11, 12):
-            candidates[i] = found
-    used = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    assert candidates == {0: [], 1: [0], 11: [10], 12: []}
-    estimate = index.memory_bytes_estimate()
-    assert abs(estimate - used) / used < 0.1, (estimate, used)
-    assert estimate / n <= 92 * index.bands + 32  # the documented bound per file (new buckets, no lists)
+    bands = LSHBands(0.85, 256)
+    assert (bands.bands, bands.rows) == (13, 19)
+    a = rng.integers(0, 2**32, 256, dtype=np.uint32)
+    b = a.copy()
+    b[bands.rows * 4 + 3] += 1  # one entry of band 4 differs
+    other = rng.integers(0, 2**32, 256, dtype=np.uint32)
+    keys = bands.band_keys(np.stack([a, b, other]))
+    assert keys.shape == (3, 13) and keys.dtype == np.uint64 and (keys < 2**60).all()
+    assert (keys[0] == keys[1]).tolist() == [band != 4 for band in range(13)]
+    assert not (keys[0] == keys[2]).any()
+    b[250] += 1  # past bands * rows = 247: in no band
+    assert np.array_equal(bands.band_keys(b[None, :])[0], keys[1])
 
 
 def test_near_duplicate_clusters_memory_is_bounded_and_finds_planted_clusters():

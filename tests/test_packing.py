@@ -17,7 +17,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from conftest import first_batches
 from codeparrot.corpus.source import ShardWriter, list_shards
 from codeparrot.data import packing
-from codeparrot.data.packing import ConstantLengthDataset, make_dataloader
+from codeparrot.corpus.source import BadRecords
+from codeparrot.data.packing import ConstantLengthDataset, _Cursor, make_dataloader
 
 EOS = "<|endoftext|>"
 SEQ = 32
@@ -129,19 +130,57 @@ def test_infinite_mode_increments_epoch_and_carries_tail_across_epochs(shards, t
     assert flat(blocks) == (expected * 2)[: n * SEQ]
 
 
-def test_shuffle_permutes_within_a_buffer_deterministically(shards, tokenizer, eos):
+def test_shuffle_permutes_deterministically(shards, tokenizer, eos):
     plain = [tuple(b.tolist()) for b in make(shards, tokenizer, eos)]
     shuffled = [tuple(b.tolist()) for b in make(shards, tokenizer, eos, shuffle=True, seed=3)]
     again = [tuple(b.tolist()) for b in make(shards, tokenizer, eos, shuffle=True, seed=3)]
-    assert shuffled == again and shuffled != plain and Counter(shuffled) == Counter(plain)
+    # Files come in another order, so the blocks differ, but an epoch still holds the same number of them.
+    assert shuffled == again and shuffled != plain and len(shuffled) == len(plain)
+
+
+def test_shuffle_permutes_blocks_within_a_buffer(shards, tokenizer, eos):
+    ds = make(shards[:1], tokenizer, eos, shuffle=True, seed=3, num_of_sequences=1000)  # one file, one buffer
+    plain = [tuple(b.tolist()) for b in make(shards[:1], tokenizer, eos, num_of_sequences=1000)]
+    shuffled = [tuple(b.tolist()) for b in ds]
+    assert shuffled != plain and Counter(shuffled) == Counter(plain)
 
 
 # --- sharding -----------------------------------------------------------------------------------
 
+def documents_of(ds: ConstantLengthDataset, consumer: int, num_consumers: int, epochs: int = 1) -> list[str]:
+    """The documents `consumer` of `num_consumers` reads in its first `epochs` epochs, in order."""
+    docs = ds._read(_Cursor(), consumer, num_consumers, BadRecords(), infinite=epochs > 1)
+    out = []
+    for text in docs:
+        if ds.epoch >= epochs:
+            break
+        out.append(text)
+    return out
+
+
+def test_shuffle_reads_files_in_a_new_order_each_epoch(shards, tokenizer, eos, docs):
+    """File order is permuted per (seed, epoch), within each consumer's own files, identically on a re-run."""
+    file_of = {d: i // 10 for i, d in enumerate(docs)}  # 10 documents per shard
+    orders = {}
+    for consumer, num_consumers in ((0, 1), (1, 2)):
+        ds = make(shards, tokenizer, eos, shuffle=True, seed=5)
+        two_epochs = documents_of(ds, consumer, num_consumers, epochs=2)
+        half = len(two_epochs) // 2
+        first, second = two_epochs[:half], two_epochs[half:]
+        mine = list(range(len(shards)))[consumer::num_consumers]
+        assert Counter(first) == Counter(second) == Counter(d for d in docs if file_of[d] in mine)
+        orders[consumer, num_consumers] = [[file_of[d] for d in part[::10]] for part in (first, second)]
+        assert documents_of(make(shards, tokenizer, eos, shuffle=True, seed=5), consumer, num_consumers,
+                            epochs=2) == two_epochs
+    one_consumer = orders[0, 1]
+    assert sorted(one_consumer[0]) == sorted(one_consumer[1]) == [0, 1, 2, 3]
+    assert one_consumer[0] != one_consumer[1]  # a new order in epoch 1
+
+
 @pytest.mark.parametrize("num_consumers", [1, 2, 3, 4, 6, 9])
 def test_every_document_is_read_by_exactly_one_consumer(shards, tokenizer, eos, docs, num_consumers):
     ds = make(shards, tokenizer, eos)
-    per_consumer = [list(ds.iter_documents(c, num_consumers)) for c in range(num_consumers)]
+    per_consumer = [list(documents_of(ds, c, num_consumers)) for c in range(num_consumers)]
     assert Counter(d for share in per_consumer for d in share) == Counter(docs)
     if num_consumers <= len(shards):  # whole files: consumer c owns files[c::C], in order
         for c, share in enumerate(per_consumer):
@@ -183,7 +222,7 @@ def test_ranks_and_real_workers_split_the_corpus(marker_docs, marker_tokenizer, 
             assert batch.dtype == torch.long and batch.shape[1] == SEQ
             got += [tuple(row) for row in batch.tolist()]
         for worker in range(2):  # consumer c = rank * num_workers + worker_id
-            share = list(ds.iter_documents(rank * 2 + worker, 4))
+            share = list(documents_of(ds, rank * 2 + worker, 4))
             expected += blocks_of(stream(marker_tokenizer, eos, share))
     assert Counter(got) == Counter(expected)
     marker_ids = {marker_tokenizer.token_to_id(f"marker-{i:05d}") for i in range(len(marker_docs))}

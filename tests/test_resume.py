@@ -3,12 +3,19 @@
 Each run logs `data/batch_sha1` (a digest of every step's token ids, `train.record_batch_digests=true`) and
 `train/loss` every step. A killed run's metrics.jsonl has lines past its last checkpoint; the resumed run logs
 those steps again, so for each step the LAST logged value is the one compared.
+
+Nothing here polls. A run is killed either when its stderr (read as it comes, `select` with a deadline) shows a
+log line, or at an exact point of a checkpoint save: the run is started through a bootstrap that installs an
+audit hook (`sys.addaudithook`), and the first file operation under a chosen path (`os.mkdir`, `open`, ...)
+announces itself on stderr and then blocks the process until the SIGKILL arrives.
 """
 from __future__ import annotations
 
 import email
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -17,11 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from codeparrot.config import load_config
-from codeparrot.corpus.prepare import run_prepare
-from codeparrot.data.tokens import run_pretokenize
-from codeparrot.pipeline import run_export_local
-from codeparrot.tokenizer import run_train_tokenizer
+from codeparrot.cli import main as codeparrot_main
 from codeparrot.train import latest_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
@@ -40,16 +43,35 @@ TINY = [
 MODES = {"streaming": ["data.pretokenized=false"], "pretokenized": ["data.pretokenized=true"]}
 
 
+KILL_POINT = "@@codeparrot-test-kill-point@@"
+# `python -c BOOTSTRAP train ...` is `python -m codeparrot train ...` with an audit hook: the first file operation
+# whose path lies under $CODEPARROT_TEST_BLOCK_UNDER (and whose name starts with $CODEPARROT_TEST_BLOCK_NAME, if
+# set) writes KILL_POINT to stderr, then blocks until the test's SIGKILL. The hook fires before the operation.
+BOOTSTRAP = f"""
+import os, runpy, signal, sys
+under = os.path.join(os.path.abspath(os.environ["CODEPARROT_TEST_BLOCK_UNDER"]), "")
+name = os.environ.get("CODEPARROT_TEST_BLOCK_NAME", "")
+events = {{"open", "os.mkdir", "os.rename", "os.replace", "os.remove", "os.unlink", "shutil.copyfile"}}
+def hook(event, args):
+    if event in events and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if path.startswith(under) and os.path.basename(path).startswith(name):
+            os.write(2, ("\\n{KILL_POINT} " + event + " " + path + "\\n").encode())
+            while True:
+                signal.pause()
+sys.addaudithook(hook)
+runpy.run_module("codeparrot", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A prepared corpus (real stdlib packages email and json), its tokenizer and its token shards."""
     root = tmp_path_factory.mktemp("resume")
-    run_export_local(root / "raw", [str(Path(email.__file__).parent), str(Path(json.__file__).parent)],
-                     shard_records=10)
-    cfg = load_config(None, [f"paths.workdir={root}", *TINY])
-    run_prepare(cfg)
-    run_train_tokenizer(cfg)
-    run_pretokenize(cfg)
+    assert codeparrot_main(["export-local", str(root / "raw"), "--root", str(Path(email.__file__).parent),
+                            "--root", str(Path(json.__file__).parent), "--shard-records", "10"]) == 0
+    for stage in ("prepare", "train-tokenizer", "pretokenize"):
+        assert codeparrot_main([stage, f"paths.workdir={root}", *TINY]) == 0, stage
     return root
 
 
@@ -64,23 +86,44 @@ def _train(workdir: Path, run: str, mode: str) -> str:
     return proc.stderr
 
 
-def _kill_when(workdir: Path, run: str, mode: str, ready) -> None:
-    """Start a run and SIGKILL it (and its DataLoader workers) the moment `ready()` holds."""
-    log = (workdir / f"{run}.log").open("w")
-    proc = subprocess.Popen(_cmd(workdir, run, mode), env=ENV, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 120
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if ready():
+def _kill_when(workdir: Path, run: str, mode: str, pattern: str, block_under: Path | None = None,
+               block_name: str = "") -> str:
+    """Start a run, read its stderr as it comes until a line matches `pattern`, then SIGKILL it (and its
+    DataLoader workers). With `block_under`, the run blocks itself at its first file operation under that path
+    (see BOOTSTRAP), so the kill lands exactly there. Returns the matching line."""
+    env = dict(ENV)
+    cmd = _cmd(workdir, run, mode)
+    if block_under is not None:
+        env.update(CODEPARROT_TEST_BLOCK_UNDER=str(block_under), CODEPARROT_TEST_BLOCK_NAME=block_name)
+        cmd = [sys.executable, "-c", BOOTSTRAP] + cmd[3:]  # cmd is [python, -m, codeparrot, train, ...]
+    log_path = workdir / f"{run}.log"
+    regex = re.compile(pattern)
+    matched = None
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.PIPE, start_new_session=True)
+        fd, pending, deadline = proc.stderr.fileno(), b"", time.monotonic() + 300
+        try:
+            while matched is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                    break  # deadline passed: fall through to the kill and the assertion below
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break  # the run ended without printing the line
+                log.write(chunk)
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                matched = next((line.decode(errors="replace") for line in lines
+                                if regex.search(line.decode(errors="replace"))), None)
+        finally:
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.0002)
-    finally:
-        if proc.poll() is None and not ready():
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, (workdir / f"{run}.log").read_text()[-3000:])
+            proc.wait()
+            proc.stderr.close()
+    tail = log_path.read_text(errors="replace")[-3000:]
+    assert matched is not None, f"no stderr line matched {pattern!r} before the run ended or timed out:\n{tail}"
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, tail)
+    return matched
 
 
 def _max_step(run: Path) -> int:
@@ -116,6 +159,7 @@ def _assert_same_run(reference: Path, resumed: Path) -> None:
         assert got["eval/loss"][step] == pytest.approx(ref["eval/loss"][step], rel=1e-5), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(workdir, mode):
     runs = workdir / "runs"
@@ -124,8 +168,8 @@ def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(workdir, mode):
 
     # 1. Killed after a checkpoint is complete, in the steps that follow it (step-10 written, step 12 logged).
     after = runs / f"after-{mode}"
-    _kill_when(workdir, after.name, mode, lambda: (after / "step-10" / "trainer_state.json").is_file()
-               and _max_step(after) >= 12)
+    _kill_when(workdir, after.name, mode, r"\bstep\s+12\b")
+    assert (after / "step-10" / "trainer_state.json").is_file() and _max_step(after) >= 12
     ckpt = latest_checkpoint(after)
     step = int(ckpt.name.split("-")[1])
     assert 10 <= step < MAX_STEPS and _max_step(after) > step  # some steps past it are redone after the resume
@@ -134,12 +178,17 @@ def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(workdir, mode):
     _assert_same_run(reference, after)
 
     # 2. Killed in the middle of writing a checkpoint: the .tmp is ignored, then cleaned and written again.
-    mid = runs / f"mid-{mode}"
-    tmp = mid / "step-15.tmp"
-    _kill_when(workdir, mid.name, mode, tmp.is_dir)
-    assert tmp.is_dir() and not (mid / "step-15").exists(), "the kill did not land while step-15 was written"
-    assert latest_checkpoint(mid) == mid / "step-10"
-    stderr = _train(workdir, mid.name, mode)
-    assert f"resumed from {mid / 'step-10'}" in stderr
-    assert not list(mid.glob("*.tmp")) and (mid / "step-15" / "trainer_state.json").is_file()
-    _assert_same_run(reference, mid)
+    #    (a) at the first file written into step-15.tmp; (b) as trainer_state.json, the file whose presence marks
+    #    a checkpoint complete and which is written last, is opened: everything else of step-15 is on disk.
+    for moment, name in (("early", ""), ("late", "trainer_state.json")):
+        mid = runs / f"mid-{moment}-{mode}"
+        tmp = mid / "step-15.tmp"
+        _kill_when(workdir, mid.name, mode, KILL_POINT, block_under=tmp, block_name=name)
+        assert tmp.is_dir() and not (mid / "step-15").exists(), "the kill did not land while step-15 was written"
+        if name:  # everything but the completion marker is there: only its absence tells the save is unfinished
+            assert (tmp / "model.safetensors").is_file() and not (tmp / "trainer_state.json").exists()
+        assert latest_checkpoint(mid) == mid / "step-10"
+        stderr = _train(workdir, mid.name, mode)
+        assert f"resumed from {mid / 'step-10'}" in stderr
+        assert not list(mid.glob("*.tmp")) and (mid / "step-15" / "trainer_state.json").is_file()
+        _assert_same_run(reference, mid)

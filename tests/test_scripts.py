@@ -11,6 +11,7 @@ import pytest
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
+@pytest.mark.slow
 def test_bench_train_runs_ours_and_the_reference_on_token_shards(trained_tokenizer):
     from codeparrot.data.tokens import run_pretokenize
 

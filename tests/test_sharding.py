@@ -21,8 +21,10 @@ from tokenizers import Tokenizer
 
 from codeparrot.config import load_config
 from codeparrot.corpus.source import ShardWriter, list_shards
-from codeparrot.data.tokens import block_order, load_meta, read_tokens, run_pretokenize
+from codeparrot.data.tokens import block_order, load_meta, run_pretokenize
 from codeparrot.tokenizer import save_tokenizer, train_on
+
+from conftest import read_tokens
 
 EOS = "<|endoftext|>"
 SEQ = 32
@@ -107,6 +109,7 @@ def _markers_seen(by_consumer: dict[int, list[list[int]]], marker_ids: dict[int,
     return Counter(marker_ids[t] for blocks in by_consumer.values() for b in blocks for t in b if t in marker_ids)
 
 
+@pytest.mark.slow
 def test_world_of_two_processes(reports):
     assert [(r["rank"], r["world_size"], r["dist_world_size"]) for r in reports] == [(0, 2, 2), (1, 2, 2)]
 

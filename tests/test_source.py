@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from codeparrot.corpus.source import (
-    RAW_FIELDS, BadRecords, TooManyBadRecords, as_hf_dataset, export_local, iter_records, iter_shard,
-    list_shards,
-)
+from codeparrot.corpus.export import export_local
+from codeparrot.corpus.source import RAW_FIELDS, BadRecords, TooManyBadRecords, iter_records, iter_shard, list_shards
 from codeparrot.pipeline import run_export_local
 
 from conftest import EXPORT_SHARD_RECORDS, ROOT_NAME, read_all, top_of, write_jsonl
@@ -264,26 +262,3 @@ def test_ratio_judged_at_the_end_on_small_inputs(tmp_path):
     lenient = BadRecords(max_ratio=0.5)
     list(iter_records([shard], lenient))
     lenient.check(final=True)  # exactly at the ratio: allowed
-
-
-def test_as_hf_dataset_matches_iter_records(raw_export, tmp_path):
-    raw, _ = raw_export
-    bad_shard = write_jsonl(tmp_path / "zz-bad.jsonl", [_good(0), b"{oops", _good(1)])
-    files = list_shards(raw) + [bad_shard]
-    expected = list(iter_records(files, BadRecords()))
-    ds = as_hf_dataset(files)
-    assert ds.n_shards == len(files)
-    rows = list(ds)
-    assert [r["content"] for r in rows] == [r["content"] for r in expected]
-    assert [(r["repo_name"], r["path"]) for r in rows] == [(r["repo_name"], r["path"]) for r in expected]
-    assert set(rows[0]) == {"content", "repo_name", "path"}
-    # n_shards is what lets datasets split by file
-    first = list(ds.shard(num_shards=len(files), index=0))
-    assert [r["content"] for r in first] == [r["content"] for r in iter_records(files[:1], BadRecords())]
-
-
-def test_as_hf_dataset_applies_ratio(tmp_path):
-    shard = write_jsonl(tmp_path / "half.jsonl", [_good(0), b"{", _good(1), b"{"])
-    with pytest.raises(TooManyBadRecords):
-        list(as_hf_dataset([shard], max_bad_ratio=0.1))
-    assert len(list(as_hf_dataset([shard], max_bad_ratio=1.0))) == 2

@@ -19,11 +19,11 @@ from codeparrot.artifacts import fingerprint, read_manifest
 from codeparrot.corpus.source import list_shards
 from codeparrot.data.packing import make_dataloader
 from codeparrot.data.tokens import (
-    TokenizerMismatch, TokenShardDataset, block_order, load_meta, read_tokens, run_pretokenize, token_dtype,
+    TokenizerMismatch, TokenShardDataset, block_order, load_meta, run_pretokenize, token_dtype,
 )
 from codeparrot.tokenizer import load_tokenizer, run_train_tokenizer
 
-from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, first_batches, read_all, summaries
+from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, first_batches, read_all, read_tokens, summaries
 
 SEQ = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,8 @@ def test_pretokenize_writes_shards_meta_and_manifest(pretok, tokens_dir):
     tok_dir, clean = cfg.paths.resolve("tokenizer"), cfg.paths.resolve("clean")
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == load_tokenizer(tok_dir).get_vocab_size() <= 65535
     assert meta["tokenizer_fingerprint"] == fingerprint(tok_dir)
-    assert read_manifest(tokens_dir)["inputs"] == {"clean": fingerprint(clean), "tokenizer": fingerprint(tok_dir)}
+    assert read_manifest(tokens_dir)["inputs"] == {"clean": fingerprint(clean), "tokenizer": fingerprint(tok_dir),
+                                                   "format_version": "1"}
     for split in ("train", "valid"):
         info = meta["splits"][split]
         sources = list_shards(clean / split)
@@ -281,6 +282,7 @@ def test_tokens_from_another_tokenizer_stop_the_run(pretok, tokens_dir, tmp_path
 
 # --- pipeline -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
     work = tmp_path / "work"
     args = [sys.executable, "-m", "codeparrot", "pipeline", "--config", REPO / "configs" / "tiny.yaml",
@@ -299,7 +301,7 @@ def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
     assert int(stages["pretokenize"]["train_tokens"]) == meta["splits"]["train"]["tokens"] > 0
     manifest = read_manifest(work / "tokens")
     assert manifest["inputs"] == {"clean": read_manifest(work / "clean")["fingerprint"],
-                                  "tokenizer": read_manifest(work / "tokenizer")["fingerprint"]}
+                                  "tokenizer": read_manifest(work / "tokenizer")["fingerprint"], "format_version": "1"}
     run_cfg = (work / "runs" / "tiny" / "config.yaml").read_text()
     assert "pretokenized: true" in run_cfg
 

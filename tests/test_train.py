@@ -16,10 +16,11 @@ import torch
 
 from codeparrot.config import load_config
 from codeparrot.corpus.prepare import run_prepare
-from codeparrot.evaluate import perplexity, run_evaluate
+from codeparrot.evaluate import run_evaluate
 from codeparrot.pipeline import run_export_local
 from codeparrot.tokenizer import run_train_tokenizer
-from codeparrot.train import lr_lambda, latest_checkpoint, read_trainer_state
+from codeparrot.runs import latest_checkpoint, read_trainer_state
+from codeparrot.train import build_lr_schedule, lr_lambda
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -72,27 +73,14 @@ def test_schedule_warms_up_then_follows_cosine():
         lr_lambda(5, 100, "linear", 0.0)
 
 
-def test_perplexity_overflows_to_inf():
-    assert perplexity(math.log(50.0)) == pytest.approx(50.0)
-    assert perplexity(1e6) == float("inf")
-
-
-def test_latest_checkpoint_ignores_incomplete(tmp_path):
-    for name in ("step-3", "step-6", "step-9.tmp", "step-12"):
-        (tmp_path / name).mkdir()
-    for name in ("step-3", "step-6", "step-9.tmp"):
-        (tmp_path / name / "trainer_state.json").write_text("{}")
-    assert latest_checkpoint(tmp_path) == tmp_path / "step-6"  # step-12 lacks trainer_state.json
-    assert latest_checkpoint(tmp_path / "missing") is None
-
-
+@pytest.mark.slow
 def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
     """An interrupted run resumed from its checkpoint logs the same losses as an uninterrupted one."""
     _train(workdir, "train.run_name=full", "train.max_steps=6")
     full = workdir / "runs" / "full"
     ckpt = full / "step-6"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "config.yaml",
-                 "data_state_rank0.pt", "accelerate/optimizer.bin", "accelerate/scheduler.bin"):
+                 "data_state_rank0.pt", "accelerate/optimizer.bin"):
         assert (ckpt / name).exists(), name
     state = read_trainer_state(ckpt)
     assert state.step == 6 and state.tokens_seen == 6 * 4 * 32
@@ -138,6 +126,14 @@ def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
     assert isinstance(result["completion"], str)
     assert json.loads((full / "eval" / "step-6.json").read_text())["tokens"] == result["tokens"]
 
+    # The CLI reads the checkpoint's own config (its workdir, data and eval settings), overrides on top.
+    (full / "eval" / "step-6.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "codeparrot", "evaluate", "--checkpoint", str(ckpt),
+                           "eval.max_batches=1"], env=ENV, capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one_batch = json.loads((full / "eval" / "step-6.json").read_text())
+    assert one_batch["tokens"] == 4 * 31  # eval.batch_size=4 of the run's config, seq 32: one batch
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -163,6 +159,7 @@ def _launch_two_cpu_processes(workdir: Path, *overrides: str, accelerate_config:
         ENV.update(env_backup)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_in_sync_on_different_data(workdir):
     _launch_two_cpu_processes(workdir, "train.run_name=ddp", "train.max_steps=3")
     logs = workdir / "runs" / "ddp" / "logs"
@@ -176,6 +173,7 @@ def test_two_cpu_processes_train_in_sync_on_different_data(workdir):
     assert read_trainer_state(ckpt).tokens_seen == 3 * 4 * 32 * 2
 
 
+@pytest.mark.slow
 def test_fsdp_config_trains_saves_and_resumes_on_two_cpu_processes(workdir):
     """The shipped FSDP config: sharded training, a gathered HF checkpoint that evaluates alike, and a resume."""
     fsdp = str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml")
@@ -192,6 +190,7 @@ def test_fsdp_config_trains_saves_and_resumes_on_two_cpu_processes(workdir):
     assert math.isfinite(result["loss"]) and result["loss"] < state.history[0]["loss"]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_and_bad_intervals_give_clear_errors(workdir):
     _train(workdir, "train.run_name=damaged", "train.max_steps=3")
     run = workdir / "runs" / "damaged"
@@ -212,24 +211,40 @@ def test_damaged_checkpoint_and_bad_intervals_give_clear_errors(workdir):
     assert proc.returncode == 2 and "train.save_interval must be at least 1" in proc.stderr
 
 
-def test_pruning_keeps_checkpoints_newer_than_the_current_step(tmp_path):
-    from codeparrot.train import Checkpointer
-
-    for step in (2, 4, 6, 9):
-        (tmp_path / f"step-{step}").mkdir()
-    (tmp_path / "step-8.tmp").mkdir()
-    Checkpointer(accelerator=None, directory=tmp_path, keep_last=2)._prune(current=6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6", "step-8.tmp", "step-9"]
-
-
 def test_pipeline_never_overwrites_a_foreign_export(tmp_path, workdir):
-    from codeparrot.pipeline import pipeline_stages
+    from codeparrot.pipeline import pipeline_steps
 
     foreign = tmp_path / "bigquery"
     shutil.copytree(workdir / "raw", foreign)
     (foreign / "manifest.json").unlink()  # as a BigQuery download has none
     cfg = load_config(None, [f"paths.workdir={tmp_path}", f"paths.raw={foreign}"])
     assert cfg.corpus.source == "local"
-    assert [name for name, _ in pipeline_stages(cfg)][0] == "prepare"
+    assert pipeline_steps(cfg)[0].name == "prepare"
     fresh = load_config(None, [f"paths.workdir={tmp_path}"])
-    assert [name for name, _ in pipeline_stages(fresh)][0] == "export-local"
+    assert pipeline_steps(fresh)[0].name == "export-local"
+
+
+def test_lr_follows_the_current_schedule_from_the_step_alone():
+    cfg = load_config(None, ["train.learning_rate=2.0", "train.warmup_steps=2", "train.max_steps=10"])
+    lr_at = build_lr_schedule(cfg.train)
+    assert [lr_at(s) for s in (0, 1)] == [1.0, 2.0]
+    assert lr_at(10) == pytest.approx(0.0)
+    longer = build_lr_schedule(load_config(None, ["train.learning_rate=2.0", "train.warmup_steps=2",
+                                                  "train.max_steps=20"]).train)
+    assert longer(10) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 8 / 18)))
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_never_becomes_the_latest_checkpoint(workdir):
+    """A checkpoint write that fails (file size limit: EFBIG, as a full disk gives ENOSPC) leaves no step dir."""
+    script = ("import resource, signal, sys; from codeparrot.cli import main; "
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", script, "train", f"paths.workdir={workdir}", "corpus.valid_fraction=0.3", *TINY,
+           "train.run_name=fulldisk", "train.max_steps=3", "model.n_embd=64"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "saving" in proc.stderr and "step-3 failed" in proc.stderr and "File too large" in proc.stderr
+    run = workdir / "runs" / "fulldisk"
+    assert latest_checkpoint(run) is None
+    assert not [p for p in run.iterdir() if p.name.startswith("step-")]

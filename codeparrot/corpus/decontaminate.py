@@ -66,6 +66,15 @@ def resolve_benchmark(spec: str) -> tuple[str, Path]:
     return name, path
 
 
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def benchmark_hashes(specs: list[str]) -> dict[str, str]:
+    """Benchmark name -> short sha256 of its file, for each `corpus.decontaminate` entry (an input's identity)."""
+    return {name: _file_hash(path) for name, path in map(resolve_benchmark, specs)}
+
+
 def read_benchmark(path: Path) -> list[dict[str, Any]]:
     """The problems of a benchmark JSON Lines file (gzipped or not)."""
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -134,7 +143,7 @@ class Decontaminator:
             found, short = needles_from_problems(name, read_benchmark(path), min_chars)
             needles += found
             skipped += short
-            sources[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            sources[name] = _file_hash(path)
         return cls(needles, skipped, sources)
 
     def __bool__(self) -> bool:

@@ -1,28 +1,20 @@
-"""Near-deduplication: MinHash signatures (vectorised, parallel over shards), LSH banding and duplicate clusters.
+"""Near-deduplication: MinHash signatures (vectorised), LSH banding and duplicate clusters.
 
 Shingles are CodeParrot's set of alphanumeric tokens (or BigCode's token n-grams). A file's signature holds, for
 each of `num_perm` hash functions, the minimum over its shingles; the share of equal entries between two signatures
 estimates their Jaccard similarity. LSH bands the signatures so that only files sharing a band are compared, and
 union-find joins the verified pairs into clusters, of which the first file in input order is kept. Clustering runs
-on numpy arrays, band by band (~50-100 bytes per file beyond the signatures); `LSHIndex` is the incremental,
-dict-based form of the same banding (~1.3 KB per file) for callers that insert files one at a time.
+on numpy arrays, band by band (~50-100 bytes per file beyond the signatures). `prepare` computes the signatures in
+its scan workers (corpus/shards.py) and clusters them here.
 """
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import os
 import string
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
-from itertools import repeat
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
-from .source import BadRecords, iter_shard
 
 # Every byte that is not [A-Za-z_0-9] becomes a space. On UTF-8 bytes this splits exactly like CodeParrot's
 # re.split(r"[^A-Za-z_0-9]+", content) on str (non-ASCII characters are all bytes >= 0x80: separators), ~2x faster.
@@ -31,7 +23,7 @@ _SEPARATE = bytes(c if c in _TOKEN_BYTES else 0x20 for c in range(256))
 EMPTY_VALUE = np.uint32(0xFFFFFFFF)  # every entry of the signature of a file without shingles
 BLOCK = 256  # shingles per [BLOCK, num_perm] uint64 work array (512 KiB at 256 perms): stays in L2 cache
 VERIFIED_FN_WEIGHT = 0.9  # with verification an LSH false positive costs one signature comparison: favour recall
-MAX_BUCKET = 8  # doc ids kept per LSH bucket: bounds memory and candidates when thousands of copies collide
+MAX_BUCKET = 8  # a file is paired with the first 8 files of its band key: bounds candidates when thousands collide
 
 
 def _shingle_bytes(content: str, ngram: int = 1) -> set[bytes]:
@@ -136,67 +128,31 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
     return best
 
 
-class LSHIndex:
-    """MinHash LSH: one dict per band from the band's 60-bit key to the ids of the files that had it.
+class LSHBands:
+    """MinHash LSH banding: `bands` bands of `rows` signature entries, each hashed to a 60-bit key.
 
-    Memory per file (CPython 3.11; tests/test_dedup.py checks `memory_bytes_estimate` against tracemalloc): per band,
-    a new bucket costs its dict slot (27 B when the dict is 2/3 full, 60 B right after it doubled) plus a 32-byte
-    int key, so 59-92 B, ~70 B on average; a file joining a bucket costs one 8-byte list slot instead (a shared
-    bucket's list is 72-120 B and holds at most MAX_BUCKET ids). Each file's id is one shared 32-byte int.
-    At 0.85/256, 13 bands: ~0.95 KB per file (<= 1.2 KB), ~1 GB per million files; with VERIFIED_FN_WEIGHT, 18 bands:
-    ~1.3 KB (<= 1.7 KB). Signatures are not kept here.
+    Two files whose keys agree in some band become a candidate pair; `lsh_params` picks (bands, rows) for the
+    threshold.
     """
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 256, fp_weight: float = 0.5, fn_weight: float = 0.5):
         self.threshold, self.num_perm = threshold, num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm, fp_weight, fn_weight)
-        self.tables: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
         self._mult = _random_words("lsh-band", self.rows) | np.uint64(1)  # [rows] odd multipliers
-        self.n_docs = self.n_lists = self.n_list_ids = 0
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """[N, num_perm] signatures -> [N, bands] uint64 keys < 2**60 (a universal multiply-sum hash per band)."""
         n = signatures.shape[0]
         bands = signatures[:, :self.bands * self.rows].reshape(n, self.bands, self.rows).astype(np.uint64)
-        # 60 bits: the key is a 2-digit (32-byte) Python int instead of a 3-digit one; collisions stay ~2**-60.
+        # 60 bits: collisions stay ~2**-60 per pair and band.
         return (bands * self._mult).sum(axis=2) >> np.uint64(4)
-
-    def insert(self, doc_id: int, signature: np.ndarray) -> list[int]:
-        """Add a file; return the ids of earlier files that share a band bucket with it (the candidates)."""
-        return self.insert_keys(doc_id, self.band_keys(signature[None, :])[0].tolist())
-
-    def insert_keys(self, doc_id: int, keys: list[int]) -> list[int]:
-        """`insert` with precomputed `band_keys` (a row as Python ints): lets callers vectorise the keys."""
-        doc_id, candidates = int(doc_id), []  # one int object, shared by every band's table
-        self.n_docs += 1
-        for table, key in zip(self.tables, keys):
-            hit = table.get(key)
-            if hit is None:
-                table[key] = doc_id  # the common case: a bare int, no list
-            elif type(hit) is int:
-                candidates.append(hit)
-                table[key] = [hit, doc_id]
-                self.n_lists += 1
-                self.n_list_ids += 2
-            else:
-                candidates.extend(hit)
-                if len(hit) < MAX_BUCKET:  # a full bucket still links newcomers to its first MAX_BUCKET files
-                    hit.append(doc_id)
-                    self.n_list_ids += 1
-        return list(dict.fromkeys(candidates)) if len(candidates) > 1 else candidates
-
-    def memory_bytes_estimate(self) -> int:
-        """Bytes held by the index: the dicts' own tables, their int keys, the ids and the shared buckets' lists."""
-        n_keys = sum(len(t) for t in self.tables)
-        tables = sum(sys.getsizeof(t) for t in self.tables)
-        return tables + 32 * n_keys + 32 * self.n_docs + 64 * self.n_lists + 8 * self.n_list_ids
 
 
 KEY_CHUNK = 8192  # files per band-key block: [KEY_CHUNK, rows] uint64 temporaries of ~1.2 MB at 19 rows
 VERIFY_CHUNK = 1024  # candidate pairs compared per block: two [VERIFY_CHUNK, num_perm] gathers, ~2.3 MB at 256
 
 
-def _band_column(signatures: np.ndarray, index: LSHIndex, band: int) -> np.ndarray:
+def _band_column(signatures: np.ndarray, index: LSHBands, band: int) -> np.ndarray:
     """[N] uint64: `index.band_keys(signatures)[:, band]`, computed in blocks of KEY_CHUNK files (bounded scratch)."""
     cols = slice(band * index.rows, (band + 1) * index.rows)
     keys = np.empty(len(signatures), dtype=np.uint64)
@@ -236,8 +192,8 @@ def _band_pairs(order: np.ndarray, sorted_keys: np.ndarray) -> Iterator[tuple[np
     """Candidate pairs (earlier, later) of one band, as int64 arrays, at most N pairs per yield.
 
     `order` is an argsort of the band's keys; the files of each run of equal keys are put in input order here (in
-    place: sorting only the runs is cheaper than a stable sort of all N keys). As
-    `LSHIndex` does, each file is paired with the first MAX_BUCKET files of its run (one yield per rank d: the run's
+    place: sorting only the runs is cheaper than a stable sort of all N keys). Each file is paired with the first
+    MAX_BUCKET files of its run, as a bucket of MAX_BUCKET ids would pair it (one yield per rank d: the run's
     (d+1)-th file with every later one); beyond MAX_BUCKET, also with its predecessor in the run, which keeps chains
     of similar files linked in big runs at linear cost.
     """
@@ -267,9 +223,9 @@ def _band_pairs(order: np.ndarray, sorted_keys: np.ndarray) -> Iterator[tuple[np
 def near_duplicate_clusters(signatures: np.ndarray, threshold: float = 0.85, verify: bool = True) -> list[list[int]]:
     """Clusters (size >= 2, sorted ids, ordered by first id) of rows of `signatures` [N, num_perm] in insertion order.
 
-    Candidates are the pairs `LSHIndex` would report (with `verify`, bands chosen with VERIFIED_FN_WEIGHT to favour
-    recall): per band, files sharing a key, each paired with the first MAX_BUCKET files of its key in input order,
-    plus, past those, its predecessor. With `verify` a pair is joined only if its estimated Jaccard reaches
+    Candidates are LSH's (with `verify`, bands chosen with VERIFIED_FN_WEIGHT to favour recall): per band, files
+    sharing a key, each paired with the first MAX_BUCKET files of its key in input order, plus, past those, its
+    predecessor. With `verify` a pair is joined only if its estimated Jaccard reaches
     `threshold` (LSH false positives removed); pairs already in one cluster are not compared again.
 
     All in numpy arrays, one band at a time, with no Python object per file. Memory beyond the signatures: the
@@ -278,10 +234,10 @@ def near_duplicate_clusters(signatures: np.ndarray, threshold: float = 0.85, ver
     included: ~48 B/file at 1-3M files with 10% near-copies, ~95 B/file at 50k where the fixed scratch weighs more
     (tests/test_dedup.py checks < 400 B/file with planted clusters). Files in runs
     of equal keys add ~40 B each while their band is processed (run positions; at most N candidate pairs per step),
-    and the returned lists ~40 B per clustered file. The dict-based LSHIndex path this replaced took ~4.2 KB/file.
+    and the returned lists ~40 B per clustered file. (A dict per band, the textbook index, took ~4.2 KB/file.)
     """
     n, num_perm = signatures.shape
-    index = LSHIndex(threshold, num_perm, fp_weight=1 - VERIFIED_FN_WEIGHT if verify else 0.5,
+    index = LSHBands(threshold, num_perm, fp_weight=1 - VERIFIED_FN_WEIGHT if verify else 0.5,
                      fn_weight=VERIFIED_FN_WEIGHT if verify else 0.5)
     need = threshold * num_perm - 1e-9  # equal entries needed; compared as counts to dodge float rounding
     parent = np.arange(n, dtype=np.int64)  # union-find; a parent is always <= its child, so a root is its cluster's min
@@ -324,43 +280,3 @@ def duplicates_to_drop(clusters: list[list[int]]) -> set[int]:
     agree; CodeParrot instead kept each cluster's 'extreme' members, which needs a second pass over contents.
     """
     return {i for cluster in clusters for i in sorted(cluster)[1:]}
-
-
-def _shard_signatures(path: Path, num_perm: int, ngram: int, seed: int,
-                      batch_chars: int = 8_000_000) -> tuple[Path, list[int], np.ndarray]:
-    """(path, line numbers, [n, num_perm] uint32 signatures) of one shard's good records; contents are dropped
-    batch by batch, so a worker holds at most ~batch_chars of text."""
-    hasher = MinHasher(num_perm, ngram, seed)
-    lines: list[int] = []
-    parts = [np.empty((0, num_perm), dtype=np.uint32)]
-    batch: list[str] = []
-    size = 0
-    for line_no, record in iter_shard(path, BadRecords()):
-        lines.append(line_no)
-        batch.append(record["content"])
-        size += len(record["content"])
-        if size >= batch_chars:
-            parts.append(hasher.signatures(batch))
-            batch, size = [], 0
-    parts.append(hasher.signatures(batch))
-    return path, lines, np.concatenate(parts)
-
-
-def signatures_for_shards(shard_paths: list[Path], num_perm: int = 256, ngram: int = 1, seed: int = 1,
-                          num_proc: int = 1) -> Iterator[tuple[Path, list[int], np.ndarray]]:
-    """(shard, line numbers, [n, num_perm] uint32 signatures) per shard, in shard order, `num_proc` shards at a time
-    (0: os.cpu_count()).
-
-    Workers send back only signatures (1 KiB per file at 256 perms), never contents. Bad records are skipped here
-    (the caller's own pass counts them). Processes are spawned, not forked: safe when the caller holds threads.
-    """
-    num_proc = min(num_proc if num_proc > 0 else os.cpu_count() or 1, len(shard_paths))  # 0: every core
-    if num_proc <= 1:
-        for path in shard_paths:
-            yield _shard_signatures(Path(path), num_perm, ngram, seed)
-        return
-    pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        yield from pool.map(_shard_signatures, map(Path, shard_paths), repeat(num_perm), repeat(ngram), repeat(seed))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

@@ -30,84 +30,80 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, write_manifest
-from ..config import Config, ConfigError, CorpusConfig, section_dict
+from ..config import Config, ConfigError, CorpusConfig
 from ..logs import progress_bar
-from .decontaminate import Decontaminator
+from ..procs import WorkerPool
+from ..stage import Stage
+from .decontaminate import Decontaminator, benchmark_hashes
 from .filters import FILTERS, FilterSettings
 from .report import (CLUSTERS_FILE, LENGTHS_PLOT, cluster_summary, decontamination_summary, format_report,
                      length_hist, length_histogram, mb_per_s, peak_rss_mb, plot_lengths, timing, write_clusters)
-from .shards import (DECONTAMINATED, DUP_IN_SHARD, FILTERED, KEEP, SPLIT_KEYS, QuietBad, Runner, Scan, Settings,
-                     scan_shard, write_shard)
+from .shards import (DECONTAMINATED, DUP_IN_SHARD, FILTERED, KEEP, SPLIT_KEYS, QuietBad, Scan, Settings,
+                     init_worker, scan_shard, write_shard)
 from .shards import is_valid_repo  # re-exported: callers (tests, conftest) take the split rule from the stage
 from .source import LOGGED_BAD_RECORDS, BadRecords, list_shards
 
 log = logging.getLogger(__name__)
-
-STAGE = "prepare"
-NOT_IDENTITY = ("num_proc",)  # corpus keys that change how prepare runs, not what it writes
-
 
 def _sha256(path: str | Path) -> str:
     """A short content hash of an extra input, for the manifest."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _settings(cfg: Config) -> tuple[Settings, dict[str, str]]:
-    """Worker settings from the corpus config, plus the identities of the extra inputs (tokenizer, benchmarks)."""
+def _extra_inputs(cfg: Config) -> dict[str, str]:
+    """The identities of the inputs besides raw/: the filter tokenizer's file and the benchmark files."""
     c = cfg.corpus
-    extra_inputs: dict[str, str] = {}
-    with_tokenizer = bool(c.filter_tokenizer)
-    if with_tokenizer and "chars_per_token" in c.filters:
+    extra: dict[str, str] = {}
+    if c.filter_tokenizer and "chars_per_token" in c.filters:
         if not Path(c.filter_tokenizer).is_file():
             raise FileNotFoundError(f"corpus.filter_tokenizer={c.filter_tokenizer} does not exist")
-        extra_inputs["filter_tokenizer"] = _sha256(c.filter_tokenizer)
-    elif "chars_per_token" in c.filters:
+        extra["filter_tokenizer"] = _sha256(c.filter_tokenizer)
+    if c.decontaminate:
+        extra["decontaminate"] = ",".join(f"{k}:{v}" for k, v in sorted(benchmark_hashes(c.decontaminate).items()))
+    return extra
+
+
+def _settings(c: CorpusConfig) -> Settings:
+    """What the workers need from the corpus config: the enabled filters, the MinHash settings, the needles."""
+    with_tokenizer = bool(c.filter_tokenizer)
+    if "chars_per_token" in c.filters and not with_tokenizer:
         log.debug("prepare: the chars_per_token filter is off (corpus.filter_tokenizer is not set)")
     filters = FilterSettings.from_config(c, with_tokenizer)
     if not 0 < c.minhash_threshold <= 1 or c.minhash_num_perm < 2 or c.minhash_ngram < 1:
         raise ConfigError("corpus.minhash_threshold must be in (0, 1], corpus.minhash_num_perm >= 2 and "
                           f"corpus.minhash_ngram >= 1; got {c.minhash_threshold}, {c.minhash_num_perm}, "
                           f"{c.minhash_ngram}")
-    decontam = None
-    if c.decontaminate:
-        decontam = Decontaminator.from_specs(c.decontaminate, c.decontaminate_min_chars)
-        extra_inputs["decontaminate"] = ",".join(f"{k}:{v}" for k, v in sorted(decontam.sources.items()))
-    return Settings(c, filters, decontam), extra_inputs
+    decontam = Decontaminator.from_specs(c.decontaminate, c.decontaminate_min_chars) if c.decontaminate else None
+    return Settings(c, filters, decontam)
+
+
+def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
+    """The three phases into the staged directory `tmp`; the counts for the manifest."""
+    raw, c = cfg.paths.resolve("raw"), cfg.corpus
+    files = list_shards(raw)
+    if not files:
+        raise FileNotFoundError(f"no export shards under {raw}; run `codeparrot export-local {raw}` or set paths.raw")
+    settings = _settings(c)
+    num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
+    start = time.perf_counter()
+    shard_bytes = [f.stat().st_size for f in files]  # the progress bars' units
+    with WorkerPool(num_proc, init_worker, (settings,)) as pool:
+        survey = _scan_phase(pool, files, shard_bytes, settings, c.max_bad_ratio)
+        near = _near_dedup_phase(survey, c)
+        written = _write_phase(pool, files, shard_bytes, survey, near, tmp, raw)
+        pool.close()  # joins the workers: RUSAGE_CHILDREN, read for the peak RSS, counts only waited-for ones
+    counts = _report_phase(tmp, settings, files, survey, near, written, time.perf_counter() - start, num_proc)
+    log.info("prepare: %s", format_report(counts))
+    return counts
+
+
+PREPARE = Stage(name="prepare", output="clean", keys=("corpus",), inputs=("raw",), extra_inputs=_extra_inputs,
+                build=_build, help="filter, deduplicate, decontaminate and split the raw export into clean/")
 
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Clean `paths.raw` into `paths.clean/{train,valid}`; skipped when the manifest already matches."""
-    raw, clean = cfg.paths.resolve("raw"), cfg.paths.resolve("clean")
-    files = list_shards(raw)
-    if not files:
-        raise FileNotFoundError(f"no export shards under {raw}; run `codeparrot export-local {raw}` or set paths.raw")
-    config = section_dict(cfg, "corpus")
-    for key in NOT_IDENTITY:
-        config["corpus"].pop(key, None)
-    settings, extra_inputs = _settings(cfg)
-    inputs = {"raw": fingerprint(raw), **extra_inputs}
-    if is_up_to_date(clean, STAGE, config, inputs):
-        log.info("prepare: %s is up to date, skipping", clean)
-        return {"skipped": True, **read_manifest(clean)["counts"]}
-
-    c = cfg.corpus
-    num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
-    start = time.perf_counter()
-    shard_bytes = [f.stat().st_size for f in files]  # the progress bars' units
-    runner = Runner(settings, num_proc)
-    try:
-        with staged_dir(clean) as tmp:
-            survey = _scan_phase(runner, files, shard_bytes, settings, c.max_bad_ratio)
-            near = _near_dedup_phase(survey, c)
-            written = _write_phase(runner, files, shard_bytes, survey, near, tmp, raw)
-            runner.close()  # joins the workers: RUSAGE_CHILDREN, read for the peak RSS, counts only waited-for ones
-            counts = _report_phase(tmp, settings, files, survey, near, written, time.perf_counter() - start, num_proc)
-            write_manifest(tmp, STAGE, config, inputs, counts, counts["seconds"], full_config=cfg)
-    finally:
-        runner.close(cancel=True)
-    log.info("prepare: wrote %s\n%s", clean, format_report(counts))
-    return {"skipped": False, **counts}
+    return PREPARE.run(cfg)
 
 
 @dataclass
@@ -173,7 +169,7 @@ def _exact_dedup(scan: Scan, shard: str, seen: set[bytes], exact: bool, survey: 
     return rows, sig_rows
 
 
-def _scan_phase(runner: Runner, files: list[Path], shard_bytes: list[int], settings: Settings,
+def _scan_phase(pool: WorkerPool, files: list[Path], shard_bytes: list[int], settings: Settings,
                 max_bad_ratio: float) -> _Survey:
     """Phase 1 in the workers; here, the bad-record policy and exact dedup as each shard's scan arrives, in order."""
     start = time.perf_counter()
@@ -182,7 +178,7 @@ def _scan_phase(runner: Runner, files: list[Path], shard_bytes: list[int], setti
     seen: set[bytes] = set()  # 16-byte MD5 digests: about 100 bytes per distinct file in a Python set
     shard_of, line_of, size_of = [], [], []  # per shard, its survivors' columns
     bar = progress_bar(sum(shard_bytes), desc="prepare: scan", unit="B", unit_scale=True)
-    for scan in runner.map(scan_shard, [(i, str(f)) for i, f in enumerate(files)]):
+    for scan in pool.map(scan_shard, [(i, str(f)) for i, f in enumerate(files)]):
         _add_bad(survey.bad, scan.bad)
         survey.files_in += len(scan.sizes)
         survey.bytes_in += sum(scan.sizes)
@@ -241,7 +237,7 @@ class _Written:
     seconds: float = 0.0
 
 
-def _write_phase(runner: Runner, files: list[Path], shard_bytes: list[int], survey: _Survey, near: _NearDups,
+def _write_phase(pool: WorkerPool, files: list[Path], shard_bytes: list[int], survey: _Survey, near: _NearDups,
                  tmp: Path, raw: Path) -> _Written:
     """Phase 3 in the workers: re-read each shard and write its kept records to train/ or valid/ under `tmp`."""
     start = time.perf_counter()
@@ -257,7 +253,7 @@ def _write_phase(runner: Runner, files: list[Path], shard_bytes: list[int], surv
     written = _Written(dict.fromkeys(SPLIT_KEYS, 0), {})
     missing = 0
     bar = progress_bar(sum(shard_bytes), desc="prepare: write", unit="B", unit_scale=True)
-    for done in runner.map(write_shard, tasks):
+    for done in pool.map(write_shard, tasks):
         for key in SPLIT_KEYS:
             written.split[key] += done[key]
         missing += done["missing"]

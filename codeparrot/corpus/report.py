@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 CLUSTERS_FILE = "near_duplicate_clusters.jsonl"
 LENGTHS_PLOT = "file_lengths.png"
-LENGTH_BINS = np.logspace(0, 8, 65)  # file length in characters, 1 to 1e8, 8 bins per decade
+LENGTH_BINS = np.logspace(0, 8, 65)  # file length in UTF-8 bytes, 1 to 1e8, 8 bins per decade
 
 
 def length_hist(sizes: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -85,7 +85,7 @@ def plot_lengths(hist: dict[str, list], path: Path) -> bool:
     filled = np.flatnonzero(np.add(hist["before"], hist["after"]))
     if len(filled):  # zoom on the occupied bins, with one empty bin either side
         ax.set_xlim(edges[max(filled[0] - 1, 0)], edges[min(filled[-1] + 2, len(edges) - 1)])
-    ax.set_xlabel("file length (characters)")
+    ax.set_xlabel("file length (bytes)")
     ax.set_ylabel("files")
     ax.set_title("prepare: file lengths before and after cleaning")
     ax.legend()

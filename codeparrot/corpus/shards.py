@@ -2,24 +2,23 @@
 
 scan (phase 1) = read + columns + filters + decontamination + MinHash, returning compact per-record metadata;
 write (phase 3) = re-read the shard and write its survivors into train/ and valid/ shards.
-Workers are spawned: they receive Settings pickled once each, and these functions pickled by name (module path).
+Workers are spawned (procs.WorkerPool): they receive Settings pickled once each, and these functions pickled by name
+(module path). Sizes are UTF-8 bytes of `content`, the unit of every `bytes` count in the report.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..config import CorpusConfig
 from .decontaminate import Decontaminator
 from .filters import FILTERS, FilterSettings, QualityFilter, compute_columns, strip_whitespace
-from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard
+from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, utf8_len
 
 KEEP, DUP_IN_SHARD, DECONTAMINATED, FILTERED = 0, 1, 2, 10  # scan verdicts; FILTERED + FILTERS.index(name)
 SIGNATURE_BATCH_CHARS = 8_000_000  # text MinHashed together in a scan task (bounds a task's memory on huge shards)
@@ -58,10 +57,10 @@ class Settings:
     decontam: Decontaminator | None
 
 
-_worker: dict[str, Any] = {}  # per-process state built by _init_worker
+_worker: dict[str, Any] = {}  # per-process state built by init_worker
 
 
-def _init_worker(settings: Settings) -> None:
+def init_worker(settings: Settings) -> None:
     """Build this process's filter, tokenizer and MinHasher once, for all its tasks."""
     c = settings.corpus
     tokenizer = None
@@ -118,7 +117,7 @@ def scan_shard(task: tuple[int, str]) -> Scan:
         digest = bytes.fromhex(columns["hash"])
         lines.append(line)
         digests.append(digest)
-        sizes.append(len(content))
+        sizes.append(utf8_len(content))
         if s.corpus.exact_dedup:
             if digest in seen_here:  # a later copy in the same shard: an exact duplicate, whatever came before
                 verdicts.append(DUP_IN_SHARD)
@@ -171,7 +170,7 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[
             writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records)
         writers[side].write({**record, **compute_columns(content)})
         counts[f"{side}_files"] += 1
-        counts[f"{side}_bytes"] += len(content)
+        counts[f"{side}_bytes"] += utf8_len(content)
     for side, writer in writers.items():
         writer.close()
         for k, part in enumerate(sorted(writer.directory.iterdir())):
@@ -179,29 +178,3 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[
         writer.directory.rmdir()
     missing = len(keep) - counts["train_files"] - counts["valid_files"]
     return {"index": index, **counts, "missing": missing, "names": names}
-
-
-class Runner:
-    """Runs per-shard tasks in input order: in this process (num_proc 1) or in a pool of spawned workers."""
-
-    def __init__(self, settings: Settings, num_proc: int):
-        self.pool: ProcessPoolExecutor | None = None
-        if num_proc > 1:
-            # spawn, not fork: the parent may hold threads (torch, tokenizers) that a forked child would inherit.
-            # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool instead of hanging.
-            self.pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(settings,))
-        else:
-            _init_worker(settings)
-
-    def map(self, fn: Callable, tasks: Iterable) -> Iterator:
-        """`fn` over `tasks`, results in task order (the pool's map keeps order too)."""
-        if self.pool is None:
-            return map(fn, tasks)
-        return self.pool.map(fn, tasks)
-
-    def close(self, cancel: bool = False) -> None:
-        """Join the workers (dropping queued tasks when `cancel`); safe to call twice."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=cancel)
-            self.pool = None

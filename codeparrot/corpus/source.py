@@ -1,12 +1,10 @@
-"""BigQuery-format export shards: robust reading, writing, and the local-installation exporter."""
+"""BigQuery-format export shards: robust reading (bad input is counted and skipped, never fatal) and writing."""
 from __future__ import annotations
 
 import glob
 import gzip
 import json
 import logging
-import os
-import sysconfig
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +83,12 @@ def list_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
     return sorted(set(files))
 
 
+def utf8_len(text: str) -> int:
+    """The length of `text` in UTF-8 bytes (what reports call bytes), without encoding ASCII text."""
+    # str.isascii() reads a flag of CPython's compact strings: O(1), and most source files are ASCII.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _open_lines(path: Path):
     # Binary lines: decoding per line lets one bad byte sequence cost one record, not the file.
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
@@ -129,25 +133,6 @@ def iter_records(files: Iterable[str | Path], bad: BadRecords) -> Iterator[dict[
             yield record
 
 
-def _records_generator(files: list[str], max_bad_ratio: float = 1.0) -> Iterator[dict[str, Any]]:
-    bad = BadRecords(max_ratio=max_bad_ratio)
-    for record in iter_records(files, bad):
-        yield {"content": record["content"], "repo_name": str(record.get("repo_name", "")),
-               "path": str(record.get("path", ""))}
-    bad.check(final=True)
-
-
-def as_hf_dataset(files: list[Path], max_bad_ratio: float = 1.0):
-    """The shards as a streaming `datasets.IterableDataset` of (content, repo_name, path)."""
-    import datasets
-
-    # datasets' JSON loader fails a whole file at the first bad line, so wrap our skipping reader;
-    # the shard list in gen_kwargs keeps n_shards, so .shard() and split_dataset_by_node still work.
-    return datasets.IterableDataset.from_generator(
-        _records_generator, gen_kwargs={"files": [str(f) for f in files], "max_bad_ratio": max_bad_ratio}
-    )
-
-
 class ShardWriter:
     """Writes records as numbered `file-000000000000.json.gz` shards, a new shard every `shard_records`."""
 
@@ -158,18 +143,17 @@ class ShardWriter:
         self.compresslevel = compresslevel
         self.n_shards = 0
         self.n_records = 0
-        self.n_bytes = 0
         self._fh = None
         self._in_shard = 0
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record, starting a new shard every `shard_records`."""
         if self._fh is None or self._in_shard >= self.shard_records:
             self._roll()
         line = json.dumps(record, ensure_ascii=False) + "\n"
         self._fh.write(line.encode("utf-8"))
         self._in_shard += 1
         self.n_records += 1
-        self.n_bytes += len(record.get("content", ""))
 
     def _roll(self) -> None:
         if self._fh is not None:
@@ -190,75 +174,3 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def default_local_roots() -> list[str]:
-    """The running interpreter's standard library directory, whose site-packages comes along."""
-    return [sysconfig.get_paths()["stdlib"]]
-
-
-def _repo_and_path(root: Path, file: Path) -> tuple[str, str]:
-    """Invent a BigQuery-like repo_name: the top-level package (or module) under the root, or site-packages."""
-    rel = file.relative_to(root).parts
-    if "site-packages" in rel:
-        i = rel.index("site-packages")
-        head, rest = ("site-packages", rel[i + 1:])
-    else:
-        head, rest = (root.name, rel)
-    top = rest[0] if len(rest) > 1 else Path(rest[0]).stem
-    return f"{head}/{top}", "/".join(rest)
-
-
-@dataclass
-class ExportStats:
-    files: int = 0
-    bytes: int = 0
-    shards: int = 0
-    skipped_not_utf8: int = 0
-    skipped_unreadable: int = 0
-    skipped_empty: int = 0
-
-
-def export_local(out: str | Path, roots: list[str] | None = None, shard_records: int = 2000,
-                 max_files: int = 0) -> ExportStats:
-    """Write the `.py` files under `roots` as BigQuery-format export shards, in a deterministic order."""
-    roots = roots or default_local_roots()
-    stats = ExportStats()
-    out = Path(out)
-    with ShardWriter(out, shard_records) as writer:
-        for root_s in roots:
-            if max_files and writer.n_records >= max_files:
-                break  # the cap counts over all roots, not per root
-            root = Path(root_s).resolve()
-            if not root.is_dir():
-                raise FileNotFoundError(f"export root {root} is not a directory")
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()  # os.walk order is filesystem order; sorting makes the export deterministic
-                for name in sorted(filenames):
-                    if not name.endswith(".py"):
-                        continue
-                    file = Path(dirpath) / name
-                    try:
-                        data = file.read_bytes()
-                    except OSError:
-                        stats.skipped_unreadable += 1
-                        continue
-                    try:
-                        content = data.decode("utf-8")
-                    except UnicodeDecodeError:
-                        stats.skipped_not_utf8 += 1
-                        continue
-                    if not content.strip():
-                        stats.skipped_empty += 1
-                        continue
-                    repo, path = _repo_and_path(root, file)
-                    license_ = "unknown" if repo.startswith("site-packages/") else "psf-2.0"
-                    # BigQuery writes INT64 columns as JSON strings.
-                    writer.write({"repo_name": repo, "path": path, "copies": "1", "size": str(len(data)),
-                                  "content": content, "license": license_})
-                    if max_files and writer.n_records >= max_files:
-                        break
-                if max_files and writer.n_records >= max_files:
-                    break
-    stats.files, stats.bytes, stats.shards = writer.n_records, writer.n_bytes, writer.n_shards
-    return stats

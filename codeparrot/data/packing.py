@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from codeparrot.corpus.source import BadRecords, iter_shard
+from codeparrot.procs import worker_init_fn
 
 log = logging.getLogger(__name__)
 # torchdata 0.11 calls torch.set_vital, which torch >= 2.10 deprecates; harmless, and it fires per loader.
@@ -48,6 +49,13 @@ def check_same_consumer(state: dict[str, Any], consumer: int, num_consumers: int
             f"data state geometry mismatch: it was saved by consumer {state['consumer']} of "
             f"{state['num_consumers']} (rank * num_workers + worker_id of world_size * num_workers), but this "
             f"is consumer {consumer} of {num_consumers}; resume with the same world_size and num_workers")
+
+
+def _permutation(n: int, key: str) -> list[int]:
+    """A permutation of range(n) seeded by `key`."""
+    # A stable digest rather than hash(), so the permutation is the same in every process and version.
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
+    return torch.randperm(n, generator=g).tolist()
 
 
 class ConstantLengthDataset(IterableDataset):
@@ -97,17 +105,25 @@ class ConstantLengthDataset(IterableDataset):
         """(c, C): this process's consumer index and the number of consumers, from rank and worker."""
         return consumer_of(self.rank, self.world_size)
 
-    def _plan(self, consumer: int, num_consumers: int) -> tuple[list[Path], bool]:
-        """The files this consumer reads and whether it must stride over records instead of owning files."""
-        if len(self.files) >= num_consumers:
-            return self.files[consumer::num_consumers], False
-        return self.files, True
+    def _plan(self, consumer: int, num_consumers: int, epoch: int = 0) -> tuple[list[Path], bool]:
+        """The files this consumer reads in `epoch`, in order, and whether it strides over records instead.
+
+        With `shuffle`, each epoch reads its files in a new order, a permutation seeded by (seed, epoch) and the
+        consumer: still whole files per consumer, and a function of the epoch alone, so a resume is exact.
+        """
+        striding = len(self.files) < num_consumers
+        files = self.files if striding else self.files[consumer::num_consumers]
+        if not self.shuffle:
+            return files, striding
+        # Striding consumers all walk one shared record sequence, so they share one permutation.
+        order = _permutation(len(files), f"files/{self.seed}/{epoch}/{-1 if striding else consumer}")
+        return [files[i] for i in order], striding
 
     def _read(self, cursor: _Cursor, consumer: int, num_consumers: int, bad: BadRecords,
               infinite: bool) -> Iterator[str]:
         """Yield this consumer's documents from `cursor` on, advancing it past each one before yielding."""
-        files, striding = self._plan(consumer, num_consumers)
         while True:
+            files, striding = self._plan(consumer, num_consumers, cursor.epoch)
             full_pass = cursor.file_index == 0 and cursor.line == 0
             got_any = False
             while cursor.file_index < len(files):
@@ -129,11 +145,6 @@ class ConstantLengthDataset(IterableDataset):
             cursor.epoch, cursor.file_index, cursor.line, cursor.record_index = cursor.epoch + 1, 0, 0, 0
             self.epoch = cursor.epoch
 
-    def iter_documents(self, consumer: int, num_consumers: int) -> Iterator[str]:
-        """One finite pass over the documents that `consumer` of `num_consumers` reads, in order."""
-        yield from self._read(_Cursor(), consumer, num_consumers, BadRecords(max_ratio=self.max_bad_ratio),
-                              infinite=False)
-
     # --- iteration ------------------------------------------------------------------------------
 
     def _fill(self, docs: Iterator[str]) -> list[str]:
@@ -150,10 +161,7 @@ class ConstantLengthDataset(IterableDataset):
         """The order in which a buffer's blocks are yielded: a permutation seeded only by its position."""
         if not self.shuffle:
             return list(range(n_blocks))
-        # A stable digest rather than hash(), so the permutation is the same in every process and version.
-        key = f"{self.seed}/{epoch}/{consumer}/{buffer_index}".encode()
-        g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
-        return torch.randperm(n_blocks, generator=g).tolist()
+        return _permutation(n_blocks, f"{self.seed}/{epoch}/{consumer}/{buffer_index}")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         consumer, num_consumers = self.consumer()
@@ -246,5 +254,8 @@ def make_dataloader(dataset: IterableDataset, batch_size: int, num_workers: int,
         kwargs["persistent_workers"] = False
     if "in_order" in inspect.signature(StatefulDataLoader.__init__).parameters:
         kwargs["in_order"] = True  # batches round-robin over workers, which a resumed run must reproduce
+    # Its own generator: a loader drawing its workers' base seed from the global RNG would shift every later
+    # dropout mask, and a resumed run (which builds its loaders at other moments) would diverge.
     return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                              **kwargs)
+                              worker_init_fn=worker_init_fn,  # workers die with this process, even on kill -9
+                              generator=torch.Generator().manual_seed(0), **kwargs)

@@ -1,11 +1,7 @@
-"""The `pretokenize` stage and `TokenShardDataset`: token ids on disk as flat binary shards, read through memmap.
+"""`TokenShardDataset`: the `seq_length` blocks of a pretokenized split, read through memmap.
 
-Format of `tokens/` (a contract, see DESIGN.md):
-- `train/*.bin`, `valid/*.bin`: one file per input shard of `clean/<split>/`, flat little-endian token ids
-  (`uint16`, or `uint32` when the vocabulary is larger than 65535); every document is followed by EOS.
-- `meta.json`: format version, dtype, vocab size, EOS id, the tokenizer's fingerprint, and per split the token and
-  document counts, in total and per file, with the files in reading order.
-- `manifest.json` (+ `config.yaml`): the stage's identity, so `pipeline` skips it while clean/ and tokenizer/ match.
+`tokens/` is written by the `pretokenize` stage (data/pretokenize.py, where its format is described); its names are
+re-exported here for the callers that read tokens/.
 
 `TokenShardDataset` treats a split as one stream, the concatenation of its files in `meta.json` order, cut into
 `seq_length` blocks: a block may span two files, and only the final partial block of the split is dropped.
@@ -14,12 +10,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-import json
 import logging
-import multiprocessing
-import os
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,230 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from codeparrot.artifacts import fingerprint, is_up_to_date, read_manifest, staged_dir, write_manifest
-from codeparrot.config import Config, ConfigError
-from codeparrot.corpus.source import SHARD_SUFFIXES, BadRecords, iter_shard, list_shards
 from codeparrot.data.packing import check_same_consumer, consumer_of
-from codeparrot.logs import progress_bar
+from codeparrot.data.pretokenize import (  # noqa: F401  (re-exported: the format's names, for readers of tokens/)
+    FORMAT, FORMAT_VERSION, META, SPLITS, TokenizerMismatch, check_tokenizer, load_meta, run_pretokenize,
+    token_dtype)
 
 log = logging.getLogger(__name__)
 
-STAGE = "pretokenize"
-META = "meta.json"
-FORMAT = "codeparrot-tokens"
-FORMAT_VERSION = 1
-SPLITS = ("train", "valid")
 STATE_VERSION = 1
-BATCH_CHARS = 1 << 20  # characters handed to encode_batch at once: large enough to amortise the call
-
-
-class TokenizerMismatch(ConfigError):
-    """Token shards made by another tokenizer than the one a run uses (paths.tokens and paths.tokenizer disagree)."""
-
-
-# --- format helpers -----------------------------------------------------------------------------
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The on-disk id type: uint16 up to a vocabulary of 65535 ids, else uint32 (the DESIGN.md contract)."""
-    if vocab_size < 1 or vocab_size > 2 ** 32:
-        raise ValueError(f"vocab_size {vocab_size} cannot be stored as unsigned token ids")
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def load_meta(directory: str | Path) -> dict[str, Any]:
-    """`tokens/meta.json`, checked for the format this code reads."""
-    path = Path(directory) / META
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `codeparrot pretokenize` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown token shard format {meta.get('format')!r} version {meta.get('version')!r}")
-    return meta
-
-
-def check_tokenizer(directory: str | Path, tokenizer_fingerprint: str, meta: dict[str, Any] | None = None) -> None:
-    """Stop when the shards under `directory` were not made by the tokenizer with this fingerprint."""
-    meta = meta or load_meta(directory)
-    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint:
-        raise TokenizerMismatch(
-            f"token shards at {directory} were made by tokenizer {meta['tokenizer_fingerprint']}, but this run's "
-            f"tokenizer is {tokenizer_fingerprint}; rerun `codeparrot pretokenize` with this tokenizer (or point "
-            f"paths.tokens / paths.tokenizer at a matching pair)")
-
-
-def read_tokens(directory: str | Path, split: str) -> np.ndarray:
-    """All token ids of a split, concatenated in reading order (for tests and inspection; loads it all)."""
-    meta = load_meta(directory)
-    parts = [np.fromfile(Path(directory) / f["path"], dtype=meta["dtype"]) for f in meta["splits"][split]["files"]]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=meta["dtype"])
-
-
-# --- the pretokenize stage ----------------------------------------------------------------------
-
-_worker_tokenizer: dict[str, Any] = {}  # per process: tokenizer.json path -> loaded Tokenizer
-
-
-def _get_tokenizer(path: str):
-    from tokenizers import Tokenizer
-
-    if path not in _worker_tokenizer:
-        _worker_tokenizer.clear()
-        _worker_tokenizer[path] = Tokenizer.from_file(path)
-    return _worker_tokenizer[path]
-
-
-def _pool_init() -> None:
-    # Each pool process encodes one shard on one core; tokenizers' own thread pool would oversubscribe them.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def tokenize_shard(source: str, dest: str, tokenizer_file: str, eos_id: int, dtype: str,
-                   batch_chars: int = BATCH_CHARS) -> dict[str, Any]:
-    """Encode every good record of one clean shard into `dest`: ids of each document, then EOS."""
-    tok = _get_tokenizer(tokenizer_file)
-    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use: about 1.3x faster.
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    np_dtype = np.dtype(dtype)
-    limit = np.iinfo(np_dtype).max
-    bad = BadRecords()  # judged over the whole stage by the caller
-    n_tokens = n_docs = n_chars = 0
-
-    def flush(texts: list[str], fh) -> None:
-        nonlocal n_tokens, n_docs
-        ids: list[int] = []
-        for enc in encode(texts, add_special_tokens=False):
-            ids.extend(enc.ids)
-            ids.append(eos_id)
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.max() > limit or arr.min() < 0):
-            raise ValueError(f"token id {arr.max()} does not fit {dtype}")
-        arr.astype(np_dtype).tofile(fh)
-        n_tokens += arr.size
-        n_docs += len(texts)
-
-    with open(dest, "wb") as fh:
-        texts: list[str] = []
-        size = 0
-        for _, record in iter_shard(source, bad):
-            text = record["content"]
-            texts.append(text)
-            size += len(text)
-            n_chars += len(text)
-            if size >= batch_chars:
-                flush(texts, fh)
-                texts, size = [], 0
-        if texts:
-            flush(texts, fh)
-    return {"tokens": n_tokens, "documents": n_docs, "chars": n_chars,
-            "bad": {"good": bad.good, "counts": dict(bad.counts)}}
-
-
-def _bin_name(source: Path, index: int) -> str:
-    stem = source.name
-    for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return f"{index:06d}-{stem}.bin"  # the index keeps names unique when shards sit in subdirectories
-
-
-def run_pretokenize(cfg: Config) -> dict[str, Any]:
-    """Encode `clean/{train,valid}` with the trained tokenizer into `tokens/` (one .bin per input shard)."""
-    clean, tok_dir, out = cfg.paths.resolve("clean"), cfg.paths.resolve("tokenizer"), cfg.paths.resolve("tokens")
-    tokenizer_file = tok_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file} not found; run `codeparrot train-tokenizer` first")
-    if not clean.is_dir():
-        raise FileNotFoundError(f"{clean} not found; run `codeparrot prepare` first")
-    tok_fp = fingerprint(tok_dir)
-    config = {"eos_token": cfg.tokenizer.eos_token, "format_version": FORMAT_VERSION}
-    inputs = {"clean": fingerprint(clean), "tokenizer": tok_fp}
-    if is_up_to_date(out, STAGE, config, inputs):
-        log.info("pretokenize: %s is up to date, skipping", out)
-        return {"skipped": True, **read_manifest(out)["counts"]}
-
-    tok = _get_tokenizer(str(tokenizer_file))
-    eos_id = tok.token_to_id(cfg.tokenizer.eos_token)
-    if eos_id is None:
-        raise ValueError(f"the tokenizer at {tok_dir} has no {cfg.tokenizer.eos_token!r} token (tokenizer.eos_token)")
-    vocab_size = tok.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    sources = {split: list_shards(clean / split) if (clean / split).is_dir() else [] for split in SPLITS}
-    if not sources["train"]:
-        raise FileNotFoundError(f"no shards under {clean / 'train'}; run `codeparrot prepare` first")
-    tasks = [(split, i, src) for split in SPLITS for i, src in enumerate(sources[split])]
-    num_proc = max(1, min(cfg.data.pretokenize_num_proc or os.cpu_count() or 1, len(tasks)))
-    in_bytes = sum(src.stat().st_size for _, _, src in tasks)
-
-    start = time.perf_counter()
-    results: dict[tuple[str, int], dict[str, Any]] = {}
-    with staged_dir(out) as tmp:
-        for split in SPLITS:
-            (tmp / split).mkdir()
-        args = [(str(src), str(tmp / split / _bin_name(src, i)), str(tokenizer_file), eos_id, dtype.name)
-                for split, i, src in tasks]
-        bar = progress_bar(total=len(tasks), desc="pretokenize", unit="shard")
-        n_tokens = 0
-        try:
-            if num_proc == 1:  # in-process: encode_batch uses every core through tokenizers' thread pool
-                for (split, i, _), a in zip(tasks, args):
-                    results[split, i] = tokenize_shard(*a)
-                    n_tokens += results[split, i]["tokens"]
-                    bar.update(1)
-                    bar.set_postfix_str(f"{n_tokens / 1e6:.1f}M tokens")
-            else:
-                # fork: workers start in milliseconds and inherit the loaded modules (spawn re-imports torch).
-                ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                                  else None)
-                with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_pool_init) as pool:
-                    futures = {pool.submit(tokenize_shard, *a): (split, i) for (split, i, _), a in zip(tasks, args)}
-                    try:
-                        for fut in as_completed(futures):
-                            results[futures[fut]] = fut.result()
-                            n_tokens += results[futures[fut]]["tokens"]
-                            bar.update(1)
-                            bar.set_postfix_str(f"{n_tokens / 1e6:.1f}M tokens")
-                    except BaseException:
-                        pool.shutdown(wait=True, cancel_futures=True)  # don't encode the rest after a failure
-                        raise
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - start
-
-        bad = BadRecords(max_ratio=cfg.corpus.max_bad_ratio)
-        splits: dict[str, Any] = {}
-        for split in SPLITS:
-            files = []
-            for i, src in enumerate(sources[split]):
-                r = results[split, i]
-                bad.good += r["bad"]["good"]
-                for kind, n in r["bad"]["counts"].items():
-                    bad.counts[kind] = bad.counts.get(kind, 0) + n
-                files.append({"path": f"{split}/{_bin_name(src, i)}", "source": str(src.relative_to(clean)),
-                              "tokens": r["tokens"], "documents": r["documents"]})
-            splits[split] = {"tokens": sum(f["tokens"] for f in files),
-                             "documents": sum(f["documents"] for f in files), "files": files}
-        bad.check(final=True)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
-                "eos_token": cfg.tokenizer.eos_token, "eos_token_id": eos_id, "tokenizer_fingerprint": tok_fp,
-                "splits": splits}
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        total_chars = sum(r["chars"] for r in results.values())
-        counts = {"dtype": dtype.name, "vocab_size": vocab_size, "tokenizer_fingerprint": tok_fp,
-                  **{f"{s}_{k}": splits[s][k] for s in SPLITS for k in ("tokens", "documents")},
-                  "files": len(tasks), "num_proc": num_proc, "seconds": round(seconds, 2),
-                  "tokens_per_s": round(n_tokens / max(seconds, 1e-9)),
-                  "mb_per_s": round(total_chars / 1e6 / max(seconds, 1e-9), 2), "input_mb": round(in_bytes / 1e6, 2),
-                  "bad_records": bad.as_dict()}
-        write_manifest(tmp, STAGE, config, inputs, counts, time.perf_counter() - start, full_config=cfg)
-    log.info("pretokenize: train %d tokens (%d documents), valid %d tokens (%d documents), %s, %d files with %d "
-             "processes, %.2f Mtokens/s", splits["train"]["tokens"], splits["train"]["documents"],
-             splits["valid"]["tokens"], splits["valid"]["documents"], dtype.name, len(tasks), num_proc,
-             counts["tokens_per_s"] / 1e6)
-    return {"skipped": False, **counts}
-
-
-# --- the dataset --------------------------------------------------------------------------------
 
 def block_order(n_blocks: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The global order of a split's blocks in an epoch: a permutation seeded by (seed, epoch), or identity."""

@@ -1,0 +1,183 @@
+"""Run bookkeeping: where a run lives, its progress record, its identity, and atomic, pruned checkpoints.
+
+Shared by `train` (which writes checkpoints) and `evaluate` (which reads them), so neither imports the other.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .artifacts import CheckpointError
+from .config import Config, ConfigError, canonical_json, config_from_dict, identity, load_config
+from .model import save_hf
+from .tokenizer import TOKENIZER_FILE
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint records about progress, beside the accelerate state."""
+
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+    best_val_loss: float = float("inf")
+    config_fingerprint: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)  # eval results so far
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' means the precision `accelerate launch` was given (its config file or flag), else bf16 on a GPU
+    that supports it, else fp32."""
+    if setting != "auto":
+        return setting
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # the launcher sets "no" when told nothing
+    if launcher != "no":
+        return launcher
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def run_dir(cfg: Config) -> Path:
+    """The directory of the run `train.run_name`: checkpoints, logs, eval results."""
+    return cfg.paths.resolve("runs") / cfg.train.run_name
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The highest complete `step-N` under a run (a `.tmp` save is never complete)."""
+    if not directory.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return max(steps)[1] if steps else None
+
+
+def read_trainer_state(checkpoint: Path) -> TrainerState:
+    """The progress record of a complete checkpoint."""
+    return TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
+
+
+def training_fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
+    """What must match for a resume or a skip: every key that shapes the run's numbers, and the inputs.
+
+    Runtime keys (config.RUNTIME_KEYS: the run's name and length, I/O cadence, speed and memory switches) are
+    left out, so a user can resume under another name, extend a run, or turn on chunked loss after an OOM.
+    """
+    return canonical_json({**identity(cfg, ("model", "data", "train")), "inputs": inputs})
+
+
+def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, TrainerState | None]:
+    """The checkpoint `train.resume` names (auto: the run's latest), checked to belong to this run."""
+    resume = cfg.train.resume
+    if resume == "none":
+        return None, None
+    ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume)
+    if ckpt is None:
+        return None, None
+    if not (ckpt / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint (no {TRAINER_STATE})")
+    prior = read_trainer_state(ckpt)
+    if prior.config_fingerprint != fingerprint:
+        raise ValueError(f"cannot resume from {ckpt}: it was trained with another config or other inputs; "
+                         f"use another train.run_name or train.resume=none")
+    return ckpt, prior
+
+
+def checkpoint_config(checkpoint: str | Path, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A checkpoint's own config (`step-N/config.yaml`), with a config file and overrides applied on top."""
+    saved = Path(checkpoint) / "config.yaml"
+    if not saved.is_file():  # e.g. a checkpoint made by transformers: only the file and overrides apply
+        log.info("%s has no config.yaml; using %s", checkpoint, path or "the defaults")
+        return load_config(path, overrides)
+    try:
+        base = config_from_dict(yaml.safe_load(saved.read_text()))
+    except (ConfigError, yaml.YAMLError, AttributeError) as e:
+        raise CheckpointError(f"{saved} is not a readable config ({e})") from e
+    return load_config(path, overrides, base=base)
+
+
+class Checkpointer:
+    """Writes `step-N/` atomically (a `.tmp` name until complete), and prunes old ones."""
+
+    def __init__(self, accelerator, directory: Path, keep_last: int):
+        self.accelerator, self.directory, self.keep_last = accelerator, directory, keep_last
+
+    def save(self, step: int, model: torch.nn.Module, train_loader, state: TrainerState, cfg: Config,
+             tokenizer_dir: Path, eos_token_id: int) -> Path:
+        """Save everything a resume and `transformers` need; the directory appears only once complete."""
+        acc = self.accelerator
+        final, tmp = self.directory / f"step-{step}", self.directory / f"step-{step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        try:
+            self._write(tmp, model, train_loader, state, cfg, tokenizer_dir, eos_token_id)
+        except BaseException as e:
+            # A failed save (a full disk, say) never becomes the latest: only complete dirs are renamed.
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception):  # safetensors and torch report a full disk in their own exception types
+                raise CheckpointError(f"saving {final} failed ({type(e).__name__}: {e}); nothing of it was kept, "
+                                      f"the latest checkpoint is {latest_checkpoint(self.directory)}") from e
+            raise
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune(step)
+        acc.wait_for_everyone()
+        log.info("checkpoint: saved %s", final)
+        return final
+
+    def _write(self, tmp: Path, model, train_loader, state: TrainerState, cfg: Config, tokenizer_dir: Path,
+               eos_token_id: int) -> None:
+        acc = self.accelerator
+        acc.save_state(str(tmp / "accelerate"))  # model, optimizer, RNG of every process
+        weights = acc.get_state_dict(model)  # gathers FSDP shards; a collective, so every rank calls it
+        # Each rank's data position differs, so each writes its own file.
+        torch.save(train_loader.state_dict(), tmp / f"data_state_rank{acc.process_index}.pt")
+        if acc.is_main_process:
+            save_hf(acc.unwrap_model(model), tmp, eos_token_id=eos_token_id, state_dict=weights)
+            for name in TOKENIZER_FILES:
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+            cfg.save(tmp / "config.yaml")
+            # trainer_state.json last: its presence marks the checkpoint complete.
+            (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2) + "\n")
+
+    def _prune(self, current: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to `current`; never touch later ones of an earlier run."""
+        if self.keep_last <= 0:
+            return
+        steps = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
+                       if (m := STEP_DIR.match(p.name)) and int(m.group(1)) <= current)
+        for _, path in steps[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def restore(self, checkpoint: Path, train_loader) -> TrainerState:
+        """Load the accelerate state and this rank's data position of `checkpoint`; return its progress."""
+        acc = self.accelerator
+        data_state = checkpoint / f"data_state_rank{acc.process_index}.pt"
+        if not data_state.is_file():
+            raise FileNotFoundError(f"{data_state} missing: resume with the world size the checkpoint was saved with")
+        try:
+            acc.load_state(str(checkpoint / "accelerate"))
+            train_loader.load_state_dict(torch.load(data_state, weights_only=False))
+        except Exception as e:  # torch, safetensors and pickle each raise their own kind on a damaged file
+            raise CheckpointError(f"checkpoint {checkpoint} is damaged ({type(e).__name__}: {e}); delete it to "
+                                  f"resume from the one before, or set train.resume=none") from e
+        log.info("train: resumed from %s", checkpoint)
+        return read_trainer_state(checkpoint)
