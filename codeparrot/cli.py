@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         _run(args)
-        _end_process_group()
     except Exception as e:
         message = error_message(e)
         if message is None:
@@ -155,4 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("traceback", exc_info=True)  # --log-level DEBUG shows it
         print(f"codeparrot {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0

@@ -111,8 +111,9 @@ class DataConfig:
     seq_length: int = setting(1024, "tokens per block: the context length trained on")
     chars_per_token: float = setting(3.6, "estimate used to size the tokenization buffer")
     num_of_sequences: int = setting(256, "blocks' worth of characters tokenized per buffer")
-    shuffle: bool = setting(True, "train blocks in a shuffled order: per tokenized buffer (streaming) or per "
-                                  "epoch (shards)")
+    shuffle: bool = setting(True, "train blocks in a shuffled order: streaming deals the files out in a new "
+                                  "order each epoch and permutes each tokenized buffer; token shards permute "
+                                  "every block each epoch")
     num_workers: int = setting(0, "DataLoader workers per process")
     pretokenized: bool = setting(False, "train from tokens/ (`codeparrot pretokenize`) instead of tokenizing "
                                         "clean/ on the fly")

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 from .artifacts import read_manifest
-from .config import Config
+from .config import Config, accumulation_steps
 from .corpus.export import EXPORT_LOCAL, run_export_local  # noqa: F401  (run_export_local: re-exported)
 from .corpus.prepare import PREPARE
 from .data.pretokenize import PRETOKENIZE
@@ -106,6 +106,8 @@ def main_rank_first() -> Iterator[None]:
 def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run every step in order; each skips itself when its output is up to date."""
     steps = pipeline_steps(cfg)
+    # A global batch that the launch cannot divide stops now, not after hours of data stages.
+    accumulation_steps(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))
     results = {}
     with main_rank_first():  # the other ranks then find each stage up to date: they skip, never write
         for stage in (s for s in steps if isinstance(s, Stage)):

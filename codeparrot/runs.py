@@ -19,7 +19,7 @@ import yaml
 from .artifacts import CheckpointError
 from .config import Config, ConfigError, canonical_json, config_from_dict, identity, load_config
 from .model import save_hf
-from .tokenizer import TOKENIZER_FILE
+from .tokenizer import TOKENIZER_FILE, set_model_max_length
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, 
     if ckpt is None:
         return None, None
     if not (ckpt / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint (no {TRAINER_STATE})")
+        raise FileNotFoundError(f"train.resume={resume} is neither auto, none, nor a complete checkpoint directory "
+                                f"(no {ckpt / TRAINER_STATE})")
     prior = read_trainer_state(ckpt)
     if prior.config_fingerprint != fingerprint:
         raise ValueError(f"cannot resume from {ckpt}: it was trained with another config or other inputs; "
@@ -151,9 +152,11 @@ class Checkpointer:
         # Each rank's data position differs, so each writes its own file.
         torch.save(train_loader.state_dict(), tmp / f"data_state_rank{acc.process_index}.pt")
         if acc.is_main_process:
-            save_hf(acc.unwrap_model(model), tmp, eos_token_id=eos_token_id, state_dict=weights)
+            gpt = acc.unwrap_model(model)
+            save_hf(gpt, tmp, eos_token_id=eos_token_id, state_dict=weights)
             for name in TOKENIZER_FILES:
                 shutil.copy2(tokenizer_dir / name, tmp / name)
+            set_model_max_length(tmp, gpt.config.n_positions)
             cfg.save(tmp / "config.yaml")
             # trainer_state.json last: its presence marks the checkpoint complete.
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2) + "\n")

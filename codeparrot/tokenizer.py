@@ -49,14 +49,23 @@ def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def save_tokenizer(tok: Tokenizer, directory: Path, eos_token: str, model_max_length: int = 1024) -> None:
+def save_tokenizer(tok: Tokenizer, directory: Path, eos_token: str) -> None:
     """Write tokenizer.json plus the small files `PreTrainedTokenizerFast.from_pretrained` reads."""
     tok.save(str(directory / TOKENIZER_FILE))
     special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-              "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special}
+    # No model_max_length: a tokenizer knows no sequence length; each checkpoint writes its model's (runs.py).
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False,
+              "clean_up_tokenization_spaces": False, **special}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def set_model_max_length(directory: Path, model_max_length: int) -> None:
+    """Record the longest input a model takes in the `tokenizer_config.json` beside it (a checkpoint's copy)."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["model_max_length"] = model_max_length
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -125,16 +134,16 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
         "keywords_not_single_tokens": split_keywords(tok),
         "bad_records": bad.as_dict(),
     }
-    save_tokenizer(tok, tmp, t.eos_token, model_max_length=cfg.data.seq_length)
+    save_tokenizer(tok, tmp, t.eos_token)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("train-tokenizer: vocab %d, %.2f chars/token on valid, %.1f MB/s",
              report["vocab_size"], report["chars_per_token_valid"] or 0.0, report["train_mb_per_s"])
     return report
 
 
-# data.seq_length is the model_max_length of tokenizer_config.json; max_bad_ratio decides whether it is written.
+# max_bad_ratio decides whether it is written at all.
 TRAIN_TOKENIZER = Stage(name="train-tokenizer", output="tokenizer", inputs=("clean",), build=_build,
-                        keys=("tokenizer", "data.seq_length", "corpus.max_bad_ratio"),
+                        keys=("tokenizer", "corpus.max_bad_ratio"),
                         help="train the byte-level BPE tokenizer on clean/train")
 
 

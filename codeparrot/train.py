@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 
 from .artifacts import fingerprint
 from .config import Config, ConfigError, TrainConfig, accumulation_steps
@@ -69,8 +69,10 @@ def make_accelerator(cfg: Config, out: Path) -> Accelerator:
     if "wandb" in trackers:
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.trackers names wandb, which is not installed: pip install 'codeparrot[wandb]'")
-        os.environ.setdefault("WANDB_MODE", "offline")  # no login: keep the run on disk; `wandb sync` it later
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")  # no login: keep the run on disk; `wandb sync` it later
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                       gradient_accumulation_steps=1,  # train_step scales by 1/G itself: never twice
                        log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
@@ -78,7 +80,7 @@ def make_accelerator(cfg: Config, out: Path) -> Accelerator:
 def build_model(cfg: Config, vocab_size: int, accelerator: Accelerator) -> GPT:
     """The GPT of `cfg`; under FSDP on the `meta` device, so no rank holds the whole model in host memory."""
     config = resolve_model_config(cfg.model, vocab_size, cfg.data.seq_length)
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if accelerator.is_fsdp2:
         with torch.device("meta"):
             return GPT(config)  # materialised shard by shard in prepare_model
     return GPT(config)
@@ -97,11 +99,18 @@ def prepare_model(model: GPT, optimizer: torch.optim.Optimizer, t: TrainConfig, 
     if cuda and t.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (e.g. the optimizer's) on TF32
         torch.backends.cudnn.allow_tf32 = True
+    names = {id(p): name for name, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
     model, optimizer = accelerator.prepare(model, optimizer)
     gpt = accelerator.unwrap_model(model)
-    if any(p.is_meta for p in gpt.parameters()):  # FSDP sharded it on meta: give each rank its shard, then init
+    if any(p.is_meta for p in gpt.parameters()):  # FSDP2 sharded it on meta: give each rank its shard, then init
         gpt.to_empty(device=accelerator.device)
         gpt.init_weights()
+        # accelerate maps the optimizer's parameters to the sharded ones by storage address, which every meta
+        # tensor shares (0), so it would hand the optimizer one parameter many times: rebind them by name.
+        sharded = dict(gpt.named_parameters())
+        for group, names_in_group in zip(optimizer.param_groups, group_names):
+            group["params"] = [sharded[name] for name in names_in_group]
         log.info("train: built on meta, sharded, then initialised shard by shard on %s", accelerator.device)
     if t.compile if t.compile is not None else cuda:  # null: compile on GPUs, where it pays for its warm-up
         # After prepare, per block and in place (as torchtitan compiles per block): DDP's all-reduce hooks and
@@ -191,6 +200,7 @@ def _write_rank_report(accelerator: Accelerator, model, out: Path, first_batch: 
     with torch.no_grad():
         checksum = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters())
     report = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+              "distributed_type": accelerator.distributed_type.value, "mixed_precision": accelerator.mixed_precision,
               "device": str(accelerator.device), "step": step, "param_checksum": checksum,
               "first_batch_sha1": first_batch}
     path = out / "logs" / f"rank{accelerator.process_index}.json"
@@ -259,7 +269,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
              acc.mixed_precision, accumulation, tokens_per_step, state.step, t.max_steps)
 
     if state.step == 0 and valid_ds is not None:
-        evaluate(0, state)
+        with metrics.paused():
+            evaluate(0, state)
     model.train()
     batches, start_step, first_digest = iter(train_loader), state.step, ""
     train_start = time.perf_counter()

@@ -11,9 +11,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 
+import email  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterable  # noqa: E402
 
@@ -29,6 +31,32 @@ N_FILES = 48
 SKIP_TOP = {"site-packages", "test", "idlelib", "lib2to3", "tkinter", "turtledemo"}
 EXPORT_SHARD_RECORDS = 16
 VALID_FRACTION = 0.25
+# The environment of the codeparrot processes tests start: offline, one thread each, no tokenizer thread pool.
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                  "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for `accelerate launch --main_process_port`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str) -> None:
+    """Run a codeparrot command in this process (the console script's entry point) and assert it succeeded."""
+    from codeparrot.cli import main
+
+    assert main(list(args)) == 0, args
+
+
+def build_training_corpus(root: Path, overrides: list[str], pretokenize: bool) -> Path:
+    """Export the stdlib packages email and json under `root`, then prepare, train a tokenizer (and pretokenize)."""
+    run_cli("export-local", str(root / "raw"), "--root", str(Path(email.__file__).parent),
+            "--root", str(Path(json.__file__).parent), "--shard-records", "10")
+    for stage in ("prepare", "train-tokenizer", *(("pretokenize",) if pretokenize else ())):
+        run_cli(stage, f"paths.workdir={root}", *overrides)
+    return root
 
 
 def stdlib_sample(n: int = N_FILES, min_size: int = 1500, max_size: int = 16000) -> list[str]:

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ import pytest
 from codeparrot.artifacts import read_manifest
 from codeparrot.config import describe_config, load_config, section_summary
 
-from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, read_all, summaries
+from conftest import EXPORT_SHARD_RECORDS, SUBPROCESS_ENV, VALID_FRACTION, free_port, read_all, summaries
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -116,7 +114,8 @@ def test_stage_help_lists_the_config_sections_it_reads():
     assert sections == {"paths (clean, raw)", "corpus"}
     assert section_summary("corpus").split(": ", 1)[1] in epilog
     tokenizer = cli("train-tokenizer", "--help").stdout
-    assert "data (seq_length):" in tokenizer and "tokenizer:" in tokenizer and "model" not in tokenizer
+    assert "corpus (max_bad_ratio):" in tokenizer and "tokenizer:" in tokenizer
+    assert "model" not in tokenizer and "data" not in tokenizer.split("config sections read", 1)[1]
     train = cli("train", "--help").stdout.split("config sections read", 1)[1]
     for line in ("model:", "data:", "train:", "eval:", "paths:", "tokenizer (eos_token):"):
         assert "\n  " + line in train, line
@@ -157,22 +156,16 @@ def test_a_full_disk_stops_prepare_with_one_line_and_no_partial_artifact(tmp_pat
     assert sorted(p.name for p in work.iterdir()) == []  # neither clean/ nor clean.tmp/
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_pipeline_under_accelerate_launch_runs_the_data_stages_once(tmp_path, stdlib_root, split_seed):
     """Two real CPU processes: rank 0 writes each artifact once while rank 1 waits; both train and evaluate."""
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), "-m", "codeparrot", "pipeline", "--config", str(TINY),
+           str(free_port()), "-m", "codeparrot", "pipeline", "--config", str(TINY),
            *small_overrides(work, split_seed), f"corpus.local_roots={stdlib_root}", "corpus.source=local",
            *TINY_TRAIN]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     artifacts = ("raw", "clean", "tokenizer", "tokens")  # tiny.yaml trains from token shards
     first_seen: dict[str, int] = {}  # the inode of each artifact directory when its manifest first appeared

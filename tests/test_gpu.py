@@ -5,10 +5,8 @@ sequences of 256) so the tier takes a minute or two, torch.compile's warm-up inc
 """
 from __future__ import annotations
 
-import email
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +16,10 @@ import torch
 
 from codeparrot.model import load_hf
 
+from conftest import SUBPROCESS_ENV, build_training_corpus
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-       "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 20
 SMALL = [
     "corpus.valid_fraction=0.3", "tokenizer.vocab_size=1000", "tokenizer.n_examples=200",
@@ -36,27 +34,16 @@ EXACT = ["train.mixed_precision=no", "train.compile=false", "train.fused_adamw=f
          "train.tf32=false"]
 
 
-def _cli(*args: str) -> None:
-    from codeparrot.cli import main
-
-    assert main(list(args)) == 0, args
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A prepared corpus (real stdlib packages email and json), its tokenizer and its token shards."""
-    root = tmp_path_factory.mktemp("gpu")
-    _cli("export-local", str(root / "raw"), "--root", str(Path(email.__file__).parent),
-         "--root", str(Path(json.__file__).parent), "--shard-records", "10")
-    for stage in ("prepare", "train-tokenizer", "pretokenize"):
-        _cli(stage, f"paths.workdir={root}", *SMALL)
-    return root
+    return build_training_corpus(tmp_path_factory.mktemp("gpu"), SMALL, pretokenize=True)
 
 
 def _train(workdir: Path, run: str, *overrides: str) -> Path:
     cmd = [sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}", *SMALL,
            f"train.run_name={run}", *overrides]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir / "runs" / run
 
@@ -92,7 +79,7 @@ def test_fast_path_tracks_fp32_eager_training(workdir, fast_run):
 def test_evaluate_runs_on_cuda_and_writes_its_result(workdir, checkpoint):
     cmd = [sys.executable, "-m", "codeparrot", "evaluate", "--checkpoint", str(checkpoint),
            f"paths.workdir={workdir}", *SMALL]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((checkpoint.parent / "eval" / f"step-{STEPS}.json").read_text())
     assert math.isfinite(result["loss"]) and result["tokens"] > 0

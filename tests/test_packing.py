@@ -158,23 +158,24 @@ def documents_of(ds: ConstantLengthDataset, consumer: int, num_consumers: int, e
     return out
 
 
-def test_shuffle_reads_files_in_a_new_order_each_epoch(shards, tokenizer, eos, docs):
-    """File order is permuted per (seed, epoch), within each consumer's own files, identically on a re-run."""
+def test_shuffle_deals_the_files_out_anew_each_epoch(shards, tokenizer, eos, docs):
+    """The file list is permuted per (seed, epoch), then dealt to the consumers: each epoch still reads every
+    document exactly once over all consumers, in a new order, identically on a re-run."""
     file_of = {d: i // 10 for i, d in enumerate(docs)}  # 10 documents per shard
-    orders = {}
-    for consumer, num_consumers in ((0, 1), (1, 2)):
+
+    def epochs_of(consumer: int, num_consumers: int) -> list[list[str]]:
         ds = make(shards, tokenizer, eos, shuffle=True, seed=5)
-        two_epochs = documents_of(ds, consumer, num_consumers, epochs=2)
-        half = len(two_epochs) // 2
-        first, second = two_epochs[:half], two_epochs[half:]
-        mine = list(range(len(shards)))[consumer::num_consumers]
-        assert Counter(first) == Counter(second) == Counter(d for d in docs if file_of[d] in mine)
-        orders[consumer, num_consumers] = [[file_of[d] for d in part[::10]] for part in (first, second)]
-        assert documents_of(make(shards, tokenizer, eos, shuffle=True, seed=5), consumer, num_consumers,
-                            epochs=2) == two_epochs
-    one_consumer = orders[0, 1]
-    assert sorted(one_consumer[0]) == sorted(one_consumer[1]) == [0, 1, 2, 3]
-    assert one_consumer[0] != one_consumer[1]  # a new order in epoch 1
+        read = documents_of(ds, consumer, num_consumers, epochs=2)
+        return [read[:len(read) // 2], read[len(read) // 2:]]  # each consumer gets whole files, 2 per epoch here
+
+    alone = epochs_of(0, 1)
+    assert Counter(alone[0]) == Counter(alone[1]) == Counter(docs)
+    assert [file_of[d] for d in alone[0][::10]] != [file_of[d] for d in alone[1][::10]]  # a new order
+    assert epochs_of(0, 1) == alone  # a function of (seed, epoch) alone
+    pair = [epochs_of(c, 2) for c in (0, 1)]
+    for epoch in (0, 1):
+        assert Counter(pair[0][epoch] + pair[1][epoch]) == Counter(docs)  # no document twice, none missed
+    assert {file_of[d] for d in pair[0][0]} != {file_of[d] for d in pair[0][1]}  # files move between consumers
 
 
 @pytest.mark.parametrize("num_consumers", [1, 2, 3, 4, 6, 9])

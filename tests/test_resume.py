@@ -11,7 +11,6 @@ announces itself on stderr and then blocks the process until the SIGKILL arrives
 """
 from __future__ import annotations
 
-import email
 import json
 import os
 import re
@@ -24,11 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from codeparrot.cli import main as codeparrot_main
 from codeparrot.train import latest_checkpoint
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+from conftest import SUBPROCESS_ENV, build_training_corpus
+
 MAX_STEPS = 40
 SAVE = 5
 TINY = [
@@ -67,12 +65,7 @@ runpy.run_module("codeparrot", run_name="__main__", alter_sys=True)
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A prepared corpus (real stdlib packages email and json), its tokenizer and its token shards."""
-    root = tmp_path_factory.mktemp("resume")
-    assert codeparrot_main(["export-local", str(root / "raw"), "--root", str(Path(email.__file__).parent),
-                            "--root", str(Path(json.__file__).parent), "--shard-records", "10"]) == 0
-    for stage in ("prepare", "train-tokenizer", "pretokenize"):
-        assert codeparrot_main([stage, f"paths.workdir={root}", *TINY]) == 0, stage
-    return root
+    return build_training_corpus(tmp_path_factory.mktemp("resume"), TINY, pretokenize=True)
 
 
 def _cmd(workdir: Path, run: str, mode: str) -> list[str]:
@@ -81,7 +74,8 @@ def _cmd(workdir: Path, run: str, mode: str) -> list[str]:
 
 
 def _train(workdir: Path, run: str, mode: str) -> str:
-    proc = subprocess.run(_cmd(workdir, run, mode), env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_cmd(workdir, run, mode), env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 
@@ -91,7 +85,7 @@ def _kill_when(workdir: Path, run: str, mode: str, pattern: str, block_under: Pa
     """Start a run, read its stderr as it comes until a line matches `pattern`, then SIGKILL it (and its
     DataLoader workers). With `block_under`, the run blocks itself at its first file operation under that path
     (see BOOTSTRAP), so the kill lands exactly there. Returns the matching line."""
-    env = dict(ENV)
+    env = dict(SUBPROCESS_ENV)
     cmd = _cmd(workdir, run, mode)
     if block_under is not None:
         env.update(CODEPARROT_TEST_BLOCK_UNDER=str(block_under), CODEPARROT_TEST_BLOCK_NAME=block_name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -24,21 +23,14 @@ from codeparrot.corpus.source import ShardWriter, list_shards
 from codeparrot.data.tokens import block_order, load_meta, run_pretokenize
 from codeparrot.tokenizer import save_tokenizer, train_on
 
-from conftest import read_tokens
+from conftest import SUBPROCESS_ENV, free_port, read_tokens
 
 EOS = "<|endoftext|>"
 SEQ = 32
 N_DOCS = 60
 PER_SHARD = 10  # 6 train shards for 4 consumers: whole files, unevenly (2, 2, 1, 1)
 SCRIPT = Path(__file__).with_name("sharding_worker.py")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
 
 
 def _record(i: int, content: str) -> dict:
@@ -88,7 +80,7 @@ def reports(corpus, tmp_path_factory) -> list[dict]:
     work = corpus["work"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(SCRIPT),
+           "--main_process_port", str(free_port()), str(SCRIPT),
            str(out), str(work / "clean" / "train"), str(work / "tokens"), str(work / "tokenizer" / "tokenizer.json"),
            str(SEQ)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)

@@ -141,13 +141,13 @@ def test_a_stage_reads_only_the_keys_it_declares(stage, stage_inputs, tmp_path):
     assert not undeclared, f"{stage.name} reads {undeclared} but does not declare them in Stage.keys"
 
 
-def test_sequence_length_retrains_the_tokenizer(trained_tokenizer, tmp_path):
+def test_sequence_length_does_not_shape_the_tokenizer(trained_tokenizer, tmp_path):
+    """The tokenizer knows no sequence length (each checkpoint writes its model's), so changing it redoes nothing."""
     base, _ = trained_tokenizer
     cfg = copy.deepcopy(base)
     cfg.paths.tokenizer = str(tmp_path / "tokenizer")
     assert run_train_tokenizer(cfg)["skipped"] is False
-    assert run_train_tokenizer(cfg)["skipped"] is True
     cfg.data.seq_length = base.data.seq_length * 2
-    assert run_train_tokenizer(cfg)["skipped"] is False
+    assert run_train_tokenizer(cfg)["skipped"] is True
     saved = json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())
-    assert saved["model_max_length"] == cfg.data.seq_length
+    assert "model_max_length" not in saved

@@ -1,12 +1,9 @@
 """Training loop: schedule, perplexity, checkpoints, exact resume, and two real CPU processes."""
 from __future__ import annotations
 
-import email
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +12,11 @@ import pytest
 import torch
 
 from codeparrot.config import load_config
-from codeparrot.corpus.prepare import run_prepare
 from codeparrot.evaluate import run_evaluate
-from codeparrot.pipeline import run_export_local
-from codeparrot.tokenizer import run_train_tokenizer
 from codeparrot.runs import latest_checkpoint, read_trainer_state
 from codeparrot.train import build_lr_schedule, lr_lambda
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+from conftest import SUBPROCESS_ENV, build_training_corpus, free_port
 
 TINY = [
     "tokenizer.vocab_size=400", "tokenizer.n_examples=200",
@@ -38,19 +31,16 @@ TINY = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A prepared corpus and tokenizer made from real stdlib packages (email, json)."""
-    root = tmp_path_factory.mktemp("train")
-    roots = [str(Path(email.__file__).parent), str(Path(json.__file__).parent)]
-    run_export_local(root / "raw", roots, shard_records=10)
-    cfg = load_config(None, [f"paths.workdir={root}", "corpus.valid_fraction=0.3", *TINY])
-    run_prepare(cfg)
-    run_train_tokenizer(cfg)
-    return root
+    return build_training_corpus(tmp_path_factory.mktemp("train"), ["corpus.valid_fraction=0.3", *TINY],
+                                 pretokenize=False)
 
 
 def _train(workdir: Path, *overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`codeparrot train` on the tiny config (two CPU processes when `launcher` is an accelerate launch)."""
     cmd = (launcher or [sys.executable, "-m"]) + ["codeparrot", "train", f"paths.workdir={workdir}",
                                                  "corpus.valid_fraction=0.3", *TINY, *overrides]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"} if launcher else SUBPROCESS_ENV
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -83,6 +73,7 @@ def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
                  "data_state_rank0.pt", "accelerate/optimizer.bin"):
         assert (ckpt / name).exists(), name
     state = read_trainer_state(ckpt)
+    assert json.loads((ckpt / "tokenizer_config.json").read_text())["model_max_length"] == 32  # n_positions
     assert state.step == 6 and state.tokens_seen == 6 * 4 * 32
     assert [h["step"] for h in state.history] == [0, 3, 6]  # eval at step 0, every 3 steps, and the end
     assert state.history[-1]["loss"] < state.history[0]["loss"]
@@ -115,7 +106,7 @@ def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
     assert "skipping" in again.stderr
     bad = subprocess.run([sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}",
                           "corpus.valid_fraction=0.3", *TINY, "train.run_name=full", "train.max_steps=9",
-                          "train.learning_rate=0.1"], env=ENV, capture_output=True, text=True, timeout=300)
+                          "train.learning_rate=0.1"], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "cannot resume" in bad.stderr
 
     # Evaluate writes its result beside the run.
@@ -129,16 +120,11 @@ def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
     # The CLI reads the checkpoint's own config (its workdir, data and eval settings), overrides on top.
     (full / "eval" / "step-6.json").unlink()
     proc = subprocess.run([sys.executable, "-m", "codeparrot", "evaluate", "--checkpoint", str(ckpt),
-                           "eval.max_batches=1"], env=ENV, capture_output=True, text=True, timeout=300, cwd="/")
+                           "eval.max_batches=1"], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300,
+                          cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     one_batch = json.loads((full / "eval" / "step-6.json").read_text())
     assert one_batch["tokens"] == 4 * 31  # eval.batch_size=4 of the run's config, seq 32: one batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_two_cpu_processes(workdir: Path, *overrides: str, accelerate_config: str | None = None) -> None:
@@ -149,14 +135,8 @@ def _launch_two_cpu_processes(workdir: Path, *overrides: str, accelerate_config:
     else:
         launcher += ["--multi_gpu"]
     launcher += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", str(_free_port()), "-m"]
-    env_backup = dict(ENV)
-    ENV["ACCELERATE_USE_CPU"] = "1"
-    try:
-        _train(workdir, *overrides, launcher=launcher)
-    finally:
-        ENV.clear()
-        ENV.update(env_backup)
+                 "--main_process_port", str(free_port()), "-m"]
+    _train(workdir, *overrides, launcher=launcher)  # a launcher: _train adds ACCELERATE_USE_CPU=1 to a copy
 
 
 @pytest.mark.slow
@@ -175,7 +155,8 @@ def test_two_cpu_processes_train_in_sync_on_different_data(workdir):
 
 @pytest.mark.slow
 def test_fsdp_config_trains_saves_and_resumes_on_two_cpu_processes(workdir):
-    """The shipped FSDP config: sharded training, a gathered HF checkpoint that evaluates alike, and a resume."""
+    """The shipped FSDP config launched on two CPU processes (accelerate runs it as data parallel there; FSDP2
+    itself: the fsdp2 test below): it trains, saves an HF checkpoint that evaluates alike, and resumes."""
     fsdp = str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml")
     _launch_two_cpu_processes(workdir, "train.run_name=fsdp", "train.max_steps=3", accelerate_config=fsdp)
     run = workdir / "runs" / "fsdp"
@@ -198,7 +179,7 @@ def test_damaged_checkpoint_and_bad_intervals_give_clear_errors(workdir):
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # a save cut off by a full disk, say
     cmd = [sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}", "corpus.valid_fraction=0.3",
            *TINY, "train.run_name=damaged", "train.max_steps=6"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "step-3 is damaged" in proc.stderr and "Traceback" not in proc.stderr
 
     (run / "step-3" / "tokenizer.json").unlink()
@@ -206,7 +187,7 @@ def test_damaged_checkpoint_and_bad_intervals_give_clear_errors(workdir):
     with pytest.raises(FileNotFoundError, match="missing tokenizer.json"):
         run_evaluate(cfg, run / "step-3")
 
-    proc = subprocess.run(cmd[:-1] + ["train.save_interval=0"], env=ENV, capture_output=True, text=True,
+    proc = subprocess.run(cmd[:-1] + ["train.save_interval=0"], env=SUBPROCESS_ENV, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "train.save_interval must be at least 1" in proc.stderr
 
@@ -242,9 +223,40 @@ def test_a_save_that_fails_never_becomes_the_latest_checkpoint(workdir):
               "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.exit(main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", script, "train", f"paths.workdir={workdir}", "corpus.valid_fraction=0.3", *TINY,
            "train.run_name=fulldisk", "train.max_steps=3", "model.n_embd=64"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "saving" in proc.stderr and "step-3 failed" in proc.stderr and "File too large" in proc.stderr
     run = workdir / "runs" / "fulldisk"
     assert latest_checkpoint(run) is None
     assert not [p for p in run.iterdir() if p.name.startswith("step-")]
+
+
+@pytest.mark.slow
+def test_fsdp2_builds_on_meta_shards_trains_every_weight_and_saves_a_transformers_checkpoint(tmp_path):
+    """FSDP2 itself on two CPU processes (accelerate would run fsdp.yaml as plain DDP on a CPU; the worker forces
+    FSDP2): the meta model is materialised shard by shard, the optimizer holds each parameter once (accelerate's
+    by-address mapping gives meta parameters one shared address), every weight trains, and the gathered
+    checkpoint loads in transformers."""
+    from transformers import GPT2LMHeadModel
+
+    from codeparrot.model import load_hf
+
+    worker = Path(__file__).parent / "fsdp_worker.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(worker), str(tmp_path), "300"]
+    proc = subprocess.run(cmd, env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["world_size"] == 2 and report["built_on_meta"] and report["sharded"]
+        assert not report["any_meta_left"]
+        assert report["distinct_optimizer_params"] == report["optimizer_params"] == report["named_params"]
+        assert report["optimizer_holds_the_model_params"] and report["unchanged_after_training"] == []
+    assert reports[0]["grad_norms"] == pytest.approx(reports[1]["grad_norms"], rel=1e-6)  # one global norm
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = load_hf(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-4)

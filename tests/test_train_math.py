@@ -14,12 +14,9 @@ them exactly the blocks 1 process sees at micro-batch 8, and micro-batches 2+2 t
 """
 from __future__ import annotations
 
-import email
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +27,9 @@ from safetensors.torch import load_file
 
 from codeparrot.model import GPT, GPTConfig, load_hf
 
+from conftest import SUBPROCESS_ENV, build_training_corpus, free_port, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 LR = 0.003
 WARMUP = 2
 TINY = [
@@ -46,40 +43,22 @@ TINY = [
 STEPS = 3  # optimizer steps of the comparison runs: enough for Adam's moments to matter, cheap on 2 cores
 
 
-def _cli(*args: str) -> None:
-    """Run a codeparrot command in this process (the console script's entry point)."""
-    from codeparrot.cli import main
-
-    assert main(list(args)) == 0, args
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A prepared corpus (real stdlib packages email and json), its tokenizer and its token shards."""
-    root = tmp_path_factory.mktemp("math")
-    _cli("export-local", str(root / "raw"), "--root", str(Path(email.__file__).parent),
-         "--root", str(Path(json.__file__).parent), "--shard-records", "10")
-    for stage in ("prepare", "train-tokenizer", "pretokenize"):
-        _cli(stage, f"paths.workdir={root}", *TINY)
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return build_training_corpus(tmp_path_factory.mktemp("math"), TINY, pretokenize=True)
 
 
 def _accelerate(*args: str) -> list[str]:
     """`accelerate launch ARGS -m` on a free port (other test sessions may run beside this one)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", *args, "--main_process_port", str(_free_port()), "-m"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *args, "--main_process_port", str(free_port()), "-m"]
 
 
 def _train(workdir: Path, *overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """`codeparrot train` on the tiny config (two CPU processes when `launcher` is an accelerate launch)."""
     cmd = (launcher or [sys.executable, "-m"]) + ["codeparrot", "train", f"paths.workdir={workdir}", *TINY,
                                                  *overrides]
-    env = {**ENV, "ACCELERATE_USE_CPU": "1"} if launcher else ENV
+    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"} if launcher else SUBPROCESS_ENV
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -263,22 +242,23 @@ def test_checkpoint_written_through_torch_compile_loads_in_transformers(workdir,
 
 
 def _eval_loss(workdir: Path, ckpt: Path) -> float:
-    _cli("evaluate", "--checkpoint", str(ckpt), f"paths.workdir={workdir}", *TINY)
+    run_cli("evaluate", "--checkpoint", str(ckpt), f"paths.workdir={workdir}", *TINY)
     return json.loads((ckpt.parent / "eval" / f"{ckpt.name}.json").read_text())["loss"]
 
 
 @pytest.mark.slow
 def test_fsdp_config_as_shipped_trains_in_bf16_and_its_checkpoint_loads_in_transformers(workdir, reference):
-    """configs/accelerate/fsdp.yaml as shipped (FSDP2, bf16; only --num_processes 2 and a free port added) on two
-    gloo processes: the gathered checkpoint loads in transformers with load_hf's logits, and it is the trained
-    model (its validation loss is the fp32 single-process run's, up to bf16 noise)."""
+    """configs/accelerate/fsdp.yaml as shipped (only --num_processes 2 and a free port added) on two gloo processes,
+    with train.mixed_precision=auto taking the config's bf16. On a CPU accelerate runs it as data parallel
+    (MULTI_CPU; FSDP2 itself is tested in test_train.py with tests/fsdp_worker.py): the checkpoint loads in
+    transformers with load_hf's logits, and it is the trained model (its validation loss is the fp32
+    single-process run's, up to bf16 noise)."""
     fsdp = str(REPO / "configs" / "accelerate" / "fsdp.yaml")
-    # train.mixed_precision is passed to Accelerator explicitly and wins over the launcher's mixed_precision, so
-    # bf16 (what fsdp.yaml asks for) must be asked for here too; "auto" would mean fp32 on a CPU.
     _train(workdir, "train.run_name=fsdp-bf16", f"train.max_steps={STEPS}", "train.micro_batch_size=4",
-           "train.mixed_precision=bf16", launcher=_accelerate("--config_file", fsdp, "--num_processes", "2"))
+           "train.mixed_precision=auto", launcher=_accelerate("--config_file", fsdp, "--num_processes", "2"))
     run = workdir / "runs" / "fsdp-bf16"
-    _assert_world_size(run, 2)
+    ranks = _assert_world_size(run, 2)
+    assert {(r["mixed_precision"], r["distributed_type"]) for r in ranks} == {("bf16", "MULTI_CPU")}
     ckpt = run / f"step-{STEPS}"
     _assert_loads_in_transformers(ckpt)
     got, want = _logged(run, "train/loss"), _logged(reference, "train/loss")
@@ -298,9 +278,10 @@ def test_ddp_config_as_shipped_trains_in_bf16_on_two_processes(workdir, referenc
     transformers."""
     ddp = str(REPO / "configs" / "accelerate" / "ddp.yaml")
     _train(workdir, "train.run_name=ddp-bf16", f"train.max_steps={STEPS}", "train.micro_batch_size=4",
-           "train.mixed_precision=bf16", launcher=_accelerate("--config_file", ddp, "--num_processes", "2"))
+           "train.mixed_precision=auto", launcher=_accelerate("--config_file", ddp, "--num_processes", "2"))
     run = workdir / "runs" / "ddp-bf16"
     ranks = _assert_world_size(run, 2)
+    assert {r["mixed_precision"] for r in ranks} == {"bf16"}  # auto takes ddp.yaml's precision
     assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-12)
     got, want = _logged(run, "train/loss"), _logged(reference, "train/loss")
     for step in want:

@@ -108,16 +108,16 @@ class ConstantLengthDataset(IterableDataset):
     def _plan(self, consumer: int, num_consumers: int, epoch: int = 0) -> tuple[list[Path], bool]:
         """The files this consumer reads in `epoch`, in order, and whether it strides over records instead.
 
-        With `shuffle`, each epoch reads its files in a new order, a permutation seeded by (seed, epoch) and the
-        consumer: still whole files per consumer, and a function of the epoch alone, so a resume is exact.
+        With `shuffle`, each epoch first permutes the whole file list by (seed, epoch), the same on every consumer,
+        then deals it out: every file is still read by one consumer, files move between ranks from epoch to epoch,
+        and the plan is a function of the epoch alone, so a resume is exact.
         """
-        striding = len(self.files) < num_consumers
-        files = self.files if striding else self.files[consumer::num_consumers]
-        if not self.shuffle:
-            return files, striding
-        # Striding consumers all walk one shared record sequence, so they share one permutation.
-        order = _permutation(len(files), f"files/{self.seed}/{epoch}/{-1 if striding else consumer}")
-        return [files[i] for i in order], striding
+        files = self.files
+        if self.shuffle:
+            files = [files[i] for i in _permutation(len(files), f"files/{self.seed}/{epoch}")]
+        if len(files) < num_consumers:
+            return files, True
+        return files[consumer::num_consumers], False
 
     def _read(self, cursor: _Cursor, consumer: int, num_consumers: int, bad: BadRecords,
               infinite: bool) -> Iterator[str]:
