@@ -90,11 +90,44 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_length: int) -> 
     )
 
 
+class KVCache:
+    """Static keys and values per layer, each [B, n_head, max_len, head_dim], written in place as decoding goes."""
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len = max_len
+        # allocated on first write, so that they take the dtype (autocast) and device of the keys
+        self.k: list[Optional[torch.Tensor]] = [None] * n_layer
+        self.v: list[Optional[torch.Tensor]] = [None] * n_layer
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_head, T, head_dim] at start_pos; return the keys and values of positions [0, start_pos+T)."""
+        end = start_pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
+        if self.k[layer] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_rows(self, n: int) -> None:
+        """Copy each row n times: one prefilled prompt becomes the cache of its n samples."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices [B']): finished samples leave the batch."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection."""
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # which KVCache slot this layer writes
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
@@ -107,12 +140,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         # [B, T, 3C] -> 3 x [B, n_head, T, head_dim]
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         dropout_p = self.dropout if self.training else 0.0
-        if self.reorder_and_upcast:
+        if kv_cache is not None:
+            y = self._cached_attention(q, k, v, kv_cache, start_pos)
+        elif self.reorder_and_upcast:
             y = self._upcast_attention(q, k, v, dropout_p)
         elif self.backends is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
@@ -121,6 +156,24 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, C]
         return self.resid_dropout(self.c_proj(y))
+
+    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                          start_pos: int) -> torch.Tensor:
+        """Attention of T new positions (start_pos onwards) over the cached prefix and themselves; inference only."""
+        T = q.size(-2)
+        k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # [B, n_head, start_pos + T, head_dim]
+        mask = None  # prefill from 0 is plain causal; a single decode query sees every cached key
+        if start_pos > 0 and T > 1:
+            # query i sits at position start_pos + i and sees keys 0 .. start_pos + i: [T, start_pos + T]
+            mask = (torch.arange(start_pos + T, device=q.device)[None, :]
+                    <= torch.arange(start_pos, start_pos + T, device=q.device)[:, None])
+        causal = start_pos == 0 and T > 1
+        if self.reorder_and_upcast:  # fp32 scores, as the uncached path
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                   is_causal=causal, scale=self.scale)
+            return y.to(v.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
 
     def _upcast_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Scores and softmax in fp32 even under autocast, so that half-precision scores cannot overflow."""
@@ -156,8 +209,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -200,19 +253,23 @@ class GPT(nn.Module):
             if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> GPTOutput:
-        """Logits for `input_ids` [B, T]; with `labels` [B, T], also the loss of predicting labels[t+1] at t."""
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> GPTOutput:
+        """Logits for `input_ids` [B, T]; with `labels` [B, T], also the loss of predicting labels[t+1] at t.
+
+        With `kv_cache`, input_ids are positions start_pos .. start_pos+T-1, attending to the cached prefix too.
+        """
         B, T = input_ids.shape
-        if T > self.config.n_positions:
-            raise ValueError(f"sequence length {T} exceeds n_positions {self.config.n_positions}")
-        pos = torch.arange(T, device=input_ids.device)
+        if start_pos + T > self.config.n_positions:
+            raise ValueError(f"sequence length {start_pos + T} exceeds n_positions {self.config.n_positions}")
+        pos = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))  # [B, T, C]
         for block in self.h:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # trade compute for memory: keep only block inputs, recompute activations in backward
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, kv_cache, start_pos)
         h = self.ln_f(x)  # [B, T, C]
         # labels are shifted inside, as transformers does, so callers pass labels = input_ids
         if labels is not None and self.config.loss_chunk_size > 0:
