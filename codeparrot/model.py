@@ -99,7 +99,8 @@ class KVCache:
         self.k: list[Optional[torch.Tensor]] = [None] * n_layer
         self.v: list[Optional[torch.Tensor]] = [None] * n_layer
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, start_pos: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_head, T, head_dim] at start_pos; return the keys and values of positions [0, start_pos+T)."""
         end = start_pos + k.size(2)
         if end > self.max_len:

@@ -1,0 +1,204 @@
+"""The KV-cached sampler against the old greedy loop, transformers' generate and the uncached forward."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from codeparrot.generate import SamplingConfig, filter_logits, sample
+from codeparrot.model import GPT, GPTConfig, KVCache, generate, save_hf
+from codeparrot.tokenizer import train_on
+
+STDLIB = Path(os.__file__).parent
+EOS = "<|endoftext|>"
+PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Foo:\n    def __init__(self):\n        self.", "x"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A tiny byte-level BPE trained on a few standard-library files."""
+    texts = [(STDLIB / name).read_text() for name in ("abc.py", "bisect.py", "colorsys.py", "fnmatch.py")]
+    return train_on(iter([texts]), vocab_size=400, min_frequency=2, eos_token=EOS)
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    """A small random GPT; larger-than-GPT-2 init so that its logits are peaked and greedy argmax is unambiguous."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_positions=64, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return m.eval()
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of text, without special tokens."""
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def decoder(tok):
+    """A decode function for the sampler."""
+    return lambda ids: tok.decode(ids)
+
+
+def old_greedy(model: GPT, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """The generated part of the old uncached loop (the oracle)."""
+    out = generate(model, torch.tensor([prompt]), max_new_tokens, eos_token_id=eos_id)[0].tolist()
+    return out[len(prompt):]
+
+
+def greedy(model, prompt, max_new_tokens=20, **kw):
+    """The single greedy Completion of our sampler."""
+    return sample(model, [prompt], SamplingConfig(n=1, max_new_tokens=max_new_tokens, **kw))[0][0]
+
+
+def test_cached_logits_equal_uncached(model, tok):
+    ids = encode(tok, PROMPTS[2])
+    full = ids + [5, 17, 42, 7, 99]
+    ref = model(torch.tensor([full])).logits[0]  # [T, V]
+    # prefill in two chunks (the second exercises the explicit mask), then one token at a time
+    cache = KVCache(model.config.n_layer, len(full))
+    a = model(torch.tensor([ids[:3]]), kv_cache=cache).logits[0]
+    b = model(torch.tensor([ids[3:]]), kv_cache=cache, start_pos=3).logits[0]
+    torch.testing.assert_close(torch.cat([a, b]), ref[: len(ids)], atol=1e-5, rtol=0)
+    for pos in range(len(ids), len(full)):
+        step = model(torch.tensor([[full[pos]]]), kv_cache=cache, start_pos=pos).logits[0, -1]
+        torch.testing.assert_close(step, ref[pos], atol=1e-5, rtol=0)
+
+
+def test_greedy_equals_old_loop(model, tok):
+    for text in PROMPTS:
+        prompt = encode(tok, text)
+        assert greedy(model, prompt, 30).tokens == old_greedy(model, prompt, 30)
+
+
+def test_greedy_n_rows_all_equal_old_loop(model, tok):
+    prompt = encode(tok, PROMPTS[0])
+    rows = sample(model, [prompt], SamplingConfig(n=3, max_new_tokens=15))[0]
+    assert [r.tokens for r in rows] == [old_greedy(model, prompt, 15)] * 3
+
+
+def test_greedy_equals_transformers(model, tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    eos_id = tok.token_to_id(EOS)
+    save_hf(model, tmp_path, eos_token_id=eos_id)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    for text in PROMPTS:
+        prompt = encode(tok, text)
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=25,
+                          eos_token_id=eos_id, pad_token_id=eos_id)[0, len(prompt):].tolist()
+        ours = greedy(model, prompt, 25, eos_id=eos_id)
+        assert ours.tokens + ([eos_id] if ours.finish == "eos" else []) == out
+
+
+def test_sampling_reproducible_per_seed(model, tok):
+    prompts = [encode(tok, t) for t in PROMPTS[:2]]
+
+    def run(seed: int) -> list[list[list[int]]]:
+        cfg = SamplingConfig(n=4, max_new_tokens=12, temperature=1.0, top_p=0.95, seed=seed)
+        return [[c.tokens for c in rows] for rows in sample(model, prompts, cfg)]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_1_equals_greedy(model, tok):
+    prompt = encode(tok, PROMPTS[1])
+    rows = sample(model, [prompt], SamplingConfig(n=2, max_new_tokens=20, temperature=1.5, top_k=1, seed=3))[0]
+    assert [r.tokens for r in rows] == [greedy(model, prompt, 20).tokens] * 2
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    inf = float("-inf")
+    assert filter_logits(logits, 2, 1.0).tolist() == [[inf, 3.0, 2.0, inf]]
+    # probs ~ [0.09, 0.64, 0.24, 0.03]: 0.64 < 0.7 so the second-ranked token stays, the rest go
+    assert filter_logits(logits, 0, 0.7).tolist() == [[inf, 3.0, 2.0, inf]]
+    assert filter_logits(logits, 0, 0.5).tolist() == [[inf, 3.0, inf, inf]]
+
+
+def test_sampled_rows_follow_their_own_prefix(model, tok):
+    """Rows that finish leave the batch; every remaining row must still be decoded from its own cache."""
+    prompt = encode(tok, PROMPTS[0])
+    free = sample(model, [prompt], SamplingConfig(n=6, max_new_tokens=20, temperature=1.0, top_k=3, seed=0))[0]
+    eos_id = free[0].tokens[4]  # a token that really occurs, so that rows end at different steps
+    cfg = SamplingConfig(n=6, max_new_tokens=20, temperature=1.0, top_k=3, eos_id=eos_id, seed=0)
+    rows = sample(model, [prompt], cfg)[0]
+    assert len({len(r.tokens) for r in rows}) > 1, "rows should finish at different steps"
+    for r in rows:
+        seq = prompt + r.tokens + ([eos_id] if r.finish == "eos" else [])
+        logits = model(torch.tensor([seq])).logits[0]
+        for pos in range(len(prompt), len(seq)):
+            assert seq[pos] in logits[pos - 1].topk(3).indices.tolist()
+
+
+def test_eos_stops_a_row(model, tok):
+    prompt = encode(tok, PROMPTS[2])
+    free = greedy(model, prompt, 30).tokens
+    eos_id = free[6]
+    first = free.index(eos_id)
+    c = greedy(model, prompt, 30, eos_id=eos_id)
+    assert (c.tokens, c.finish) == (free[:first], "eos")
+
+
+def test_stop_string_split_across_two_tokens(model, tok):
+    decode = decoder(tok)
+    prompt = encode(tok, PROMPTS[0])
+    free = greedy(model, prompt, 40).tokens
+    # a stop string made of the last char of token i and the first char of token i+1, absent from before
+    for i in range(len(free) - 1):
+        head, nxt = decode(free[: i + 1]), decode([free[i + 1]])
+        stop = head[-1:] + nxt[:1]
+        if len(stop) == 2 and stop.isascii() and stop not in head:
+            break
+    else:
+        pytest.fail("no token boundary to split a stop string across")
+    c = sample(model, [prompt], SamplingConfig(max_new_tokens=40, stop=["never-there", stop]), decode)[0][0]
+    assert (c.tokens, c.text, c.finish) == (free[: i + 2], head[:-1], "stop")
+
+
+def test_stop_cuts_at_first_occurrence(model, tok):
+    decode = decoder(tok)
+    prompt = encode(tok, PROMPTS[1])
+    free = greedy(model, prompt, 40).tokens
+    text = decode(free)
+    late, early = text[-3:], text[5:8]  # two stop strings: the earlier one in the text must win
+    c = sample(model, [prompt], SamplingConfig(max_new_tokens=40, stop=[late, early]), decode)[0][0]
+    cut = min(text.find(late), text.find(early))
+    assert c.text == text[:cut] and c.finish == "stop"
+    assert early in decode(c.tokens) and early not in decode(c.tokens[:-1])
+
+
+def test_stop_searched_only_in_generated_text(model, tok):
+    decode = decoder(tok)
+    prompt = encode(tok, "def f():\n    return 1\ndef g():\n")  # holds the stop string "\ndef"
+    free = greedy(model, prompt, 20).tokens
+    text = decode(free)
+    c = sample(model, [prompt], SamplingConfig(max_new_tokens=20, stop=["\ndef"]), decode)[0][0]
+    assert len(c.tokens) > 0
+    expected = text[: text.find("\ndef")] if "\ndef" in text else text
+    assert c.text == expected
+
+
+def test_too_long_prompt_is_refused(model):
+    with pytest.raises(ValueError, match=r"prompt of 60 tokens \+ max_new_tokens 10 = 70 exceeds .* n_positions 64"):
+        sample(model, [[1] * 60], SamplingConfig(max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty prompt"):
+        sample(model, [[]], SamplingConfig(max_new_tokens=10))
+
+
+def test_stop_without_decode_is_refused(model):
+    with pytest.raises(ValueError, match="decode"):
+        sample(model, [[1, 2]], SamplingConfig(max_new_tokens=4, stop=["\n"]))
+
+
+def test_training_mode_restored(model):
+    model.train()
+    sample(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=3))
+    assert model.training
+    model.eval()
