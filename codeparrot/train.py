@@ -24,7 +24,7 @@ from .artifacts import fingerprint
 from .config import Config, ConfigError, TrainConfig, accumulation_steps
 from .data.packing import make_dataloader
 from .data.splits import split_dataset
-from .data.tokens import check_tokenizer
+from .data.pretokenize import check_tokenizer
 from .evaluate import evaluate_loss
 from .metrics import MetricsLogger
 from .model import GPT, resolve_model_config

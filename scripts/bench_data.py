@@ -156,7 +156,7 @@ def main() -> int:
         return 0
 
     from codeparrot.config import load_config
-    from codeparrot.data.tokens import load_meta, run_pretokenize
+    from codeparrot.data.pretokenize import load_meta, run_pretokenize
 
     print(f"cpu cores: {os.cpu_count()}, batch {args.batch_size} x seq {args.seq_length}, "
           f"{args.seconds:g} s per measurement after warm-up; corpus {args.clean}, tokenizer {args.tokenizer}")

@@ -13,7 +13,7 @@ SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 @pytest.mark.slow
 def test_bench_train_runs_ours_and_the_reference_on_token_shards(trained_tokenizer):
-    from codeparrot.data.tokens import run_pretokenize
+    from codeparrot.data.pretokenize import run_pretokenize
 
     cfg, _ = trained_tokenizer
     run_pretokenize(cfg)

@@ -20,7 +20,8 @@ from tokenizers import Tokenizer
 
 from codeparrot.config import load_config
 from codeparrot.corpus.source import ShardWriter, list_shards
-from codeparrot.data.tokens import block_order, load_meta, run_pretokenize
+from codeparrot.data.pretokenize import load_meta, run_pretokenize
+from codeparrot.data.tokens import block_order
 from codeparrot.tokenizer import save_tokenizer, train_on
 
 from conftest import SUBPROCESS_ENV, free_port, read_tokens

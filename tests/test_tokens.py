@@ -18,9 +18,8 @@ import torch
 from codeparrot.artifacts import fingerprint, read_manifest
 from codeparrot.corpus.source import list_shards
 from codeparrot.data.packing import make_dataloader
-from codeparrot.data.tokens import (
-    TokenizerMismatch, TokenShardDataset, block_order, load_meta, run_pretokenize, token_dtype,
-)
+from codeparrot.data.pretokenize import TokenizerMismatch, load_meta, run_pretokenize, token_dtype
+from codeparrot.data.tokens import TokenShardDataset, block_order
 from codeparrot.tokenizer import load_tokenizer, run_train_tokenizer
 
 from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, first_batches, read_all, read_tokens, summaries

@@ -19,9 +19,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from codeparrot.data.packing import check_same_consumer, consumer_of
-from codeparrot.data.pretokenize import (  # noqa: F401  (re-exported: the format's names, for readers of tokens/)
-    FORMAT, FORMAT_VERSION, META, SPLITS, TokenizerMismatch, check_tokenizer, load_meta, run_pretokenize,
-    token_dtype)
+from codeparrot.data.pretokenize import META, check_tokenizer, load_meta
 
 log = logging.getLogger(__name__)
 
