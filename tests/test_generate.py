@@ -1,6 +1,8 @@
 """The KV-cached sampler against the old greedy loop, transformers' generate and the uncached forward."""
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 
@@ -202,3 +204,64 @@ def test_training_mode_restored(model):
     sample(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=3))
     assert model.training
     model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tok, model) -> Path:
+    """The random model and its tokenizer saved as a checkpoint directory (no config.yaml: defaults apply)."""
+    d = tmp_path_factory.mktemp("gen") / "step-1"
+    save_hf(model, d, eos_token_id=tok.token_to_id(EOS))
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def generate_cli(capsys, ckpt: Path, *args: str) -> tuple[int, str, str]:
+    """Run `codeparrot generate` in this process: exit code, stdout, stderr."""
+    from codeparrot.cli import main
+
+    code = main(["generate", "--checkpoint", str(ckpt), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_command_streams_the_text_it_writes(capsys, tmp_path, checkpoint, tok, model):
+    """Greedy: the streamed text is the prompt + the JSONL completion, which is the sampler's own (after EOS)."""
+    prompt = PROMPTS[0]
+    code, _, _ = generate_cli(capsys, checkpoint, "-p", prompt, "--temperature", "0", "--max-new-tokens", "20",
+                              "-o", str(tmp_path / "out.jsonl"))
+    assert code == 0
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    eos = tok.token_to_id(EOS)
+    [[expected]] = sample(model, [[eos, *encode(tok, prompt)]], SamplingConfig(max_new_tokens=20, eos_id=eos),
+                          decoder(tok))
+    assert row["completion"] == expected.text and row["finish"] == expected.finish and len(expected.text) > 5
+    code, out, _ = generate_cli(capsys, checkpoint, "-p", prompt, "--temperature", "0", "--max-new-tokens", "20")
+    assert code == 0 and out == f"=== prompt 0, sample 0 ===\n{prompt}{expected.text}\n"
+    # A stop string from the middle of that text: the stream must hold back its first characters, then cut there.
+    text = expected.text
+    at = next(i for i in range(len(text) // 2, len(text) - 3) if text[i:i + 3].isascii())
+    stop, cut = text[at:at + 3], text[:text.find(text[at:at + 3])]
+    code, out, _ = generate_cli(capsys, checkpoint, "-p", prompt, "--temperature", "0", "--max-new-tokens", "20",
+                                "--stop", stop.replace("\n", "\\n"))
+    assert code == 0 and out == f"=== prompt 0, sample 0 ===\n{prompt}{cut}\n"
+
+
+def test_generate_reads_prompt_files_and_stdin(capsys, monkeypatch, tmp_path, checkpoint):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    code, _, _ = generate_cli(capsys, checkpoint, "--prompt-file", str(prompts), "-n", "3", "--max-new-tokens", "8",
+                              "--seed", "5", "-o", str(tmp_path / "out.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert code == 0 and [(r["prompt"], r["sample"]) for r in rows] == [(p, i) for p in PROMPTS[:2] for i in range(3)]
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[1]))
+    code, out, _ = generate_cli(capsys, checkpoint, "--max-new-tokens", "8", "-n", "2")
+    assert code == 0 and out.count(f"sample 1 ===\n{PROMPTS[1]}") == 1
+    prompts.write_text('{"prompt": "x"}\n["no"]\n')
+    code, _, err = generate_cli(capsys, checkpoint, "--prompt-file", str(prompts))
+    assert code == 2 and 'prompts.jsonl:2: not a JSON object with a "prompt"' in err
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(capsys, checkpoint):
+    code, out, err = generate_cli(capsys, checkpoint, "-p", PROMPTS[2] * 20, "--max-new-tokens", "8")
+    assert code == 2 and "exceeds the model's context n_positions 64" in err and "Traceback" not in err
+    assert out == ""  # nothing was sampled

@@ -109,3 +109,18 @@ def test_checkpoint_loads_in_transformers_with_equal_logits_on_cuda(checkpoint):
         want, got = ours(ids).logits, hf(ids).logits
     assert got.shape == want.shape == (2, 64, hf.config.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_on_cuda_matches_cpu_greedy_and_samples_in_bf16(checkpoint):
+    """fp32 greedy on CUDA gives the CPU's tokens (TF32 off); bf16 sampling of 8 rows runs and is seeded."""
+    from codeparrot.generate import SamplingConfig, sample
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu, gpu = load_hf(checkpoint).eval(), load_hf(checkpoint).to("cuda").eval()
+    prompt = list(range(1, 40))
+    greedy = SamplingConfig(max_new_tokens=24)
+    assert sample(gpu, [prompt], greedy)[0][0].tokens == sample(cpu, [prompt], greedy)[0][0].tokens
+    cfg = SamplingConfig(n=8, max_new_tokens=24, temperature=0.8, top_p=0.95, seed=3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        first, again = sample(gpu, [prompt], cfg)[0], sample(gpu, [prompt], cfg)[0]
+    assert [c.tokens for c in first] == [c.tokens for c in again] and len(first) == 8

