@@ -44,3 +44,16 @@ def test_compare_runs_flags_curves_that_differ(tmp_path, offset, code):
                            str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert f"largest difference {offset:.4f}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_generate_times_three_samplers_and_both_sandboxes():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_generate.py"), "--preset", "tiny", "--new-tokens", "6",
+         "--old-new-tokens", "2", "--repeats", "1", "--batches", "3", "--programs", "4", "--threads", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith("3 ")]
+    assert len(rows) == 2  # random weights, then the peaked copy
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # ours, transformers, old
+    assert "same verdict on every program: True (2 passed)" in proc.stdout
