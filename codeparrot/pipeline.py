@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 from .artifacts import read_manifest
-from .config import Config, accumulation_steps
+from .config import Config, ConfigError, accumulation_steps
 from .corpus.export import EXPORT_LOCAL, run_export_local  # noqa: F401  (run_export_local: re-exported)
 from .corpus.prepare import PREPARE
 from .data.pretokenize import PRETOKENIZE
@@ -51,7 +51,7 @@ def _evaluate_latest(cfg: Config) -> dict[str, Any]:
     return run_evaluate_latest(cfg)
 
 
-TRAIN = Step("train", ("model", "data", "train", "eval", "paths", "tokenizer.eos_token", "corpus.max_bad_ratio"),
+TRAIN = Step("train", ("model", "data", "train", "eval", "hub", "paths", "tokenizer.eos_token", "corpus.max_bad_ratio"),
              _train, "train the model (also under `accelerate launch -m codeparrot train`)")
 EVALUATE = Step("evaluate", ("eval", "data", "train.mixed_precision", "train.seed", "paths", "tokenizer.eos_token",
                              "corpus.max_bad_ratio"),
@@ -72,6 +72,11 @@ STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETO
 
 def _exports(cfg: Config) -> bool:
     """Whether `pipeline` runs export-local for this config; never over an export that export-local did not make."""
+    if cfg.paths.raw_url():  # read where it lies; export-local writes only local directories
+        if cfg.corpus.source == "local":
+            raise ConfigError(f"paths.raw={cfg.paths.raw} is a URL: set corpus.source=path (local exports this "
+                              "machine's files into a local paths.raw)")
+        return False
     raw = cfg.paths.resolve("raw")
     foreign = raw.exists() and (read_manifest(raw) or {}).get("stage") != EXPORT_LOCAL.name
     if cfg.corpus.source == "local" and foreign:

@@ -18,6 +18,7 @@ import yaml
 
 from .artifacts import CheckpointError
 from .config import Config, ConfigError, canonical_json, config_from_dict, identity, load_config
+from .hub import HUB_PREFIX, fetch_checkpoint
 from .model import save_hf
 from .tokenizer import TOKENIZER_FILE, set_model_max_length
 
@@ -78,12 +79,31 @@ def training_fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
     return canonical_json({**identity(cfg, ("model", "data", "train")), "inputs": inputs})
 
 
+def fetch_on_main_first(spec: str, cfg: Config, into: Path) -> Path:
+    """Download a `hub:` checkpoint once: the main process first, the others then find it in place."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).main_process_first():
+        return fetch_checkpoint(spec, cfg.hub, into)
+
+
 def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, TrainerState | None]:
-    """The checkpoint `train.resume` names (auto: the run's latest), checked to belong to this run."""
+    """The checkpoint `train.resume` names (auto: the run's latest), checked to belong to this run.
+
+    (checkpoint, None) means: start a new run from that checkpoint's weights (a `hub:` one without training state).
+    """
     resume = cfg.train.resume
     if resume == "none":
         return None, None
-    ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume)
+    if resume.startswith(HUB_PREFIX):
+        ckpt = fetch_on_main_first(resume, cfg, out / "hub")
+        if not (ckpt / "accelerate").is_dir():  # pushed without hub.include_training_state
+            log.warning("train: %s holds the weights only, not the optimizer and data state: starting a new run "
+                        "from its weights (push with hub.include_training_state=true to resume exactly)", resume)
+            return ckpt, None
+    else:
+        ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume)
     if ckpt is None:
         return None, None
     if not (ckpt / TRAINER_STATE).is_file():
@@ -120,11 +140,12 @@ def checkpoint_config(checkpoint: str | Path, path: str | Path | None = None, ov
 class Checkpointer:
     """Writes `step-N/` atomically (a `.tmp` name until complete), and prunes old ones."""
 
-    def __init__(self, accelerator, directory: Path, keep_last: int):
+    def __init__(self, accelerator, directory: Path, keep_last: int, pusher=None):
         self.accelerator, self.directory, self.keep_last = accelerator, directory, keep_last
+        self.pusher = pusher  # hub.CheckpointPusher on the main process when the run pushes to the Hub
 
     def save(self, step: int, model: torch.nn.Module, train_loader, state: TrainerState, cfg: Config,
-             tokenizer_dir: Path, eos_token_id: int) -> Path:
+             tokenizer_dir: Path, eos_token_id: int, last: bool = False) -> Path:
         """Save everything a resume and `transformers` need; the directory appears only once complete."""
         acc = self.accelerator
         final, tmp = self.directory / f"step-{step}", self.directory / f"step-{step}.tmp"
@@ -147,6 +168,8 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            if self.pusher is not None:  # pushed from its final name, after the atomic rename
+                self.pusher.offer(final, step, last)
             self._prune(step)
         acc.wait_for_everyone()
         log.info("checkpoint: saved %s", final)
@@ -169,13 +192,25 @@ class Checkpointer:
             # trainer_state.json last: its presence marks the checkpoint complete.
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2) + "\n")
 
+    def finish_pushes(self, step: int) -> dict[str, Any]:
+        """Wait for the Hub pushes (main process), then prune what they kept; the pushes' summary."""
+        if self.pusher is None:
+            return {}
+        result = self.pusher.finish()
+        self._prune(step)
+        return result
+
     def _prune(self, current: int) -> None:
         """Keep the newest `keep_last` checkpoints up to `current`; never touch later ones of an earlier run."""
         if self.keep_last <= 0:
             return
         steps = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
                        if (m := STEP_DIR.match(p.name)) and int(m.group(1)) <= current)
+        protected = self.pusher.protected() if self.pusher is not None else set()
         for _, path in steps[:-self.keep_last]:
+            if path in protected:  # waiting or being pushed: pruned at a later save
+                log.info("checkpoint: keeping %s until its push is done", path)
+                continue
             shutil.rmtree(path, ignore_errors=True)
 
     def restore(self, checkpoint: Path, train_loader) -> TrainerState:

@@ -39,6 +39,11 @@ class Stage:
         """Upstream fingerprints plus the extra inputs: the `inputs` of the manifest."""
         found = {}
         for key in self.inputs:
+            if key == "raw" and cfg.paths.raw_url():  # a remote export: its shard names and sizes
+                from .corpus.source import remote_fingerprint
+
+                found[key] = remote_fingerprint(cfg.paths.raw_url())
+                continue
             path = cfg.paths.resolve(key)
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found; run `codeparrot {PRODUCERS.get(key, key)}` first "

@@ -26,8 +26,9 @@ from .data.packing import make_dataloader
 from .data.splits import split_dataset
 from .data.pretokenize import check_tokenizer
 from .evaluate import evaluate_loss
+from .hub import start_pusher
 from .metrics import MetricsLogger
-from .model import GPT, resolve_model_config
+from .model import GPT, load_hf, resolve_model_config
 from .runs import (Checkpointer, TrainerState, find_resume, latest_checkpoint, read_trainer_state,  # noqa: F401
                    resolve_mixed_precision, run_dir, training_fingerprint)
 from .tokenizer import load_tokenizer
@@ -77,9 +78,22 @@ def make_accelerator(cfg: Config, out: Path) -> Accelerator:
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
-def build_model(cfg: Config, vocab_size: int, accelerator: Accelerator) -> GPT:
-    """The GPT of `cfg`; under FSDP on the `meta` device, so no rank holds the whole model in host memory."""
+def build_model(cfg: Config, vocab_size: int, accelerator: Accelerator, weights: Path | None = None) -> GPT:
+    """The GPT of `cfg` (with the weights of checkpoint `weights` if given); under FSDP on the `meta` device, so no
+    rank holds the whole model in host memory."""
     config = resolve_model_config(cfg.model, vocab_size, cfg.data.seq_length)
+    if weights is not None:
+        if accelerator.is_fsdp2:
+            raise ValueError("starting from a checkpoint's weights is not supported under FSDP; resume exactly "
+                             "(hub.include_training_state=true) or start on one process")
+        source, model = load_hf(weights), GPT(config)
+        shape = lambda c: (c.vocab_size, c.n_positions, c.n_layer, c.n_head, c.n_embd)  # noqa: E731
+        if shape(source.config) != shape(config):
+            raise ValueError(f"{weights} holds a model of shape {shape(source.config)} (vocab, positions, layers, "
+                             f"heads, width); this config's is {shape(config)}")
+        model.load_state_dict(source.state_dict())
+        log.info("train: starting from the weights of %s", weights)
+        return model
     if accelerator.is_fsdp2:
         with torch.device("meta"):
             return GPT(config)  # materialised shard by shard in prepare_model
@@ -240,6 +254,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     out, tokenizer_dir = run_dir(cfg), cfg.paths.resolve("tokenizer")
     config_fp = training_fingerprint(cfg, _inputs(cfg))
     resume_from, prior = find_resume(cfg, out, config_fp)
+    # (checkpoint, no state): a new run that starts from that checkpoint's weights
+    init_weights, resume_from = (resume_from, None) if prior is None else (None, resume_from)
     if prior is not None and prior.step >= t.max_steps:
         log.info("train: %s already reached step %d, skipping", resume_from, prior.step)
         return {"skipped": True, "checkpoint": str(resume_from), "step": prior.step,
@@ -249,11 +265,11 @@ def run_train(cfg: Config) -> dict[str, Any]:
     set_seed(t.seed)
     accumulation = accumulation_steps(t, acc.num_processes)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(cfg, tokenizer.get_vocab_size(), acc)
+    model = build_model(cfg, tokenizer.get_vocab_size(), acc, init_weights)
     model, optimizer = prepare_model(model, build_optimizer(model, t, acc), t, acc)
     gpt = acc.unwrap_model(model)
     train_loader, valid_ds = build_dataloaders(cfg, tokenizer, acc, t.micro_batch_size)
-    checkpointer = Checkpointer(acc, out, t.keep_last)
+    checkpointer = Checkpointer(acc, out, t.keep_last, start_pusher(cfg, acc))
     state = checkpointer.restore(resume_from, train_loader) if resume_from else TrainerState(config_fingerprint=config_fp)
 
     tokens_per_step = t.micro_batch_size * cfg.data.seq_length * accumulation * acc.num_processes
@@ -294,11 +310,12 @@ def run_train(cfg: Config) -> dict[str, Any]:
                     evaluate(state.step, state)
                 if save or end:
                     checkpointer.save(state.step, model, train_loader, state, cfg, tokenizer_dir,
-                                      tokenizer.token_to_id(cfg.tokenizer.eos_token))
+                                      tokenizer.token_to_id(cfg.tokenizer.eos_token), last=end)
 
     for tracker in acc.trackers:  # not end_training(): it ends the process group, which evaluate still uses
         tracker.finish()
     seconds = time.perf_counter() - train_start
+    hub = checkpointer.finish_pushes(state.step)  # waits for the last push
     _write_rank_report(acc, model, out, first_digest, state.step)
     return {"skipped": False, "checkpoint": str(out / f"step-{state.step}"), "step": state.step,
             "params_m": round(gpt.num_parameters() / 1e6, 2), "processes": acc.num_processes,
@@ -306,4 +323,4 @@ def run_train(cfg: Config) -> dict[str, Any]:
             "tokens_per_s": round((state.step - start_step) * tokens_per_step / max(seconds, 1e-9)),
             "first_val_loss": state.history[0]["loss"] if state.history else None,
             "best_val_loss": state.best_val_loss,
-            "final_val_perplexity": state.history[-1]["perplexity"] if state.history else None}
+            "final_val_perplexity": state.history[-1]["perplexity"] if state.history else None, **hub}

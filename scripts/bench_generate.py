@@ -1,7 +1,8 @@
 """Sampling tokens/s (ours, the old uncached loop, transformers' generate) and sandboxed programs/s, in one run.
 
     python scripts/bench_generate.py                       # small preset, random weights, 10 samples per prompt
-    python scripts/bench_generate.py --checkpoint work/tiny/runs/tiny/step-600 --batches 1 200
+    python scripts/bench_generate.py --batches 1 200        # on a GPU
+    python scripts/bench_generate.py --checkpoint work/tiny/runs/tiny/step-600
 
 Every generator gets the same model, the same prompt (HumanEval/0's length: EOS stops are turned off so that every
 sample runs to max_new_tokens) and the same settings (T 0.2, top_p 0.95). Without --checkpoint the model has random

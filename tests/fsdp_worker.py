@@ -69,6 +69,9 @@ def main(out: Path, vocab_size: int) -> None:
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report, indent=2) + "\n")
     if accelerator.is_main_process:
         save_hf(gpt, out / "hf", eos_token_id=0, state_dict=after)
+    # Leave the group together: a rank that exits while gloo threads still serve the other aborts (SIGABRT).
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -262,3 +262,22 @@ def test_ratio_judged_at_the_end_on_small_inputs(tmp_path):
     lenient = BadRecords(max_ratio=0.5)
     list(iter_records([shard], lenient))
     lenient.check(final=True)  # exactly at the ratio: allowed
+
+
+def test_urls_are_read_through_fsspec_with_the_same_rules(tmp_path, stdlib_root, stdlib_files):
+    """A file:// URL goes through fsspec like hf:// or gs:// would: listed by glob, read line by line, and a shard
+    cut off mid-file keeps its records before the cut and counts the break."""
+    export_local(tmp_path / "raw", [str(stdlib_root)], shard_records=EXPORT_SHARD_RECORDS)
+    local = list_shards(tmp_path / "raw")
+    urls = list_shards(f"file://{tmp_path / 'raw'}/*.json.gz")
+    assert [u.rsplit("/", 1)[1] for u in urls] == [p.name for p in local] and urls[0].startswith("file://")
+    bad = BadRecords(max_ratio=1.0)
+    assert list(iter_records(urls, bad)) == read_all(local) and bad.total_bad == 0
+    cut = tmp_path / "cut.json.gz"
+    data = local[0].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    bad = BadRecords(max_ratio=1.0)
+    records = list(iter_records([f"file://{cut}"], bad))
+    assert 0 < len(records) < EXPORT_SHARD_RECORDS and bad.counts == {"truncated_or_corrupt_file": 1}
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        list_shards(f"file://{tmp_path}/nothing/*.json.gz")

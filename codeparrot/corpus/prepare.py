@@ -41,7 +41,7 @@ from .report import (CLUSTERS_FILE, LENGTHS_PLOT, cluster_summary, decontaminati
 from .shards import (DECONTAMINATED, DUP_IN_SHARD, FILTERED, KEEP, SPLIT_KEYS, QuietBad, Scan, Settings,
                      init_worker, scan_shard, write_shard)
 from .shards import is_valid_repo  # re-exported: callers (tests, conftest) take the split rule from the stage
-from .source import LOGGED_BAD_RECORDS, BadRecords, list_shards
+from .source import LOGGED_BAD_RECORDS, BadRecords, list_shards, shard_name, shard_size
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,14 @@ def _settings(c: CorpusConfig) -> Settings:
 
 def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     """The three phases into the staged directory `tmp`; the counts for the manifest."""
-    raw, c = cfg.paths.resolve("raw"), cfg.corpus
+    raw, c = cfg.paths.raw_url() or cfg.paths.resolve("raw"), cfg.corpus
     files = list_shards(raw)
     if not files:
         raise FileNotFoundError(f"no export shards under {raw}; run `codeparrot export-local {raw}` or set paths.raw")
     settings = _settings(c)
     num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
     start = time.perf_counter()
-    shard_bytes = [f.stat().st_size for f in files]  # the progress bars' units
+    shard_bytes = [shard_size(f) for f in files]  # the progress bars' units
     with WorkerPool(num_proc, init_worker, (settings,)) as pool:
         survey = _scan_phase(pool, files, shard_bytes, settings, c.max_bad_ratio)
         near = _near_dedup_phase(survey, c)
@@ -183,7 +183,7 @@ def _scan_phase(pool: WorkerPool, files: list[Path], shard_bytes: list[int], set
         survey.files_in += len(scan.sizes)
         survey.bytes_in += sum(scan.sizes)
         survey.hist_in += length_hist(scan.sizes)
-        rows, sig_rows = _exact_dedup(scan, files[scan.index].name, seen, settings.corpus.exact_dedup, survey)
+        rows, sig_rows = _exact_dedup(scan, shard_name(files[scan.index]), seen, settings.corpus.exact_dedup, survey)
         shard_of.append(np.full(len(rows), scan.index, dtype=np.int64))
         line_of.append(np.array(scan.lines, dtype=np.int64)[rows])
         size_of.append(np.array(scan.sizes, dtype=np.int64)[rows])
@@ -276,7 +276,7 @@ def _report_phase(tmp: Path, settings: Settings, files: list[Path], survey: _Sur
     """Write the clusters file, report.json and the length plot into `tmp`; return the counts for the manifest."""
     def member(row: int) -> dict[str, Any]:
         shard, line = int(survey.shard_of[row]), int(survey.line_of[row])
-        return {"shard": files[shard].name, "line": line + 1, **written.names.get((shard, line), {})}
+        return {"shard": shard_name(files[shard]), "line": line + 1, **written.names.get((shard, line), {})}
 
     write_clusters(tmp / CLUSTERS_FILE, ([member(row) for row in cl] for cl in near.clusters))
     split, seconds = written.split, round(seconds, 2)

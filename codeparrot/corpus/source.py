@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import logging
 import zlib
@@ -60,8 +61,52 @@ class BadRecords:
         return {"good": self.good, "bad": self.total_bad, "bad_by_kind": dict(self.counts)}
 
 
-def list_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Shard files from a directory, a glob, a single file, or a list of those, sorted by name."""
+def is_url(spec: str | Path) -> bool:
+    """Whether a shard location is a URL read through fsspec (hf://, gs://, s3://, https://)."""
+    return isinstance(spec, str) and "://" in spec
+
+
+def list_remote_shards(url: str) -> list[str]:
+    """Shard URLs under a remote directory or matching a remote glob, sorted."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    found = fs.glob(root) if any(c in root for c in "*?[") else fs.find(root)
+    protocol = url.split("://", 1)[0]
+    names = [f for f in found if f.endswith(SHARD_SUFFIXES) and f.rsplit("/", 1)[-1] not in NOT_SHARDS]
+    if not names:
+        raise FileNotFoundError(f"no shards found at {url}")
+    return sorted(f"{protocol}://{name}" for name in names)
+
+
+def shard_name(path: str | Path) -> str:
+    """A shard's file name, local or remote."""
+    return path.rsplit("/", 1)[-1] if is_url(path) else Path(path).name
+
+
+def shard_size(path: str | Path) -> int:
+    """A shard's size in bytes, local or remote."""
+    if is_url(path):
+        import fsspec
+
+        fs, name = fsspec.core.url_to_fs(path)
+        return int(fs.size(name) or 0)
+    return Path(path).stat().st_size
+
+
+def remote_fingerprint(url: str) -> str:
+    """Identity of a remote export: its shard names and sizes."""
+    h = hashlib.sha256()
+    for shard in list_remote_shards(url):
+        h.update(f"{shard}:{shard_size(shard)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def list_shards(spec: str | Path | Iterable[str | Path]) -> list:
+    """Shard files from a directory, a glob, a single file, or a list of those, sorted by name; a URL (with a
+    glob or a directory) lists remote shards, as URL strings."""
+    if is_url(spec):
+        return list_remote_shards(spec)
     if isinstance(spec, (str, Path)):
         specs = [spec]
     else:
@@ -89,9 +134,13 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _open_lines(path: Path):
+def _open_lines(path: str | Path):
     # Binary lines: decoding per line lets one bad byte sequence cost one record, not the file.
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb", compression="gzip" if path.endswith(".gz") else None).open()
+    return gzip.open(path, "rb") if Path(path).name.endswith(".gz") else open(path, "rb")
 
 
 def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -99,7 +148,7 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0) -> Iterat
 
     Lines before `start_line` are read and discarded (gzip cannot seek), which is how a reader resumes.
     """
-    path = Path(path)
+    path = path if is_url(path) else Path(path)
     line_no = -1
     try:
         with _open_lines(path) as fh:
@@ -124,6 +173,10 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0) -> Iterat
         bad.add("truncated_or_corrupt_file", f"{path}:{line_no + 2}", str(e)[:80])
     except OSError as e:
         bad.add("unreadable_file", str(path), str(e)[:80])
+    except Exception as e:  # a remote read cut off mid-download (httpx, botocore, ... raise their own kinds)
+        if not is_url(path):
+            raise
+        bad.add("truncated_or_corrupt_file", f"{path}:{line_no + 2}", f"{type(e).__name__}: {e}"[:80])
 
 
 def iter_records(files: Iterable[str | Path], bad: BadRecords) -> Iterator[dict[str, Any]]:
