@@ -44,13 +44,14 @@ class PathsConfig:
     tokenizer: str = setting("", 'trained tokenizer (`train-tokenizer`); "" -> workdir/tokenizer')
     tokens: str = setting("", 'token shards (`pretokenize`); "" -> workdir/tokens')
     runs: str = setting("", 'training runs, one directory per train.run_name; "" -> workdir/runs')
+    sft: str = setting("", 'instruction records (`sft-data`); "" -> workdir/sft')
 
     def raw_url(self) -> str | None:
         """paths.raw when it is a URL (hf://, s3://, gs://, https://: read through fsspec), else None."""
         return self.raw if "://" in self.raw else None
 
     def resolve(self, name: str) -> Path:
-        """The directory of artifact `name` (raw, clean, tokenizer, tokens, runs)."""
+        """The directory of artifact `name` (raw, clean, tokenizer, tokens, runs, sft)."""
         value = getattr(self, name)
         return Path(value) if value else Path(self.workdir) / name
 
@@ -261,6 +262,26 @@ class HubConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Instruction fine-tuning data (`sft-data`) and the collate rules it is trained with."""
+
+    enabled: bool = setting(False, "`pipeline` also writes the instruction records (`sft-data`)")
+    source: str = setting("docstrings", '"docstrings": pairs mined from clean/ (train from clean/train, valid and '
+                                        'test from clean/valid); or the path of an Alpaca .json/.jsonl')
+    min_docstring_chars: int = setting(20, "docstrings shorter than this make no pair")
+    min_body_lines: int = setting(2, "function bodies (after the docstring) shorter than this make no pair")
+    valid_share_of_held_out: float = setting(0.5, "docstrings: share of clean/valid's pairs for validation; the "
+                                                  "rest are the test split")
+    train_fraction: float = setting(0.85, "Alpaca file: the first records for training (the chapter's 85%)")
+    test_fraction: float = setting(0.10, "Alpaca file: the next records for test; the rest are validation")
+    max_records: int = setting(0, "cap on records per split; 0 = all")
+    max_files: int = setting(0, "docstrings: mine at most this many files per clean split; 0 = all")
+    allowed_max_length: int = setting(1024, "tokens per training row at most (never more than the model's "
+                                            "n_positions); longer rows are truncated")
+    mask_prompt: bool = setting(False, "train on the response only (the prompt's targets are masked)")
+
+
+@dataclass
 class Config:
     """The whole tree; one section per stage family."""
 
@@ -274,6 +295,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written beside artifacts."""

@@ -19,6 +19,7 @@ from .config import Config, ConfigError, accumulation_steps
 from .corpus.export import EXPORT_LOCAL, run_export_local  # noqa: F401  (run_export_local: re-exported)
 from .corpus.prepare import PREPARE
 from .data.pretokenize import PRETOKENIZE
+from .sft.data import SFT_DATA
 from .stage import Stage
 from .tokenizer import TRAIN_TOKENIZER
 
@@ -67,7 +68,8 @@ def _humaneval_latest(cfg: Config) -> dict[str, Any]:
 HUMANEVAL = Step("humaneval", ("humaneval", "train.mixed_precision", "tokenizer.eos_token", "paths"), _humaneval_latest,
                  "pass@k on HumanEval, generated code sandboxed (in `pipeline`, when eval.humaneval: the latest "
                  "checkpoint)")
-STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETOKENIZE, TRAIN, EVALUATE, HUMANEVAL)
+STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETOKENIZE, SFT_DATA, TRAIN, EVALUATE,
+                                   HUMANEVAL)
 
 
 def _exports(cfg: Config) -> bool:
@@ -97,6 +99,8 @@ def pipeline_steps(cfg: Config) -> list[Stage | Step]:
         skip.add(PRETOKENIZE.name)
     if not cfg.eval.humaneval:
         skip.add(HUMANEVAL.name)
+    if not cfg.sft.enabled:
+        skip.add(SFT_DATA.name)
     return [step for step in STEPS if step.name not in skip]
 
 

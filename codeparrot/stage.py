@@ -19,7 +19,8 @@ from .config import Config, identity
 log = logging.getLogger(__name__)
 
 # The command that writes each artifact, for the message when an input is missing.
-PRODUCERS = {"raw": "export-local", "clean": "prepare", "tokenizer": "train-tokenizer", "tokens": "pretokenize"}
+PRODUCERS = {"raw": "export-local", "clean": "prepare", "tokenizer": "train-tokenizer", "tokens": "pretokenize",
+             "sft": "sft-data"}
 
 
 @dataclass(frozen=True)

@@ -183,8 +183,9 @@ def test_pipeline_under_accelerate_launch_runs_the_data_stages_once(tmp_path, st
     assert not list(work.glob("*.tmp")) and not list(work.glob("*.old"))
     logs = work / "runs" / "tiny" / "logs"
     assert [json.loads((logs / f"rank{r}.json").read_text())["world_size"] for r in (0, 1)] == [2, 2]
-    assert list(summaries(stdout)) == ["export-local", "prepare", "train-tokenizer", "pretokenize", "train",
-                                       "evaluate", "humaneval"]
+    assert list(summaries(stdout)) == ["export-local", "prepare", "train-tokenizer", "pretokenize", "sft-data",
+                                       "train", "evaluate", "humaneval"]
+    assert len(re.findall(r"INFO codeparrot.stage: sft-data: wrote ", stderr)) == 1  # rank 0 only
     # tiny.yaml scores 3 HumanEval problems; none fits this 32-token context, so each is a counted skip
     report = json.loads((work / "runs" / "tiny" / "humaneval" / "step-2" / "pass_at_k.json").read_text())
     assert report["processes"] == 2 and report["problems"] == report["problems_skipped"] == 3

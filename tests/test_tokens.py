@@ -290,7 +290,7 @@ def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
             f"corpus.split_seed={split_seed}", f"corpus.export_shard_records={EXPORT_SHARD_RECORDS}",
             f"corpus.local_roots={stdlib_root}", "corpus.source=local", "data.pretokenized=true",
             "train.max_steps=2", "train.eval_interval=1", "train.save_interval=2", "eval.max_batches=1",
-            "data.seq_length=32", "train.micro_batch_size=2", "eval.humaneval=false"]
+            "data.seq_length=32", "train.micro_batch_size=2", "eval.humaneval=false", "sft.enabled=false"]
     first = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     stages = summaries(first.stdout)

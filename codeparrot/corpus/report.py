@@ -70,7 +70,7 @@ def peak_rss_mb() -> dict[str, float]:
 
 def plot_lengths(hist: dict[str, list], path: Path) -> bool:
     """Plot the file-length distribution before and after cleaning as a PNG; False without matplotlib."""
-    try:  # matplotlib is optional (the `plot` extra)
+    try:  # a dependency; an install that lacks it still cleans, without the picture
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:

@@ -1,0 +1,226 @@
+"""The `sft-data` stage: instruction records (instruction, input, output) from docstrings or a user's Alpaca file.
+
+Records are written as `sft/{train,valid,test}.jsonl`, with `report.json` (counts per filter and split, token
+lengths) and `lengths.png`. The prompt format is the Alpaca one of the GPT-2 instruction-tuning chapter.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..config import Config
+from ..corpus.source import BadRecords, iter_records, list_shards
+from ..stage import Stage
+from .format import format_prompt
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+DOCSTRING_INSTRUCTION = "Implement the Python function described by this signature and docstring."
+
+
+def skip_reason(node: ast.FunctionDef | ast.AsyncFunctionDef, path: str, min_doc: int, min_body: int) -> str | None:
+    """Why a function makes no instruction pair (dunder, private, test, short docstring or body), or None."""
+    name = node.name
+    if name.startswith("__") and name.endswith("__"):
+        return "dunder"
+    if name.startswith("_"):
+        return "private"
+    if name.startswith("test") or "/test" in f"/{path}" or Path(path).name.startswith("test_"):
+        return "test"
+    doc = ast.get_docstring(node)
+    if not doc or len(doc) < min_doc:
+        return "short_docstring"
+    body = node.body[1:]  # after the docstring
+    if sum((b.end_lineno or b.lineno) - b.lineno + 1 for b in body) < min_body:
+        return "short_body"
+    return None
+
+
+def function_pair(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> dict[str, str]:
+    """(instruction, input: signature + docstring, output: the whole function with its decorators), dedented."""
+    first = node.decorator_list[0].lineno if node.decorator_list else node.lineno  # 1-based line numbers
+    text = textwrap.dedent("".join(lines[first - 1:node.end_lineno]))
+    own = text.splitlines()
+    stub = own[node.lineno - first:node.body[1].lineno - first]  # from `def` to just before the first statement
+    return {"instruction": DOCSTRING_INSTRUCTION, "input": "\n".join(stub).rstrip(), "output": text.rstrip() + "\n"}
+
+
+BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")  # the statement lists a function can sit in
+
+
+def function_nodes(body: list) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Every function (methods and nested ones too) among statements, without visiting expressions: ast.walk's
+    visit of every node was most of the stage's time."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        for block in BLOCKS:
+            yield from function_nodes(getattr(node, block, ()))
+
+
+def mine_docstrings(source: str, path: str, min_doc: int, min_body: int, counts: Counter) -> Iterator[dict[str, str]]:
+    """The instruction pairs of one file's functions (methods included), counting every skip by its reason."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        counts["unparsable_file"] += 1
+        return
+    lines = source.splitlines(keepends=True)
+    for node in function_nodes(tree.body):
+        reason = skip_reason(node, path, min_doc, min_body)
+        if reason:
+            counts[reason] += 1
+            continue
+        counts["functions_kept"] += 1
+        yield function_pair(node, lines)
+
+
+def docstring_records(clean: Path, split: str, cfg: Config, bad: BadRecords, counts: Counter) -> list[dict]:
+    """Pairs mined from the cleaned corpus split, deduplicated by output."""
+    s = cfg.sft
+    seen: set[bytes] = set()
+    out = []
+    for n, record in enumerate(iter_records(list_shards(clean / split), bad)):
+        if 0 < s.max_files <= n:
+            break
+        for pair in mine_docstrings(record["content"], record.get("path", ""), s.min_docstring_chars,
+                                    s.min_body_lines, counts):
+            digest = hashlib.sha1(pair["output"].encode("utf-8", "surrogatepass")).digest()
+            if digest in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(digest)
+            out.append(pair)
+    return out
+
+
+def read_alpaca(path: Path, counts: Counter) -> list[dict[str, str]]:
+    """Records of a user's Alpaca-format .json (a list) or .jsonl; bad lines and records are skipped and counted."""
+    if path.suffix == ".json":
+        try:
+            rows: Iterable[Any] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON list of records ({e})") from None
+    else:
+        rows = _jsonl_rows(path, counts)
+    records = []
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or \
+                not isinstance(row.get("output"), str) or not isinstance(row.get("input", ""), str):
+            counts["missing_fields"] += 1
+            continue
+        records.append({"instruction": row["instruction"], "input": row.get("input", ""), "output": row["output"]})
+    return records
+
+
+def _jsonl_rows(path: Path, counts: Counter) -> Iterator[Any]:
+    """The parsed lines of a .jsonl, a bad line counted and skipped."""
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            counts["invalid_json"] += 1
+
+
+def split_in_order(records: list[dict], train_fraction: float, test_fraction: float) -> dict[str, list[dict]]:
+    """The chapter's split, in file order: the first 85% train, the next 10% test, the rest validation."""
+    n_train, n_test = int(len(records) * train_fraction), int(len(records) * test_fraction)
+    return {"train": records[:n_train], "valid": records[n_train + n_test:],
+            "test": records[n_train:n_train + n_test]}
+
+
+def build_splits(cfg: Config, counts: Counter) -> dict[str, list[dict]]:
+    """The records of each split from `sft.source`."""
+    s = cfg.sft
+    if s.source == "docstrings":
+        clean = cfg.paths.resolve("clean")
+        bad = BadRecords(max_ratio=cfg.corpus.max_bad_ratio)
+        train = docstring_records(clean, "train", cfg, bad, counts)
+        held_out = docstring_records(clean, "valid", cfg, bad, counts)
+        # pretraining's valid files give validation and test pairs: none of them was trained on
+        half = int(len(held_out) * s.valid_share_of_held_out)
+        splits = {"train": train, "valid": held_out[:half], "test": held_out[half:]}
+    else:
+        splits = split_in_order(read_alpaca(Path(s.source), counts), s.train_fraction, s.test_fraction)
+    if s.max_records > 0:
+        splits = {k: v[:s.max_records] for k, v in splits.items()}
+    return splits
+
+
+def token_lengths(records: list[dict], tokenizer) -> list[int]:
+    """Tokens of each record's training text (prompt + output + EOS), as encode_record counts them."""
+    tokenizer.encode_special_tokens = True  # as encode_record: special strings in the text stay text
+    # one batched call per field: the tokenizer's own threads instead of a Python loop over records
+    prompts = tokenizer.encode_batch([format_prompt(r) for r in records], add_special_tokens=False)
+    outputs = tokenizer.encode_batch([r["output"] for r in records], add_special_tokens=False)
+    return [len(p.ids) + len(o.ids) + 1 for p, o in zip(prompts, outputs)]
+
+
+def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
+    """Write the three splits, the report and the length histogram."""
+    from ..tokenizer import load_tokenizer
+
+    counts: Counter = Counter()
+    splits = build_splits(cfg, counts)
+    if not splits["train"]:
+        raise ValueError(f"sft-data: no training records from sft.source={cfg.sft.source!r} ({dict(counts)})")
+    tokenizer = load_tokenizer(cfg.paths.resolve("tokenizer"))
+    report: dict[str, Any] = {"source": cfg.sft.source, "filters": dict(sorted(counts.items())), "splits": {}}
+    lengths = {}
+    for split, records in splits.items():
+        (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        lengths[split] = token_lengths(records, tokenizer)
+        over = sum(n > cfg.sft.allowed_max_length for n in lengths[split])
+        report["splits"][split] = {"records": len(records), "max_tokens": max(lengths[split], default=0),
+                                   "mean_tokens": round(sum(lengths[split]) / max(1, len(records)), 1),
+                                   "over_max_length": over,
+                                   "share_over_max_length": round(over / max(1, len(records)), 4)}
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_lengths(lengths, cfg.sft.allowed_max_length, tmp / "lengths.png")
+    log.info("sft-data: %s", ", ".join(f"{k} {v['records']}" for k, v in report["splits"].items()))
+    return {f"{k}_records": v["records"] for k, v in report["splits"].items()}
+
+
+def plot_lengths(lengths: dict[str, list[int]], max_length: int, path: Path) -> None:
+    """Histogram of token lengths per split, with the max length marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    every = sorted(n for values in lengths.values() for n in values)
+    top = max(every[int(0.99 * (len(every) - 1))] if every else 1, int(max_length * 1.1))  # a long tail hides the rest
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for split, values in lengths.items():
+        if values:
+            ax.hist(values, bins=50, range=(0, top), alpha=0.5, label=f"{split} ({len(values)})")
+    ax.axvline(max_length, color="black", linestyle="--", label=f"allowed_max_length {max_length}")
+    ax.set(xlabel=f"tokens (prompt + response + EOS); shown up to {top} (the 99th percentile)", ylabel="records",
+           title="SFT record lengths")
+    ax.legend()
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+def _extra_inputs(cfg: Config) -> dict[str, str]:
+    """A user file's hash (its content is an input)."""
+    if cfg.sft.source == "docstrings":
+        return {}
+    path = Path(cfg.sft.source)
+    if not path.is_file():
+        raise FileNotFoundError(f"sft.source={path}: no such file (give 'docstrings' or an Alpaca .json/.jsonl)")
+    return {"source": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+DATA_KEYS = ("sft.source", "sft.min_docstring_chars", "sft.min_body_lines", "sft.valid_share_of_held_out",
+             "sft.train_fraction", "sft.test_fraction", "sft.max_records", "sft.max_files", "sft.allowed_max_length")
+SFT_DATA = Stage(name="sft-data", output="sft", keys=(*DATA_KEYS, "tokenizer.eos_token", "corpus.max_bad_ratio"),
+                 inputs=("clean", "tokenizer"), extra_inputs=_extra_inputs, build=_build,
+                 help="instruction records for fine-tuning: docstring pairs from clean/, or an Alpaca file")
