@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "completion) instead of sampling; results are written beside it")
     _add_generate_parser(sub)
     _add_hub_parser(sub)
+    p = sub.add_parser("plot", help="draw loss.png of a run: train and validation loss against steps and tokens")
+    p.add_argument("run", help="a runs/<run> directory")
+    p.add_argument("--output", "-o", help="the PNG to write (default: <run>/loss.png)")
     _add_config_args(sub.add_parser("config", help="print the resolved config: each key's type, value and meaning"))
     return parser
 
@@ -177,6 +180,11 @@ def _summary(title: str, result: dict[str, Any]) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     """Run the command of `args`, printing its summary."""
+    if args.command == "plot":  # reads a run's metrics only: no config
+        from .plots import plot_run
+
+        _summary("plot", {"written": str(plot_run(args.run, args.output))})
+        return
     if args.command == "export-local":
         _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files))
         return

@@ -247,6 +247,18 @@ class _Evaluator:
         self.model.train()
 
 
+def _plot_losses(acc: Accelerator, out: Path) -> None:
+    """loss.png beside the run (main process); a plot that fails is logged, never a failed run."""
+    if not acc.is_main_process:
+        return
+    try:
+        from .plots import plot_run
+
+        plot_run(out)
+    except Exception as e:  # matplotlib missing or a font problem must not cost a finished training run
+        log.warning("train: no loss.png (%s: %s)", type(e).__name__, e)
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the model of `cfg`; rank 0 returns a summary."""
     t = cfg.train
@@ -316,6 +328,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         tracker.finish()
     seconds = time.perf_counter() - train_start
     hub = checkpointer.finish_pushes(state.step)  # waits for the last push
+    _plot_losses(acc, out)
     _write_rank_report(acc, model, out, first_digest, state.step)
     return {"skipped": False, "checkpoint": str(out / f"step-{state.step}"), "step": state.step,
             "params_m": round(gpt.num_parameters() / 1e6, 2), "processes": acc.num_processes,

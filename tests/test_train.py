@@ -84,6 +84,7 @@ def test_train_checkpoints_and_resume_match_uninterrupted(workdir):
     acc = EventAccumulator(str(events[0].parent)).Reload()
     ppl = {e.step: e.value for e in acc.Scalars("eval/perplexity")}
     assert sorted(ppl) == [0, 3, 6] and ppl[6] < ppl[0]
+    assert (full / "loss.png").read_bytes()[:4] == b"\x89PNG"  # drawn at the end of training
     assert ppl[6] == pytest.approx(math.exp(state.history[-1]["loss"]), rel=1e-4)
 
     # Simulate a crash after step 3: keep only the step-3 checkpoint and the log lines up to it.
