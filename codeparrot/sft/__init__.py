@@ -1,1 +1,1 @@
-"""Instruction fine-tuning: the data stage and the collate rules (training lands with issue 12's second part)."""
+"""Instruction fine-tuning: the data stage, the collate rules and LoRA (the training stage lands with issue 12)."""
