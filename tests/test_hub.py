@@ -74,6 +74,7 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_training_pushes_a_commit_per_checkpoint_to_its_branch_and_the_token_nowhere(workdir, hub):
     proc = train(workdir, hub, "train.run_name=pushed", "train.max_steps=6")
     result = summary(proc.stdout)
@@ -120,6 +121,7 @@ def test_training_pushes_a_commit_per_checkpoint_to_its_branch_and_the_token_now
     assert json.loads(out.read_text().splitlines()[0])["prompt"] == "def f(x):"
 
 
+@pytest.mark.slow
 def test_a_slow_server_never_slows_training_and_pruning_spares_what_is_pushed(workdir, hub):
     """2 s per commit, a checkpoint every step: steps go on while a push is in flight, newer ones replace waiting
     ones, the final one is pushed, and keep_last=1 never deletes a checkpoint waiting or being pushed."""
@@ -137,6 +139,7 @@ def test_a_slow_server_never_slows_training_and_pruning_spares_what_is_pushed(wo
     assert sorted(p.name for p in (workdir / "runs" / "slow").glob("step-*")) == ["step-8"]
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_fails_pushes_but_not_training(workdir, hub):
     hub.commit_delay = 1.0
     cmd = [sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}", *TINY, f"hub.repo_id={REPO}",
@@ -154,6 +157,7 @@ def test_a_server_that_goes_away_fails_pushes_but_not_training(workdir, hub):
     assert "push of step" in stderr and "failed" in stderr and TOKEN not in stderr
 
 
+@pytest.mark.slow
 def test_resume_from_the_hub_reproduces_the_uninterrupted_run(workdir, hub):
     """Push with the training state, lose the local run, resume from `hub:` under another name: same losses."""
     train(workdir, hub, "train.run_name=whole", "train.max_steps=6")
