@@ -263,9 +263,10 @@ class HubConfig:
 
 @dataclass
 class SFTConfig:
-    """Instruction fine-tuning data (`sft-data`) and the collate rules it is trained with."""
+    """Instruction fine-tuning: its records (`sft-data`) and the run (`sft`), with the chapter's defaults."""
 
-    enabled: bool = setting(False, "`pipeline` also writes the instruction records (`sft-data`)")
+    enabled: bool = setting(False, "`pipeline` also writes the instruction records and fine-tunes (`sft-data`, "
+                                   "`sft`)")
     source: str = setting("docstrings", '"docstrings": pairs mined from clean/ (train from clean/train, valid and '
                                         'test from clean/valid); or the path of an Alpaca .json/.jsonl')
     min_docstring_chars: int = setting(20, "docstrings shorter than this make no pair")
@@ -279,6 +280,36 @@ class SFTConfig:
     allowed_max_length: int = setting(1024, "tokens per training row at most (never more than the model's "
                                             "n_positions); longer rows are truncated")
     mask_prompt: bool = setting(False, "train on the response only (the prompt's targets are masked)")
+    max_record_tokens: int = setting(0, "records longer than this many tokens are left out (counted); 0 = keep "
+                                        "all, truncated to allowed_max_length when training")
+    base: str = setting("latest", 'model to fine-tune: "latest" (the pretraining run train.run_name), a step-N '
+                                  "directory, hub:<repo_id>[@revision], or a transformers GPT-2 directory with "
+                                  "its tokenizer.json", nonempty=True)
+    run_name: str = setting("sft", "directory of the fine-tuning run under paths.runs")
+    method: str = setting("full", "full: every weight trains; lora: low-rank adapters only, merged at the end",
+                          choices=("full", "lora"))
+    lora_rank: int = setting(16, "LoRA rank r")
+    lora_alpha: float = setting(32.0, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = setting(0.05, "dropout on the adapters' input")
+    lora_targets: list[str] = setting(["attn.c_attn", "attn.c_proj"], "Linear layers adapted (name suffixes); "
+                                      "lm_head and wte are refused: they are tied")
+    packing: bool = setting(False, "join examples into allowed_max_length rows (attention stays inside each)")
+    epochs: int = setting(2, "passes over the training records")
+    max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch")
+    batch_size: int = setting(8, "rows per micro-batch per process")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; the loss is weighted by "
+                                                  "target tokens, so this never changes the result")
+    learning_rate: Optional[float] = setting(None, "peak learning rate; null = 5e-5 (full, the chapter's) or 2e-4 "
+                                                   "(lora)")
+    warmup_ratio: Optional[float] = setting(None, "share of the steps in linear warmup; null = 0 (full) or 0.1 "
+                                                  "(lora)")
+    lr_schedule: str = setting("constant", "learning rate after warmup (the chapter keeps it constant)",
+                               choices=("constant", "cosine"))
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    eval_interval: int = setting(5, "optimizer steps between train/validation loss measurements")
+    eval_batches: int = setting(5, "batches of each split per measurement (0 = all)")
+    save_interval: int = setting(0, "optimizer steps between checkpoints; 0 = at each epoch end")
+    max_new_tokens: int = setting(256, "tokens generated per test response at most")
 
 
 @dataclass
@@ -332,6 +363,8 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
     "train.resume", "train.run_name", "train.max_steps",
     # How many programs or samples run at once.
     "humaneval.workers",
+    # Fine-tuning: which run, and how often it measures, saves and how long its responses may be.
+    "sft.enabled", "sft.run_name", "sft.eval_interval", "sft.eval_batches", "sft.save_interval", "sft.max_new_tokens",
     # Where checkpoints are published, never what they hold.
     "hub.repo_id", "hub.branch", "hub.private", "hub.endpoint", "hub.push_every", "hub.include_training_state",
     "hub.final_wait", "hub.license", "hub.datasets",

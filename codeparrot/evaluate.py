@@ -13,7 +13,7 @@ import torch
 
 from .config import Config
 from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
-from .model import model_device
+from .model import batch_inputs, count_targets, model_device
 from .runs import require_latest_checkpoint, resolve_mixed_precision
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,10 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], accelerator, max_batches: int = 0
-                  ) -> dict[str, Any]:
-    """Mean next-token loss over every evaluated token of every process, and its perplexity.
+def evaluate_loss(model: torch.nn.Module, batches: Iterable, accelerator, max_batches: int = 0) -> dict[str, Any]:
+    """Mean next-token loss over every evaluated target token of every process, and its perplexity.
+
+    Batches are token blocks [B, T] (pretraining) or fine-tuning's collated dicts (see model.batch_inputs).
 
     Ranks may hold different amounts of validation data; all stop together at the first batch some rank
     lacks, because a sharded (FSDP) forward needs every rank to take part.
@@ -49,10 +50,10 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], accel
                 break
         elif batch is None:
             break
-        batch = batch.to(device, non_blocking=True)  # [B, T]
+        inputs = batch_inputs(batch, device)
         with accelerator.autocast():
-            loss = model(batch, labels=batch).loss  # mean over B * (T - 1) predicted tokens
-        count = batch.size(0) * (batch.size(1) - 1)
+            loss = model(**inputs).loss  # mean over the batch's target tokens
+        count = count_targets(inputs)
         loss_sum += loss.double() * count
         n_tokens += count
         n += 1

@@ -11,7 +11,7 @@ import logging
 import resource
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -35,12 +35,14 @@ class MetricsLogger:
     data-wait share describe training steps only.
     """
 
-    def __init__(self, accelerator, path: Path, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+    def __init__(self, accelerator, path: Path, tokens_per_step: int, flops_per_token: float, peak_flops: float,
+                 extra: Optional[Callable[[int], dict[str, Any]]] = None):
         self.acc, self.path = accelerator, path
+        self.extra = extra  # more fields of every record at a step (fine-tuning: its epoch)
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
         self.loss_sum = torch.zeros((), device=accelerator.device)  # summed on device: no host sync per step
-        self.micro_steps = 0
         self.steps = 0
+        self.window_tokens = 0
         self.data_wait = 0.0
         self.paused_seconds = 0.0
         self.window_start = time.perf_counter()
@@ -51,16 +53,19 @@ class MetricsLogger:
 
     def record(self, metrics: dict[str, Any], step: int) -> None:
         """Send `metrics` to the trackers and append them to metrics.jsonl (rank 0 writes)."""
+        if self.extra is not None:
+            metrics = {**metrics, **self.extra(step)}
         self.acc.log(metrics, step=step)
         if self.acc.is_main_process:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def add_step(self, loss_sum: torch.Tensor, micro_steps: int, data_wait: float) -> None:
-        """Count one optimizer step: its summed micro-batch losses (on device) and seconds spent waiting for data."""
-        self.loss_sum += loss_sum
-        self.micro_steps += micro_steps
+    def add_step(self, loss: torch.Tensor, data_wait: float, tokens: Optional[int] = None) -> None:
+        """Count one optimizer step: its loss (on device), seconds spent waiting for data, and its tokens when they
+        vary by step (fine-tuning; else tokens_per_step)."""
+        self.loss_sum += loss
         self.steps += 1
+        self.window_tokens += self.tokens_per_step if tokens is None else tokens
         self.data_wait += data_wait
 
     @contextlib.contextmanager
@@ -79,9 +84,9 @@ class MetricsLogger:
 
     def flush(self, step: int, max_steps: int, lr: float, grad_norm: torch.Tensor, tokens_seen: int) -> None:
         """Report the window that ends at `step` and start a new one."""
-        mean_loss = self.acc.reduce(self.loss_sum, reduction="mean").item() / max(self.micro_steps, 1)  # syncs
+        mean_loss = self.acc.reduce(self.loss_sum, reduction="mean").item() / max(self.steps, 1)  # syncs
         seconds = max(time.perf_counter() - self.window_start - self.paused_seconds, 1e-9)
-        tokens_per_s = self.steps * self.tokens_per_step / seconds
+        tokens_per_s = self.window_tokens / seconds
         wait_frac = self.data_wait / seconds
         world = self.acc.num_processes
         self.record({"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
@@ -93,7 +98,7 @@ class MetricsLogger:
                  tokens_per_s, 100 * wait_frac)
         self._watch_data_wait(wait_frac)
         self.loss_sum.zero_()
-        self.micro_steps = self.steps = 0
+        self.steps = self.window_tokens = 0
         self.data_wait = self.paused_seconds = 0.0
         self.window_start = time.perf_counter()
 

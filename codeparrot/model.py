@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from codeparrot.config import ModelConfig
+from codeparrot.documents import Documents, document_attention, locate_documents, use_varlen
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
+                docs: Optional[Documents] = None) -> torch.Tensor:
         B, T, C = x.shape
         # [B, T, 3C] -> 3 x [B, n_head, T, head_dim]
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
@@ -149,7 +151,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             y = self._cached_attention(q, k, v, kv_cache, start_pos)
         elif self.reorder_and_upcast:
-            y = self._upcast_attention(q, k, v, dropout_p)
+            y = self._upcast_attention(q, k, v, dropout_p, None if docs is None else docs.mask)
+        elif docs is not None:  # packed rows: each document attends only to itself
+            y = document_attention(q, k, v, docs, self.scale, dropout_p)
         elif self.backends is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
         else:
@@ -176,13 +180,16 @@ class CausalSelfAttention(nn.Module):
             return y.to(v.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
 
-    def _upcast_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """Scores and softmax in fp32 even under autocast, so that half-precision scores cannot overflow."""
+    def _upcast_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores and softmax in fp32 even under autocast, so that half-precision scores cannot overflow; `mask`
+        [B, 1, T, T] (documents) replaces the causal one."""
         T = q.size(-2)
         with torch.autocast(device_type=q.device.type, enabled=False):
             att = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # [B, n_head, T, T]
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         att = F.dropout(att.to(v.dtype), p=dropout_p, training=dropout_p > 0)
         return att @ v  # [B, n_head, T, head_dim]
 
@@ -210,8 +217,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+    def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, start_pos: int = 0,
+                docs: Optional[Documents] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos, docs)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -255,37 +263,44 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, start_pos: int = 0) -> GPTOutput:
-        """Logits for `input_ids` [B, T]; with `labels` [B, T], also the loss of predicting labels[t+1] at t.
+                kv_cache: Optional[KVCache] = None, start_pos: int = 0, *, targets: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None) -> GPTOutput:
+        """Logits for `input_ids` [B, T], and the mean loss over targets that are not -100:
 
-        With `kv_cache`, input_ids are positions start_pos .. start_pos+T-1, attending to the cached prefix too.
+        - `labels` [B, T] are shifted inside, as transformers does: labels[t+1] is the target at t (pretraining
+          passes labels = input_ids);
+        - `targets` [B, T] are already aligned: targets[t] is the target at t (fine-tuning's collate).
+
+        Packed rows pass `position_ids` [B, T] (restarting at each document) and `document_ids` [B, T], which keep
+        attention inside each document. With `kv_cache`, input_ids are positions start_pos .. start_pos+T-1,
+        attending to the cached prefix too.
         """
         B, T = input_ids.shape
         if start_pos + T > self.config.n_positions:
             raise ValueError(f"sequence length {start_pos + T} exceeds n_positions {self.config.n_positions}")
-        pos = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        pos = torch.arange(start_pos, start_pos + T, device=input_ids.device) if position_ids is None else position_ids
         x = self.drop(self.wte(input_ids) + self.wpe(pos))  # [B, T, C]
+        docs = None if document_ids is None else locate_documents(
+            document_ids, use_varlen(input_ids, self.wte.weight.dtype, self.config.dropout * self.training))
         for block in self.h:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # trade compute for memory: keep only block inputs, recompute activations in backward
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, docs, use_reentrant=False)
             else:
-                x = block(x, kv_cache, start_pos)
+                x = block(x, kv_cache, start_pos, docs)
         h = self.ln_f(x)  # [B, T, C]
-        # labels are shifted inside, as transformers does, so callers pass labels = input_ids
-        if labels is not None and self.config.loss_chunk_size > 0:
-            loss = chunked_cross_entropy(h[:, :-1].reshape(-1, h.size(-1)), self.lm_head.weight,
-                                         labels[:, 1:].reshape(-1), self.config.vocab_size,
-                                         self.config.loss_chunk_size)
+        if labels is not None:
+            targets = labels[:, 1:]  # [B, T-1]: the hidden state at t predicts labels[t+1]
+        n = T if targets is None else targets.size(1)  # positions that have a target: T-1 (labels) or T
+        if targets is not None and self.config.loss_chunk_size > 0:
+            loss = chunked_cross_entropy(h[:, :n].reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                         self.config.vocab_size, self.config.loss_chunk_size)
             return GPTOutput(None, loss)
         logits = self.lm_head(h)[..., : self.config.vocab_size]  # [B, T, V]: padding rows are never predicted
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+        if targets is not None:
+            loss = F.cross_entropy(logits[:, :n].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
         return GPTOutput(logits, loss)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -309,6 +324,25 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+
+def batch_inputs(batch: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The forward's keyword arguments for a batch on `device`: a token block [B, T] is its own labels
+    (pretraining); a dict (fine-tuning's collate) names input_ids and targets, and position_ids and document_ids
+    when its rows are packed."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return {"input_ids": batch, "labels": batch}
+    return {key: t.to(device, non_blocking=True) for key, t in batch.items()}
+
+
+def count_targets(inputs: dict[str, torch.Tensor]) -> int | torch.Tensor:
+    """Positions the loss of `inputs` averages over: B * (T - 1) for a token block (known without a device sync),
+    the targets that are not -100 (a device tensor) for a fine-tuning batch."""
+    if "targets" not in inputs:
+        ids = inputs["input_ids"]
+        return ids.size(0) * (ids.size(1) - 1)
+    return (inputs["targets"] != -100).sum()
 
 
 def model_device(model: nn.Module) -> torch.device:

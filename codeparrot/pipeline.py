@@ -1,7 +1,7 @@
 """`pipeline`: every step in order, each skipping itself when its output is up to date.
 
 The steps are declared once, in STEPS: the artifact stages (codeparrot/stage.py), then train and evaluate, which
-keep their own bookkeeping under runs/. The command line takes each command's help from the same declarations.
+keep their own bookkeeping under runs/ (as do humaneval and sft). The command line takes each command's help from the same declarations.
 Under `accelerate launch`, rank 0 runs the artifact stages while the other ranks wait; they then find every stage
 up to date, and all ranks train together.
 """
@@ -68,8 +68,19 @@ def _humaneval_latest(cfg: Config) -> dict[str, Any]:
 HUMANEVAL = Step("humaneval", ("humaneval", "train.mixed_precision", "tokenizer.eos_token", "paths"), _humaneval_latest,
                  "pass@k on HumanEval, generated code sandboxed (in `pipeline`, when eval.humaneval: the latest "
                  "checkpoint)")
+
+
+def _sft(cfg: Config) -> dict[str, Any]:
+    from .sft.finetune import run_sft
+
+    return run_sft(cfg)
+
+
+SFT = Step("sft", ("sft", "train", "tokenizer.eos_token", "paths", "hub.endpoint"), _sft,
+           "instruction-tune sft.base on sft/ (full or LoRA): final/ for transformers, responses.json, loss.png "
+           "(also under `accelerate launch -m codeparrot sft`)")
 STEPS: tuple[Stage | Step, ...] = (EXPORT_LOCAL, PREPARE, TRAIN_TOKENIZER, PRETOKENIZE, SFT_DATA, TRAIN, EVALUATE,
-                                   HUMANEVAL)
+                                   HUMANEVAL, SFT)
 
 
 def _exports(cfg: Config) -> bool:
@@ -100,7 +111,7 @@ def pipeline_steps(cfg: Config) -> list[Stage | Step]:
     if not cfg.eval.humaneval:
         skip.add(HUMANEVAL.name)
     if not cfg.sft.enabled:
-        skip.add(SFT_DATA.name)
+        skip.update((SFT_DATA.name, SFT.name))
     return [step for step in STEPS if step.name not in skip]
 
 
@@ -135,7 +146,7 @@ def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:
         for stage in (s for s in steps if isinstance(s, Stage)):
             log.info("pipeline: stage %s", stage.name)
             results[stage.name] = stage.run(cfg)
-    for step in (s for s in steps if not isinstance(s, Stage)):  # train, evaluate, humaneval, on every rank
+    for step in (s for s in steps if not isinstance(s, Stage)):  # train, evaluate, humaneval, sft: every rank
         log.info("pipeline: step %s", step.name)
         results[step.name] = step.run(cfg)
     return results

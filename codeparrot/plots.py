@@ -26,11 +26,13 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def loss_figure(rows: list[dict[str, Any]], title: str):
-    """The figure: train loss and validation loss against steps; tokens seen on the top axis."""
+    """The figure: train and validation loss against steps (against epochs for fine-tuning runs, whose rows carry
+    train/epoch); tokens seen on the top axis."""
     from matplotlib.figure import Figure
 
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    valid = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    x_key = "train/epoch" if any("train/epoch" in r for r in rows) else "step"
+    train = [(r[x_key], r["train/loss"]) for r in rows if "train/loss" in r]
+    valid = [(r[x_key], r["eval/loss"]) for r in rows if "eval/loss" in r]
     if not train and not valid:
         raise ValueError("no train/loss or eval/loss in the run's metrics: nothing to plot")
     fig = Figure(figsize=(7, 4.5))
@@ -39,12 +41,16 @@ def loss_figure(rows: list[dict[str, Any]], title: str):
         ax.plot(*zip(*train), label="train", linewidth=1)
     if valid:
         ax.plot(*zip(*valid), "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.set(xlabel="epoch" if x_key != "step" else "step", ylabel="loss", title=title)
     ax.legend()
-    seen = [(r["step"], r["train/tokens_seen"]) for r in rows if r.get("train/tokens_seen") and r["step"] > 0]
-    if seen:  # tokens per step is constant within a run: a linear second axis
-        per_step = seen[-1][1] / seen[-1][0]
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+    seen = sorted({(r[x_key], r["train/tokens_seen"]) for r in rows if r.get("train/tokens_seen")})
+    if seen:  # tokens grow with steps (not always linearly: fine-tuning batches differ): interpolate both ways
+        import numpy as np
+
+        # from 0, and on past the last point at the run's own rate, so that ticks beyond the data stay in place
+        xs = np.array([0.0] + [x for x, _ in seen] + [seen[-1][0] * 10])
+        ts = np.array([0.0] + [t for _, t in seen] + [seen[-1][1] * 10], dtype=float)
+        top = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, xs, ts), lambda v: np.interp(v, ts, xs)))
         top.set_xlabel("tokens seen")
     fig.tight_layout()
     return fig

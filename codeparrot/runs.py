@@ -137,12 +137,25 @@ def checkpoint_config(checkpoint: str | Path, path: str | Path | None = None, ov
     return load_config(path, overrides, base=base)
 
 
+def write_model_dir(directory: Path, gpt, weights: dict[str, torch.Tensor], tokenizer_dir: Path, eos_token_id: int,
+                    cfg: Config) -> None:
+    """What `transformers` and `generate` load: config.json + model.safetensors, the tokenizer files, config.yaml."""
+    save_hf(gpt, directory, eos_token_id=eos_token_id, state_dict=weights)
+    for name in TOKENIZER_FILES:
+        if name == TOKENIZER_FILE or (tokenizer_dir / name).is_file():  # a transformers base may lack the others
+            shutil.copy2(tokenizer_dir / name, directory / name)
+    if (directory / "tokenizer_config.json").is_file():
+        set_model_max_length(directory, gpt.config.n_positions)
+    cfg.save(directory / "config.yaml")
+
+
 class Checkpointer:
     """Writes `step-N/` atomically (a `.tmp` name until complete), and prunes old ones."""
 
-    def __init__(self, accelerator, directory: Path, keep_last: int, pusher=None):
+    def __init__(self, accelerator, directory: Path, keep_last: int, pusher=None, export=None):
         self.accelerator, self.directory, self.keep_last = accelerator, directory, keep_last
         self.pusher = pusher  # hub.CheckpointPusher on the main process when the run pushes to the Hub
+        self.export = export  # weights -> plain GPT-2 weights (LoRA merges its adapters); None: as they are
 
     def save(self, step: int, model: torch.nn.Module, train_loader, state: TrainerState, cfg: Config,
              tokenizer_dir: Path, eos_token_id: int, last: bool = False) -> Path:
@@ -183,12 +196,8 @@ class Checkpointer:
         # Each rank's data position differs, so each writes its own file.
         torch.save(train_loader.state_dict(), tmp / f"data_state_rank{acc.process_index}.pt")
         if acc.is_main_process:
-            gpt = acc.unwrap_model(model)
-            save_hf(gpt, tmp, eos_token_id=eos_token_id, state_dict=weights)
-            for name in TOKENIZER_FILES:
-                shutil.copy2(tokenizer_dir / name, tmp / name)
-            set_model_max_length(tmp, gpt.config.n_positions)
-            cfg.save(tmp / "config.yaml")
+            weights = self.export(weights) if self.export is not None else weights
+            write_model_dir(tmp, acc.unwrap_model(model), weights, tokenizer_dir, eos_token_id, cfg)
             # trainer_state.json last: its presence marks the checkpoint complete.
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2) + "\n")
 

@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from accelerate import Accelerator
@@ -28,7 +29,7 @@ from .data.pretokenize import check_tokenizer
 from .evaluate import evaluate_loss
 from .hub import start_pusher
 from .metrics import MetricsLogger
-from .model import GPT, load_hf, resolve_model_config
+from .model import GPT, batch_inputs, count_targets, load_hf, resolve_model_config
 from .runs import (Checkpointer, TrainerState, find_resume, latest_checkpoint, read_trainer_state,  # noqa: F401
                    resolve_mixed_precision, run_dir, training_fingerprint)
 from .tokenizer import load_tokenizer
@@ -151,35 +152,55 @@ def build_dataloaders(cfg: Config, tokenizer, accelerator: Accelerator, micro_ba
 class StepResult(NamedTuple):
     """What one optimizer step leaves, still on the device (reading it would force a host sync)."""
 
-    loss_sum: torch.Tensor  # sum of the micro-batch mean losses
+    loss: torch.Tensor  # the step's loss: its micro-batches' losses weighted by their target tokens
     grad_norm: torch.Tensor  # before clipping
-    batches: list[torch.Tensor]  # the micro-batches it trained on, [B, T] each
+    batches: list[dict[str, torch.Tensor]]  # the micro-batches it trained on (batch_inputs of each)
     data_wait: float  # seconds spent waiting for batches
+    tokens: Optional[torch.Tensor]  # input tokens of the step over every rank; None: fixed-size blocks
 
 
-def train_step(model, optimizer, batches: Iterator[torch.Tensor], accelerator: Accelerator, accumulation: int,
+def micro_weights(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator
+                  ) -> tuple[list[float] | torch.Tensor, Optional[torch.Tensor]]:
+    """Each micro-batch's share of the step's loss, and the step's input tokens over every rank.
+
+    The share is its target tokens over the step's, across micro-batches and ranks, so that accumulation and the
+    process count never change the result (a per-micro-batch mean would). DDP averages gradients over ranks, hence
+    the factor world size. Pretraining blocks all hold B * (T - 1) targets: their share is 1/G, with no count.
+    """
+    G = len(micro)
+    if all("targets" not in m for m in micro):
+        return [1.0 / G] * G, None
+    counts = torch.stack([count_targets(m) for m in micro]).float()  # [G]
+    tokens = sum(m["input_ids"].numel() for m in micro)
+    totals = accelerator.reduce(torch.stack([counts.sum(), counts.new_tensor(float(tokens))]), reduction="sum")
+    if totals[0].item() == 0:  # a host sync per step, which fine-tuning batches can afford
+        raise ValueError("a training step has no target token on any rank: every row was masked (mask_prompt with "
+                         "prompts longer than allowed_max_length?)")
+    return counts * accelerator.num_processes / totals[0], totals[1]
+
+
+def train_step(model, optimizer, batches: Iterator, accelerator: Accelerator, accumulation: int,
                max_grad_norm: float, lr: float) -> StepResult:
     """One optimizer step over `accumulation` micro-batches, at learning rate `lr`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=accelerator.device)
-    used, wait = [], 0.0
-    for micro in range(accumulation):
-        start = time.perf_counter()
-        batch = next(batches).to(accelerator.device, non_blocking=True)  # [B, T]
-        wait += time.perf_counter() - start
-        used.append(batch)
+    start = time.perf_counter()
+    # every micro-batch first: their target counts weight each one's loss
+    micro = [batch_inputs(next(batches), accelerator.device) for _ in range(accumulation)]
+    wait = time.perf_counter() - start
+    weights, tokens = micro_weights(micro, accelerator)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, inputs in enumerate(micro):
         # Gradients are synchronised across ranks only after the last micro-batch; before it they add up locally.
-        last = micro == accumulation - 1
+        last = i == accumulation - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = model(batch, labels=batch).loss
-            # Scaled by 1/G: G micro-batches of B then give the gradient of one batch of G*B.
-            accelerator.backward(loss / accumulation)
-        loss_sum += loss.detach()
+            loss = model(**inputs).loss * weights[i]
+            accelerator.backward(loss)
+        step_loss += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, grad_norm, used, wait)
+    return StepResult(step_loss, grad_norm, micro, wait, tokens)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -199,11 +220,11 @@ def _inputs(cfg: Config) -> dict[str, str]:
     return inputs
 
 
-def _batch_digest(batches: list[torch.Tensor], accelerator: Accelerator) -> str:
+def _batch_digest(batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> str:
     """One sha1 over the step's token ids of every rank, in rank order (copies the batches to the host)."""
     digest = hashlib.sha1()
     for b in batches:
-        digest.update(b.cpu().numpy().tobytes())
+        digest.update(b["input_ids"].cpu().numpy().tobytes())
     if accelerator.num_processes == 1:
         return digest.hexdigest()
     return hashlib.sha1("".join(gather_object([digest.hexdigest()])).encode()).hexdigest()
@@ -259,6 +280,68 @@ def _plot_losses(acc: Accelerator, out: Path) -> None:
         log.warning("train: no loss.png (%s: %s)", type(e).__name__, e)
 
 
+@dataclass
+class Loop:
+    """The prepared pieces of one training run, pretraining or fine-tuning: `fit` runs them the same way."""
+
+    cfg: Config  # its train section drives the loop (fine-tuning derives one from sft.*)
+    accelerator: Accelerator
+    model: Any  # as prepared (DDP, FSDP2 or plain)
+    optimizer: torch.optim.Optimizer
+    train_loader: Any  # infinite, with state_dict()/load_state_dict(); yields token blocks or collated dicts
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    state: TrainerState
+    tokenizer_dir: Path  # copied into every checkpoint
+    eos_id: int
+    accumulation: int
+    tokens_per_step: int  # of fixed-size blocks; batches that carry targets count their own
+    evaluate: Optional[Callable[[int, TrainerState], None]] = None  # at step 0, every eval_interval, at the end
+    after_step: Optional[Callable[[int, TrainerState], None]] = None  # e.g. fine-tuning's epoch-end sample
+
+
+def fit(loop: Loop) -> dict[str, Any]:
+    """Run optimizer steps from loop.state.step to train.max_steps, evaluating and saving on the way."""
+    t, acc, state, metrics = loop.cfg.train, loop.accelerator, loop.state, loop.metrics
+    lr_at = build_lr_schedule(t)
+    if state.step == 0 and loop.evaluate is not None:
+        with metrics.paused():
+            loop.evaluate(0, state)
+    loop.model.train()
+    batches, start_step, first_digest = iter(loop.train_loader), state.step, ""
+    start = time.perf_counter()
+    while state.step < t.max_steps:
+        lr = lr_at(state.step)
+        result = train_step(loop.model, loop.optimizer, batches, acc, loop.accumulation, t.max_grad_norm, lr)
+        state.step += 1
+        tokens = loop.tokens_per_step if result.tokens is None else int(result.tokens)
+        state.tokens_seen += tokens
+        metrics.add_step(result.loss, result.data_wait, tokens)
+        if not first_digest:
+            first_digest = hashlib.sha1(result.batches[0]["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
+        if t.record_batch_digests:  # off by default: it copies the step's batches back to the host
+            metrics.record({"data/batch_sha1": _batch_digest(result.batches, acc)}, state.step)
+        end, save = state.step == t.max_steps, state.step % t.save_interval == 0
+        # Also log at each save, so a resumed run's loss windows line up with an uninterrupted run's.
+        if state.step % t.log_interval == 0 or save or end:
+            metrics.flush(state.step, t.max_steps, lr, result.grad_norm, state.tokens_seen)
+        do_eval = loop.evaluate is not None and (state.step % t.eval_interval == 0 or end)
+        if do_eval or save or end or loop.after_step is not None:
+            with metrics.paused():  # left out of the throughput window
+                if do_eval:
+                    loop.evaluate(state.step, state)
+                if loop.after_step is not None:
+                    loop.after_step(state.step, state)
+                if save or end:
+                    loop.checkpointer.save(state.step, loop.model, loop.train_loader, state, loop.cfg,
+                                           loop.tokenizer_dir, loop.eos_id, last=end)
+    for tracker in acc.trackers:  # not end_training(): it ends the process group, which evaluate still uses
+        tracker.finish()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "start_step": start_step, "first_digest": first_digest,
+            "hub": loop.checkpointer.finish_pushes(state.step)}  # waits for the last push
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the model of `cfg`; rank 0 returns a summary."""
     t = cfg.train
@@ -287,53 +370,22 @@ def run_train(cfg: Config) -> dict[str, Any]:
     tokens_per_step = t.micro_batch_size * cfg.data.seq_length * accumulation * acc.num_processes
     metrics = MetricsLogger(acc, out / "logs" / "metrics.jsonl", tokens_per_step,
                             gpt.flops_per_token(cfg.data.seq_length), t.peak_flops)
-    evaluate = _Evaluator(cfg, model, valid_ds, acc, metrics)
-    lr_at = build_lr_schedule(t)
     acc.init_trackers(t.run_name, config=_flat_config(cfg))
     if acc.is_main_process:
         cfg.save(out / "config.yaml")
     log.info("train: %s, %.1fM params, %d process(es) on %s, mixed precision %s, accumulation %d, %d tokens/step, "
              "steps %d -> %d", gpt.config, gpt.num_parameters() / 1e6, acc.num_processes, acc.device,
              acc.mixed_precision, accumulation, tokens_per_step, state.step, t.max_steps)
-
-    if state.step == 0 and valid_ds is not None:
-        with metrics.paused():
-            evaluate(0, state)
-    model.train()
-    batches, start_step, first_digest = iter(train_loader), state.step, ""
-    train_start = time.perf_counter()
-    while state.step < t.max_steps:
-        lr = lr_at(state.step)
-        result = train_step(model, optimizer, batches, acc, accumulation, t.max_grad_norm, lr)
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        metrics.add_step(result.loss_sum, accumulation, result.data_wait)
-        first_digest = first_digest or hashlib.sha1(result.batches[0].cpu().numpy().tobytes()).hexdigest()[:16]
-        if t.record_batch_digests:  # off by default: it copies the step's batches back to the host
-            metrics.record({"data/batch_sha1": _batch_digest(result.batches, acc)}, state.step)
-        end, save = state.step == t.max_steps, state.step % t.save_interval == 0
-        # Also log at each save, so a resumed run's loss windows line up with an uninterrupted run's.
-        if state.step % t.log_interval == 0 or save or end:
-            metrics.flush(state.step, t.max_steps, lr, result.grad_norm, state.tokens_seen)
-        do_eval = valid_ds is not None and (state.step % t.eval_interval == 0 or end)
-        if do_eval or save or end:
-            with metrics.paused():  # left out of the throughput window
-                if do_eval:
-                    evaluate(state.step, state)
-                if save or end:
-                    checkpointer.save(state.step, model, train_loader, state, cfg, tokenizer_dir,
-                                      tokenizer.token_to_id(cfg.tokenizer.eos_token), last=end)
-
-    for tracker in acc.trackers:  # not end_training(): it ends the process group, which evaluate still uses
-        tracker.finish()
-    seconds = time.perf_counter() - train_start
-    hub = checkpointer.finish_pushes(state.step)  # waits for the last push
+    evaluate = _Evaluator(cfg, model, valid_ds, acc, metrics) if valid_ds is not None else None
+    done = fit(Loop(cfg, acc, model, optimizer, train_loader, checkpointer, metrics, state, tokenizer_dir,
+                    tokenizer.token_to_id(cfg.tokenizer.eos_token), accumulation, tokens_per_step, evaluate))
     _plot_losses(acc, out)
-    _write_rank_report(acc, model, out, first_digest, state.step)
+    _write_rank_report(acc, model, out, done["first_digest"], state.step)
+    seconds = done["seconds"]
     return {"skipped": False, "checkpoint": str(out / f"step-{state.step}"), "step": state.step,
             "params_m": round(gpt.num_parameters() / 1e6, 2), "processes": acc.num_processes,
             "seconds": round(seconds, 1),
-            "tokens_per_s": round((state.step - start_step) * tokens_per_step / max(seconds, 1e-9)),
+            "tokens_per_s": round((state.step - done["start_step"]) * tokens_per_step / max(seconds, 1e-9)),
             "first_val_loss": state.history[0]["loss"] if state.history else None,
             "best_val_loss": state.best_val_loss,
-            "final_val_perplexity": state.history[-1]["perplexity"] if state.history else None, **hub}
+            "final_val_perplexity": state.history[-1]["perplexity"] if state.history else None, **done["hub"]}

@@ -42,7 +42,7 @@ def time_steps(step_fn, batches, warmup: int, steps: int, device: torch.device) 
     loss = torch.zeros((), device=device)
     for _ in range(steps):
         result = step_fn(batches)
-        loss += result.loss_sum
+        loss += result.loss
         wait += result.data_wait
     sync(device)
     seconds = time.perf_counter() - start

@@ -266,6 +266,8 @@ def test_choices_are_declared_for_the_closed_string_fields():
         "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
         "train.lr_schedule": ("cosine", "constant"),
         "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
+        "sft.method": ("full", "lora"),
+        "sft.lr_schedule": ("constant", "cosine"),
     }
 
 

@@ -16,7 +16,7 @@ def test_throughput_windows_leave_out_eval_and_checkpoint_time(tmp_path):
 
     metrics = MetricsLogger(Accelerator(cpu=True), tmp_path / "metrics.jsonl", tokens_per_step=1000,
                             flops_per_token=1.0, peak_flops=1e6)
-    metrics.add_step(torch.tensor(2.0), micro_steps=1, data_wait=0.0)
+    metrics.add_step(torch.tensor(2.0), data_wait=0.0)
     with metrics.paused():
         time.sleep(0.5)  # an evaluation, say
     metrics.flush(1, 1, lr=0.1, grad_norm=torch.tensor(1.0), tokens_seen=1000)
@@ -37,7 +37,7 @@ def test_a_data_starved_run_is_warned_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="codeparrot.metrics"):
         for step in range(1, 7):
             time.sleep(0.02)
-            metrics.add_step(torch.tensor(1.0), micro_steps=1, data_wait=0.015)  # ~75% of the window
+            metrics.add_step(torch.tensor(1.0), data_wait=0.015)  # ~75% of the window
             metrics.flush(step, 6, lr=0.1, grad_norm=torch.tensor(1.0), tokens_seen=10 * step)
     warnings = [r for r in caplog.records if "waited for data" in r.getMessage()]
     assert len(warnings) == 1 and "data.pretokenized=true" in warnings[0].getMessage()

@@ -158,7 +158,9 @@ def test_daemon_does_not_outlive_the_run(mechanism: str) -> None:
 
 
 def test_memory_hog_fails(mechanism: str) -> None:
-    result, _ = run("chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n", mechanism=mechanism)
+    # A CPU budget that a loaded 2-core machine cannot exhaust first (3 s did once, under the full suite)
+    hog = SandboxLimits(cpu_seconds=10, wall_seconds=12.0, memory_bytes=256 << 20)
+    result, _ = run("chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n", hog, mechanism)
     assert not result.passed and "MemoryError" in result.detail, result
     assert_no_trace()
 

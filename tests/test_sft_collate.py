@@ -40,7 +40,8 @@ def test_truncation_cuts_rows_and_drops_rows_left_without_targets():
     assert batch.inputs.tolist() == [[1, 2, 3], [6, 7, EOS]] and batch.targets.tolist() == [[2, 3, 4], [7, EOS, X]]
     # with the prompt masked, a long prompt truncated to 3 tokens keeps no target: dropped and counted
     batch = collate([([1, 2, 3, 4, 5, 6], 5), ([7, 8], 1)], EOS, allowed_max_length=3, mask_prompt=True)
-    assert batch.dropped == 1 and batch.inputs.tolist() == [[7, 8, EOS]]
+    # the kept rows are padded among themselves: no column of padding only
+    assert batch.dropped == 1 and batch.inputs.tolist() == [[7, 8]] and batch.targets.tolist() == [[8, EOS]]
     with pytest.raises(ValueError, match="every row of this batch lost all its targets"):
         collate([([1, 2, 3, 4, 5, 6], 5)], EOS, allowed_max_length=3, mask_prompt=True)
 

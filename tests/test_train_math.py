@@ -141,6 +141,46 @@ def test_accumulated_micro_batch_gradients_equal_the_full_batch_gradient(loss_ch
         torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-3), msg=name)
 
 
+def _rows_of_different_lengths(n: int, V: int) -> list[tuple[list[int], int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randint(1, V, (int(length),), generator=gen).tolist(), 3)
+            for length in (5, 9, 20, 27)[:n]]
+
+
+@pytest.mark.parametrize("loss_chunk_size", [0, 7])
+def test_token_weighted_accumulation_of_2x2_equals_a_batch_of_4(loss_chunk_size):
+    """train_step weights each micro-batch by its target tokens: 2 micro-batches of 2 rows of different lengths
+    (hence different target counts) make the step of one batch of 4; a mean per micro-batch would not."""
+    from accelerate import Accelerator
+
+    from codeparrot.sft.collate import collate
+    from codeparrot.train import train_step
+
+    V = 101
+    items = _rows_of_different_lengths(4, V)
+    acc = Accelerator(cpu=True)
+
+    def step(batches: list) -> tuple[dict[str, torch.Tensor], float]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=V, n_positions=32, n_layer=2, n_head=2, n_embd=32,
+                              loss_chunk_size=loss_chunk_size))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        result = train_step(model, optimizer, iter(b.model_inputs() for b in batches), acc, len(batches), 1e9, 1.0)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, result.loss.item()
+
+    whole, whole_loss = step([collate(items, 0, 32, mask_prompt=True)])
+    parts = [collate(items[:2], 0, 32, mask_prompt=True), collate(items[2:], 0, 32, mask_prompt=True)]
+    assert parts[0].target_tokens != parts[1].target_tokens  # else weighting could not show
+    split, split_loss = step(parts)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(0)  # the control: the plain mean of the two micro-batch means
+    model = GPT(GPTConfig(vocab_size=V, n_positions=32, n_layer=2, n_head=2, n_embd=32))
+    mean_of_means = sum(model(**p.model_inputs()).loss.item() for p in parts) / 2
+    assert abs(mean_of_means - whole_loss) > 1e-4
+
+
 def test_accumulation_trains_exactly_as_the_full_batch(workdir):
     """micro-batch 2 x accumulation 2 == micro-batch 4 x accumulation 1: same losses, same weights after k steps."""
     _train(workdir, "train.run_name=acc2x2", f"train.max_steps={STEPS}", "train.micro_batch_size=2",

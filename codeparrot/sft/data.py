@@ -151,8 +151,6 @@ def build_splits(cfg: Config, counts: Counter) -> dict[str, list[dict]]:
         splits = {"train": train, "valid": held_out[:half], "test": held_out[half:]}
     else:
         splits = split_in_order(read_alpaca(Path(s.source), counts), s.train_fraction, s.test_fraction)
-    if s.max_records > 0:
-        splits = {k: v[:s.max_records] for k, v in splits.items()}
     return splits
 
 
@@ -174,11 +172,22 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     if not splits["train"]:
         raise ValueError(f"sft-data: no training records from sft.source={cfg.sft.source!r} ({dict(counts)})")
     tokenizer = load_tokenizer(cfg.paths.resolve("tokenizer"))
+    lengths = {split: token_lengths(records, tokenizer) for split, records in splits.items()}
+    if cfg.sft.max_record_tokens > 0:  # before the report: what it describes is what was written
+        for split in splits:
+            kept = [i for i, n in enumerate(lengths[split]) if n <= cfg.sft.max_record_tokens]
+            counts["longer_than_max_record_tokens"] += len(splits[split]) - len(kept)
+            splits[split] = [splits[split][i] for i in kept]
+            lengths[split] = [lengths[split][i] for i in kept]
+    if cfg.sft.max_records > 0:
+        for split in splits:
+            splits[split], lengths[split] = splits[split][:cfg.sft.max_records], lengths[split][:cfg.sft.max_records]
+    if not splits["train"]:
+        raise ValueError(f"sft-data: no training record is at most sft.max_record_tokens="
+                         f"{cfg.sft.max_record_tokens} tokens long")
     report: dict[str, Any] = {"source": cfg.sft.source, "filters": dict(sorted(counts.items())), "splits": {}}
-    lengths = {}
     for split, records in splits.items():
         (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        lengths[split] = token_lengths(records, tokenizer)
         over = sum(n > cfg.sft.allowed_max_length for n in lengths[split])
         report["splits"][split] = {"records": len(records), "max_tokens": max(lengths[split], default=0),
                                    "mean_tokens": round(sum(lengths[split]) / max(1, len(records)), 1),
@@ -220,7 +229,8 @@ def _extra_inputs(cfg: Config) -> dict[str, str]:
 
 
 DATA_KEYS = ("sft.source", "sft.min_docstring_chars", "sft.min_body_lines", "sft.valid_share_of_held_out",
-             "sft.train_fraction", "sft.test_fraction", "sft.max_records", "sft.max_files", "sft.allowed_max_length")
+             "sft.train_fraction", "sft.test_fraction", "sft.max_records", "sft.max_files", "sft.allowed_max_length",
+             "sft.max_record_tokens")
 SFT_DATA = Stage(name="sft-data", output="sft", keys=(*DATA_KEYS, "tokenizer.eos_token", "corpus.max_bad_ratio"),
                  inputs=("clean", "tokenizer"), extra_inputs=_extra_inputs, build=_build,
                  help="instruction records for fine-tuning: docstring pairs from clean/, or an Alpaca file")

@@ -71,3 +71,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' weights only (what a LoRA run saves beside its merged model)."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}
+
+
+def merged_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the adapted model's state dict) with every adapter folded into its Linear: plain GPT-2 weights,
+    for checkpoints that transformers loads while the run goes on (the model itself stays adapted)."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            base, a, b = out.pop(f"{name}.base.weight"), out.pop(f"{name}.lora_a"), out.pop(f"{name}.lora_b")
+            out[f"{name}.weight"] = base + module.scale * (b.float() @ a.float()).to(base.dtype)
+            if f"{name}.base.bias" in out:
+                out[f"{name}.bias"] = out.pop(f"{name}.base.bias")
+    return out
