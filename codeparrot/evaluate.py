@@ -28,13 +28,14 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable, accelerator, max_batches: int = 0) -> dict[str, Any]:
+def evaluate_loss(model: torch.nn.Module, batches: Iterable, accelerator, max_batches: int = 0,
+                  lockstep: bool = True) -> dict[str, Any]:
     """Mean next-token loss over every evaluated target token of every process, and its perplexity.
 
     Batches are token blocks [B, T] (pretraining) or fine-tuning's collated dicts (see model.batch_inputs).
-
-    Ranks may hold different amounts of validation data; all stop together at the first batch some rank
-    lacks, because a sharded (FSDP) forward needs every rank to take part.
+    Ranks may hold different amounts of validation data; in lockstep all stop together at the first batch some
+    rank lacks, because a sharded (FSDP) forward needs every rank to take part. Without it (a model every rank
+    holds whole) each rank evaluates all of its batches.
     """
     model.eval()
     device = model_device(model)  # batches go where the model is
@@ -44,7 +45,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable, accelerator, max_ba
     n = 0
     while max_batches <= 0 or n < max_batches:
         batch = next(it, None)
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and lockstep:
             have = torch.tensor(0.0 if batch is None else 1.0, device=device)
             if accelerator.reduce(have, reduction="sum").item() < accelerator.num_processes:
                 break

@@ -172,3 +172,36 @@ def test_killed_run_resumes_with_identical_losses(sft_config):
     assert sorted(got) == sorted(want) and len(want) >= 6
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def _eval_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_fine_tune_as_one_at_twice_the_batch(sft_config):
+    """Rank r takes global batches r, r+2, ...: 2 processes at batch 2 see the rows 1 process sees at batch 4, and
+    the token-weighted loss across ranks makes the same steps."""
+    from conftest import free_port, summaries
+
+    cfg = sft_config()
+    args = [f"{k}={v}" for k, v in (("paths.workdir", cfg.paths.workdir), ("paths.clean", cfg.paths.clean),
+                                    ("paths.tokenizer", cfg.paths.tokenizer), ("paths.sft", cfg.paths.sft),
+                                    ("paths.runs", cfg.paths.runs), ("sft.base", cfg.sft.base))]
+    args += [*RECIPE, "sft.eval_batches=0", "sft.max_new_tokens=2"]
+    one = subprocess.run([sys.executable, "-m", "codeparrot", "sft", *args, "sft.batch_size=4", "sft.run_name=one"],
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--main_process_port", str(free_port()), "-m", "codeparrot", "sft", *args, "sft.batch_size=2", "sft.run_name=two"],
+                         env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert summaries(two.stdout)["sft"]["processes"] == "2" and summaries(one.stdout)["sft"]["processes"] == "1"
+    runs = cfg.paths.resolve("runs")
+    for got, want in ((_losses(runs / "two"), _losses(runs / "one")),
+                      (_eval_losses(runs / "two"), _eval_losses(runs / "one"))):
+        assert sorted(got) == sorted(want) and want
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-4), step

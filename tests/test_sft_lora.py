@@ -63,3 +63,28 @@ def test_the_tied_head_and_embedding_are_refused(target):
         apply_lora(tiny_gpt(), [target], rank=4, alpha=8, dropout=0.0)
     with pytest.raises(ValueError, match="match no Linear layer"):
         apply_lora(tiny_gpt(), ["attn.nope"], rank=4, alpha=8, dropout=0.0)
+
+
+def test_parity_with_peft_on_the_same_weights():
+    """peft (the oracle) and our LoRA give the same logits for the same base and adapter weights."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    ours, ids = tiny_gpt(), torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    theirs = copy.deepcopy(ours)
+    names = apply_lora(ours, TARGETS, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # a trained-looking adapter: B no longer zero
+        for n in names:
+            ours.get_submodule(n).lora_b.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*\.attn\.(c_attn|c_proj)")
+    theirs = inject_adapter_in_model(config, theirs)
+    with torch.no_grad():
+        for n in names:
+            layer, mine = theirs.get_submodule(n), ours.get_submodule(n)
+            layer.lora_A["default"].weight.copy_(mine.lora_a)
+            layer.lora_B["default"].weight.copy_(mine.lora_b)
+        ours.eval(), theirs.eval()
+        want = theirs(ids).logits
+        assert not torch.allclose(want, GPT.forward(tiny_gpt().eval(), ids).logits, atol=1e-3)  # adapters matter
+        torch.testing.assert_close(ours(ids).logits, want, rtol=1e-5, atol=1e-5)

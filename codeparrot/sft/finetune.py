@@ -106,8 +106,9 @@ class SFTEvaluator:
         self.train_batches, self.valid_batches, self.steps_per_epoch = train_batches, valid_batches, steps_per_epoch
 
     def __call__(self, step: int, state: TrainerState) -> None:
-        train = evaluate_loss(self.model, self.train_batches, self.acc)["loss"]
-        valid = evaluate_loss(self.model, self.valid_batches, self.acc)
+        # every rank holds the whole model (no FSDP here), so ranks need not stop at the shortest one's batches
+        train = evaluate_loss(self.model, self.train_batches, self.acc, lockstep=False)["loss"]
+        valid = evaluate_loss(self.model, self.valid_batches, self.acc, lockstep=False)
         state.best_val_loss = min(state.best_val_loss, valid["loss"])
         state.history.append({"step": step, "train_loss": train, **valid})
         self.metrics.record({"eval/loss": valid["loss"], "eval/train_loss": train,
@@ -169,6 +170,9 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     collate = row_collate(s.packing, eos_id)
     out = cfg.paths.resolve("runs") / s.run_name
     acc = make_accelerator(cfg, out)  # the launch's world size sets the steps per epoch
+    if acc.is_fsdp2:
+        raise ConfigError("sft under FSDP is not supported: the base is loaded whole on every rank; launch with "
+                          "DDP (configs/accelerate/ddp.yaml) or one process")
     steps_per_epoch = len(rows) // (s.batch_size * acc.num_processes) // s.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise ValueError(f"{len(rows)} training rows make no optimizer step of sft.batch_size {s.batch_size} x "
@@ -218,7 +222,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
 
         plot_run(out)
     history = state.history
-    return {"skipped": False, "final": str(final), "method": s.method, "steps": state.step,
+    return {"skipped": False, "final": str(final), "method": s.method, "processes": acc.num_processes,
+            "steps": state.step,
             "trainable_params": trainable, "train_rows": len(rows), "dropped_without_target": dropped,
             "seconds": round(done["seconds"], 1), "tokens_seen": state.tokens_seen,
             "val_loss_before": history[0]["loss"] if history else None,
