@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone to a trained tiny code model on this machine's own Python files:
-# export-local -> prepare -> train-tokenizer -> pretokenize -> train -> evaluate -> humaneval (3 problems), then
+# export-local -> prepare -> train-tokenizer -> pretokenize -> sft-data -> train -> evaluate -> humaneval (3 problems)
+# -> sft (instruction tuning on docstring records), then
 # `generate` samples from the trained model. A second run skips finished stages.
 # Extra arguments are config overrides, e.g. `bash scripts/demo.sh train.max_steps=50`.
 set -euo pipefail

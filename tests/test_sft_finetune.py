@@ -194,7 +194,8 @@ def test_two_gloo_processes_fine_tune_as_one_at_twice_the_batch(sft_config):
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--main_process_port", str(free_port()), "-m", "codeparrot", "sft", *args, "sft.batch_size=2", "sft.run_name=two"],
+                          "--main_process_port", str(free_port()), "-m", "codeparrot", "sft", *args,
+                          "sft.batch_size=2", "sft.run_name=two"],
                          env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -80,11 +80,13 @@ def test_packed_loss_equals_the_unpacked_loss():
 def test_epoch_batches_shuffle_per_epoch_drop_last_and_shard_without_overlap():
     rows = [[e] for e in examples(23)]
     collate = row_collate(False, EOS)
-    first = [tuple(map(tuple, b["input_ids"].tolist())) for b, _ in zip(EpochBatches(rows, collate, 4, 0, 1, 7), range(10))]
+    def ten(loader: EpochBatches) -> list:
+        return [tuple(map(tuple, b["input_ids"].tolist())) for b, _ in zip(loader, range(10))]
+
+    first = ten(EpochBatches(rows, collate, 4, 0, 1, 7))
     # 23 rows / 4 = 5 batches per epoch (3 rows dropped); epoch 2 is a new order
     assert len(set(first[:5])) == 5 and first[:5] != first[5:]
-    again = [tuple(map(tuple, b["input_ids"].tolist())) for b, _ in zip(EpochBatches(rows, collate, 4, 0, 1, 7), range(10))]
-    assert again == first  # seeded
+    assert ten(EpochBatches(rows, collate, 4, 0, 1, 7)) == first  # seeded
     ranks = [EpochBatches(rows, collate, 2, r, 2, 7) for r in (0, 1)]
     assert ranks[0].per_epoch == ranks[1].per_epoch == 5
     seen = [tuple(x) for r in ranks for b, _ in zip(r, range(5)) for x in b["input_ids"].tolist()]
