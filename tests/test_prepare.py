@@ -13,7 +13,8 @@ import yaml
 from codeparrot.artifacts import read_manifest, staged_dir
 from codeparrot.config import config_from_dict
 from codeparrot.corpus.filters import FilterSettings, QualityFilter, compute_columns, content_hash
-from codeparrot.corpus.prepare import CLUSTERS_FILE, LENGTHS_PLOT, format_report, is_valid_repo, run_prepare
+from codeparrot.corpus.prepare import is_valid_repo, run_prepare
+from codeparrot.corpus.report import CLUSTERS_FILE, LENGTHS_PLOT, format_report
 from codeparrot.corpus.source import RAW_FIELDS, BadRecords, TooManyBadRecords, list_shards
 
 from conftest import STDLIB, read_all, write_jsonl

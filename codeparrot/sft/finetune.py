@@ -14,7 +14,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
