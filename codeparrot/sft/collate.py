@@ -46,8 +46,8 @@ def make_example(ids: list[int], n_prompt: int, eos_id: int, allowed_max_length:
                  mask_prompt: bool = False) -> Example:
     """One record's (inputs, targets) by the chapter's rules, truncated to allowed_max_length."""
     targets = ids[1:] + [eos_id]  # the appended EOS is the last target: the one that teaches stopping
-    if mask_prompt:
-        targets[:n_prompt - 1] = [IGNORE] * min(n_prompt - 1, len(targets))  # positions predicting prompt tokens
+    masked = min(max(n_prompt - 1, 0), len(targets)) if mask_prompt else 0
+    targets[:masked] = [IGNORE] * masked  # positions that predict prompt tokens
     return ids[:allowed_max_length], targets[:allowed_max_length]
 
 
@@ -77,19 +77,27 @@ def collate(items: list[tuple[list[int], int]], eos_id: int, allowed_max_length:
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
-    """Group example indices, in order, into rows of at most row_length tokens (a new row when the next one
-    does not fit); every index appears exactly once."""
+    """Group example indices into rows of at most row_length tokens, best fit decreasing (each example, longest
+    first, goes to the fullest row it still fits, as TRL's "bfd" packing): rows end up ~95% full where filling
+    them in order leaves ~20% empty. Every index appears exactly once; rows list their examples in index order."""
+    import bisect
+
+    too_long = [i for i, n in enumerate(lengths) if n > row_length]
+    if too_long:
+        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than a row's {row_length}: "
+                         "truncate it first")
     rows: list[list[int]] = []
-    used = row_length  # forces a first row
-    for i, n in enumerate(lengths):
-        if n > row_length:
-            raise ValueError(f"example {i} has {n} tokens, more than a row's {row_length}: truncate it first")
-        if used + n > row_length:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
+    room: list[tuple[int, int]] = []  # (tokens left, row) sorted: the first entry >= n is the best fit
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            rows.append([i])
+            bisect.insort(room, (row_length - lengths[i], len(rows) - 1))
+            continue
+        left, row = room.pop(at)
+        rows[row].append(i)
+        bisect.insort(room, (left - lengths[i], row))
+    return [sorted(row) for row in rows]
 
 
 def collate_packed(rows: list[list[Example]], eos_id: int) -> Batch:
