@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from .artifacts import CheckpointError, disk_full_cause
 from .config import SECTIONS, ConfigError, describe_config, load_config, section_summary
+from .corpus.engine import SubmittedToSlurm
 from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
 from .hub import HubError
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         _run(args)
+    except SubmittedToSlurm as e:  # not a failure: the work goes on in the cluster's queue
+        print(f"codeparrot {args.command}: {e}")
+        return 0
     except Exception as e:
         message = error_message(e)
         if message is None:

@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import SUBPROCESS_ENV
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_sft.py"
 CONFIGS = ("full padded", "full packed", "lora padded", "lora packed")
 
 
+@pytest.mark.slow
 def test_bench_sft_prints_padded_packed_lora_and_full_side_by_side():
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "tiny", "--max-files", "60", "--max-len", "128",

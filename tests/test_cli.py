@@ -153,7 +153,8 @@ def test_a_full_disk_stops_prepare_with_one_line_and_no_partial_artifact(tmp_pat
     assert errors == [f"codeparrot prepare: error: no space left writing {work / 'clean'} (File too large)"], \
         p.stderr[-3000:]
     assert "Traceback" not in p.stderr
-    assert sorted(p.name for p in work.iterdir()) == []  # neither clean/ nor clean.tmp/
+    # neither clean/ nor clean.tmp/; the tasks' work dir stays for a resume once there is space
+    assert sorted(p.name for p in work.iterdir()) == ["clean.work"]
 
 
 @pytest.mark.slow

@@ -262,6 +262,7 @@ def test_string_values_that_yaml_1_1_would_retype_survive_save_and_load(tmp_path
 def test_choices_are_declared_for_the_closed_string_fields():
     assert CHOICES == {
         "corpus.source": ("local", "path"),
+        "corpus.executor": ("local", "slurm", "ray", "pool"),
         "model.preset": ("tiny", "small", "large"),
         "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
         "train.lr_schedule": ("cosine", "constant"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import string
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -237,28 +237,55 @@ def near_duplicate_clusters(signatures: np.ndarray, threshold: float = 0.85, ver
     and the returned lists ~40 B per clustered file. (A dict per band, the textbook index, took ~4.2 KB/file.)
     """
     n, num_perm = signatures.shape
-    index = LSHBands(threshold, num_perm, fp_weight=1 - VERIFIED_FN_WEIGHT if verify else 0.5,
-                     fn_weight=VERIFIED_FN_WEIGHT if verify else 0.5)
-    need = threshold * num_perm - 1e-9  # equal entries needed; compared as counts to dodge float rounding
+    index = verified_bands(threshold, num_perm) if verify else LSHBands(threshold, num_perm)
     parent = np.arange(n, dtype=np.int64)  # union-find; a parent is always <= its child, so a root is its cluster's min
     for band in range(index.bands):
         keys = _band_column(signatures, index, band)
         order = np.argsort(keys)  # _band_pairs puts each run of equal keys in input order
-        sorted_keys = keys[order]
-        del keys
-        for a, b in _band_pairs(order, sorted_keys):
-            apart = _roots(parent, a) != _roots(parent, b)  # joined pairs need no comparison
-            a, b = a[apart], b[apart]
-            if verify and len(a):
-                keep = np.empty(len(a), dtype=bool)
-                for s in range(0, len(a), VERIFY_CHUNK):
-                    equal = np.count_nonzero(signatures[a[s:s + VERIFY_CHUNK]] == signatures[b[s:s + VERIFY_CHUNK]],
-                                             axis=1)
-                    keep[s:s + VERIFY_CHUNK] = equal >= need
-                a, b = a[keep], b[keep]
-            if len(a):
-                _union(parent, a, b)
-        del order, sorted_keys
+        _join_band(parent, signatures, order, keys[order], threshold, verify)
+    return _clusters(parent)
+
+
+def verified_bands(threshold: float, num_perm: int) -> LSHBands:
+    """The banding used when candidates are verified: tilted towards recall (VERIFIED_FN_WEIGHT)."""
+    return LSHBands(threshold, num_perm, fp_weight=1 - VERIFIED_FN_WEIGHT, fn_weight=VERIFIED_FN_WEIGHT)
+
+
+def clusters_from_runs(signatures: np.ndarray, bands: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float
+                       ) -> list[list[int]]:
+    """near_duplicate_clusters(verify=True) from runs of equal band keys found elsewhere (datatrove's buckets).
+
+    Each band is (members, run): the ids of the files that share a key with another file, run after run, and the run
+    each belongs to (non-decreasing). The candidates and verdicts are near_duplicate_clusters' own, so the clusters
+    are identical; `signatures` may be a read-only memory map.
+    """
+    parent = np.arange(len(signatures), dtype=np.int64)
+    for members, run in bands:
+        _join_band(parent, signatures, members.astype(np.int64, copy=True), run, threshold, True)
+    return _clusters(parent)
+
+
+def _join_band(parent: np.ndarray, signatures: np.ndarray, order: np.ndarray, sorted_keys: np.ndarray,
+               threshold: float, verify: bool) -> None:
+    """Union the band's candidate pairs (those whose estimated Jaccard reaches `threshold`, with `verify`)."""
+    need = threshold * signatures.shape[1] - 1e-9  # equal entries needed; compared as counts to dodge float rounding
+    for a, b in _band_pairs(order, sorted_keys):
+        apart = _roots(parent, a) != _roots(parent, b)  # joined pairs need no comparison
+        a, b = a[apart], b[apart]
+        if verify and len(a):
+            keep = np.empty(len(a), dtype=bool)
+            for s in range(0, len(a), VERIFY_CHUNK):
+                equal = np.count_nonzero(signatures[a[s:s + VERIFY_CHUNK]] == signatures[b[s:s + VERIFY_CHUNK]],
+                                         axis=1)
+                keep[s:s + VERIFY_CHUNK] = equal >= need
+            a, b = a[keep], b[keep]
+        if len(a):
+            _union(parent, a, b)
+
+
+def _clusters(parent: np.ndarray) -> list[list[int]]:
+    """The union-find's groups of two or more ids: sorted ids, ordered by their first id."""
+    n = len(parent)
     while True:  # full path compression: every id points at its root
         up = parent[parent]
         if np.array_equal(up, parent):

@@ -19,26 +19,28 @@ presents the results: report.json's fields, the summary table, the length plot.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import Config, ConfigError, CorpusConfig
+from ..config import Config, ConfigError, CorpusConfig, identity
 from ..logs import progress_bar
 from ..procs import WorkerPool
 from ..stage import Stage
 from .decontaminate import Decontaminator, benchmark_hashes
 from .filters import FilterSettings
-from .report import format_report, length_hist, mb_per_s
+from .report import format_report, mb_per_s
 from .shards import SPLIT_KEYS, Settings, init_worker, scan_shard, write_shard
 from .shards import is_valid_repo  # noqa: F401  re-exported: callers (tests, conftest) take the split rule from here
-from .source import BadRecords, list_shards, shard_name, shard_size
-from .survey import NearDups, Survey, Written, add_bad, exact_dedup, report_phase
+from .source import list_shards, shard_name, shard_size
+from .survey import NearDups, Survey, Written, report_phase
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,12 @@ def _settings(c: CorpusConfig) -> Settings:
                           f"corpus.minhash_ngram >= 1; got {c.minhash_threshold}, {c.minhash_num_perm}, "
                           f"{c.minhash_ngram}")
     decontam = Decontaminator.from_specs(c.decontaminate, c.decontaminate_min_chars) if c.decontaminate else None
-    return Settings(c, filters, decontam)
+    plain = CorpusConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(CorpusConfig)})
+    return Settings(plain, filters, decontam)  # a plain copy: the tasks are pickled or deep-copied to run
 
 
 def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
-    """The three phases into the staged directory `tmp`; the counts for the manifest."""
+    """The stage into the staged directory `tmp` (datatrove tasks, or the worker pool); the manifest's counts."""
     raw, c = cfg.paths.raw_url() or cfg.paths.resolve("raw"), cfg.corpus
     files = list_shards(raw)
     if not files:
@@ -83,15 +86,47 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     settings = _settings(c)
     num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
     start = time.perf_counter()
-    shard_bytes = [shard_size(f) for f in files]  # the progress bars' units
-    with WorkerPool(num_proc, init_worker, (settings,)) as pool:
-        survey = _scan_phase(pool, files, shard_bytes, settings, c.max_bad_ratio)
-        near = _near_dedup_phase(survey, c)
-        written = _write_phase(pool, files, shard_bytes, survey, near, tmp, raw)
-        pool.close()  # joins the workers: RUSAGE_CHILDREN, read for the peak RSS, counts only waited-for ones
+    if c.executor == "pool":
+        survey, near, written = _run_pool(files, settings, tmp, raw, num_proc)
+    else:
+        survey, near, written = _run_tasks(cfg, files, settings, tmp, num_proc)
     counts = report_phase(tmp, settings, files, survey, near, written, time.perf_counter() - start, num_proc)
     log.info("prepare: %s", format_report(counts))
     return counts
+
+
+def _run_pool(files: list, settings: Settings, tmp: Path, raw, num_proc: int) -> tuple[Survey, NearDups, Written]:
+    """The earlier implementation: one pool of our own worker processes, phases in this process (no resume)."""
+    shard_bytes = [shard_size(f) for f in files]  # the progress bars' units
+    with WorkerPool(num_proc, init_worker, (settings,)) as pool:
+        survey = _scan_phase(pool, files, shard_bytes, settings, settings.corpus.max_bad_ratio)
+        near = _near_dedup_phase(survey, settings.corpus)
+        written = _write_phase(pool, files, shard_bytes, survey, near, tmp, raw)
+        pool.close()  # joins the workers: RUSAGE_CHILDREN, read for the peak RSS, counts only waited-for ones
+    return survey, near, written
+
+
+def _run_tasks(cfg: Config, files: list, settings: Settings, tmp: Path, num_proc: int
+               ) -> tuple[Survey, NearDups, Written]:
+    """datatrove tasks on corpus.executor, resuming in the work dir; its outputs moved into `tmp`, then removed."""
+    from .engine import open_work_dir, run_stages, work_dir
+
+    stage_identity = {"config": identity(cfg, PREPARE.keys), "inputs": PREPARE.input_fingerprints(cfg),
+                      "files": [str(f) for f in files]}  # as Stage.run's: another one wipes the work dir
+    work = open_work_dir(work_dir(cfg), stage_identity)
+    survey, near, written, seconds = run_stages(cfg, work, [str(f) for f in files], settings, num_proc)
+    survey.seconds, near.seconds = seconds["scan"], seconds.get("buckets", 0.0) + seconds["cluster"]
+    written.seconds = seconds["write"]
+    for side in ("train", "valid"):
+        source = work.root / "out" / side
+        if source.is_dir():
+            os.replace(source, tmp / side)  # the same file system: the work dir lies beside clean/ by default
+        else:
+            (tmp / side).mkdir()
+    if written.split["valid_files"] == 0:
+        log.warning("prepare: no repository fell in the valid split; raise corpus.valid_fraction")
+    shutil.rmtree(work.root)
+    return survey, near, written
 
 
 PREPARE = Stage(name="prepare", output="clean", keys=("corpus",), inputs=("raw",), extra_inputs=_extra_inputs,
@@ -107,30 +142,19 @@ def _scan_phase(pool: WorkerPool, files: list[Path], shard_bytes: list[int], set
                 max_bad_ratio: float) -> Survey:
     """Phase 1 in the workers; here, the bad-record policy and exact dedup as each shard's scan arrives, in order."""
     start = time.perf_counter()
-    survey = Survey(BadRecords(max_ratio=max_bad_ratio), dict.fromkeys(settings.filters.enabled, 0),
-                     dict.fromkeys(settings.filters.enabled, 0))
+    survey = Survey.new(max_bad_ratio, settings.filters.enabled)
     seen: set[bytes] = set()  # 16-byte MD5 digests: about 100 bytes per distinct file in a Python set
-    shard_of, line_of, size_of = [], [], []  # per shard, its survivors' columns
     bar = progress_bar(sum(shard_bytes), desc="prepare: scan", unit="B", unit_scale=True)
     for scan in pool.map(scan_shard, [(i, str(f)) for i, f in enumerate(files)]):
-        add_bad(survey.bad, scan.bad)
-        survey.files_in += len(scan.sizes)
-        survey.bytes_in += sum(scan.sizes)
-        survey.hist_in += length_hist(scan.sizes)
-        rows, sig_rows = exact_dedup(scan, shard_name(files[scan.index]), seen, settings.corpus.exact_dedup, survey)
-        shard_of.append(np.full(len(rows), scan.index, dtype=np.int64))
-        line_of.append(np.array(scan.lines, dtype=np.int64)[rows])
-        size_of.append(np.array(scan.sizes, dtype=np.int64)[rows])
+        sig_rows = survey.add_scan(scan, shard_name(files[scan.index]), seen, settings.corpus.exact_dedup)
         if scan.signatures is not None:
-            survey.signature_blocks.append(scan.signatures[np.array(sig_rows, dtype=np.int64)])
+            survey.signature_blocks.append(scan.signatures[sig_rows])
         bar.update(shard_bytes[scan.index])
         bar.set_postfix_str(f"{survey.files_in:,} files, "
                             f"{mb_per_s(survey.bytes_in, time.perf_counter() - start)} MB/s")
     bar.close()
-    survey.bad.check(final=True)
+    survey.finish()
     survey.seconds = time.perf_counter() - start
-    if shard_of:
-        survey.shard_of, survey.line_of, survey.size_of = map(np.concatenate, (shard_of, line_of, size_of))
     return survey
 
 

@@ -60,6 +60,11 @@ class Settings:
 _worker: dict[str, Any] = {}  # per-process state built by init_worker
 
 
+def worker_settings() -> Settings | None:
+    """The Settings this process was initialised with, if any."""
+    return _worker.get("settings")
+
+
 def init_worker(settings: Settings) -> None:
     """Build this process's filter, tokenizer and MinHasher once, for all its tasks."""
     c = settings.corpus
@@ -89,10 +94,12 @@ class Scan:
     signatures: np.ndarray | None  # one row per KEEP verdict, in order
     decontaminated: dict[int, dict[str, Any]]  # line -> repo_name, path and the matched needles
     bad: QuietBad
+    columns: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> columns, KEEP lines, when asked
 
 
-def scan_shard(task: tuple[int, str]) -> Scan:
-    """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, MinHash."""
+def scan_shard(task: tuple[int, str], keep_columns: bool = False) -> Scan:
+    """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, MinHash; with
+    keep_columns, the candidates' columns too (the write phase then need not compute them again)."""
     index, path = task
     s: Settings = _worker["settings"]
     quality: QualityFilter = _worker["quality"]
@@ -104,6 +111,7 @@ def scan_shard(task: tuple[int, str]) -> Scan:
     blocks: list[np.ndarray] = []
     decontaminated: dict[int, dict[str, Any]] = {}
     seen_here: set[bytes] = set()
+    kept_columns: dict[int, dict[str, Any]] = {}
     for line, record in iter_shard(path, bad):
         content = record["content"]
         stripped = strip_whitespace(content)
@@ -135,6 +143,8 @@ def scan_shard(task: tuple[int, str]) -> Scan:
                     {"benchmark": n.benchmark, "task_id": n.task_id, "field": n.field} for n in found]}
                 continue
         verdicts.append(KEEP)
+        if keep_columns:
+            kept_columns[line] = columns
         if hasher is not None:
             batch.append(content)
             batch_chars += len(content)
@@ -146,11 +156,13 @@ def scan_shard(task: tuple[int, str]) -> Scan:
         if batch:
             blocks.append(hasher.signatures(batch))
         signatures = np.concatenate(blocks) if blocks else np.zeros((0, s.corpus.minhash_num_perm), dtype=np.uint32)
-    return Scan(index, lines, digests, sizes, verdicts, signatures, decontaminated, bad)
+    return Scan(index, lines, digests, sizes, verdicts, signatures, decontaminated, bad, kept_columns)
 
 
-def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[str, Any]:
-    """Phase 3 for one shard: write its kept lines to train/ or valid/; the counts, and the cluster members' names."""
+def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
+                columns: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Phase 3 for one shard: write its kept lines to train/ or valid/ (with the scan's `columns` when given, else
+    computed again); the counts, and the cluster members' names."""
     # The result: index, the SPLIT_KEYS counts, missing (kept lines not found on re-reading), names (line -> where).
     index, path, keep_lines, members, out = task
     c: CorpusConfig = _worker["settings"].corpus
@@ -168,7 +180,7 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[
         if side not in writers:
             # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
             writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records)
-        writers[side].write({**record, **compute_columns(content)})
+        writers[side].write({**record, **(columns[line] if columns is not None else compute_columns(content))})
         counts[f"{side}_files"] += 1
         counts[f"{side}_bytes"] += utf8_len(content)
     for side, writer in writers.items():

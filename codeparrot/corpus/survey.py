@@ -42,6 +42,30 @@ class Survey:
     size_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     signature_blocks: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
+    # per shard, while scans are added: its survivors' columns
+    _parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def new(cls, max_bad_ratio: float, enabled: tuple[str, ...]) -> Survey:
+        return cls(BadRecords(max_ratio=max_bad_ratio), dict.fromkeys(enabled, 0), dict.fromkeys(enabled, 0))
+
+    def add_scan(self, scan: Scan, shard: str, seen: set[bytes], exact: bool) -> np.ndarray:
+        """Tally one shard's scan, in input order; the signature rows (candidates) of its survivors."""
+        add_bad(self.bad, scan.bad)
+        self.files_in += len(scan.sizes)
+        self.bytes_in += sum(scan.sizes)
+        self.hist_in += length_hist(scan.sizes)
+        rows, sig_rows = exact_dedup(scan, shard, seen, exact, self)
+        self._parts.append((np.full(len(rows), scan.index, dtype=np.int64),
+                            np.array(scan.lines, dtype=np.int64)[rows], np.array(scan.sizes, dtype=np.int64)[rows]))
+        return np.array(sig_rows, dtype=np.int64)
+
+    def finish(self) -> None:
+        """After the last scan: the bad-ratio verdict, and the survivors' columns in one array each."""
+        self.bad.check(final=True)
+        if self._parts:
+            self.shard_of, self.line_of, self.size_of = (np.concatenate(c) for c in zip(*self._parts))
+        self._parts = []
 
 
 def add_bad(total: BadRecords, part: QuietBad) -> None:

@@ -1,0 +1,164 @@
+"""Running prepare's tasks (tasks.py) on a datatrove executor: local processes, a Slurm cluster or a Ray cluster.
+
+The work dir (corpus.work_dir, default `<clean>.work` beside clean/) holds every task's output and datatrove's
+`completions/` markers per stage, so a rerun after a crash or a kill redoes only the unfinished tasks. It belongs to
+one identity of the stage (config and inputs): another identity wipes it, and a success removes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ..config import Config, ConfigError
+from ..logs import progress_bar
+from .shards import Settings
+
+if TYPE_CHECKING:  # tasks.py imports datatrove, which the command line need not load to start
+    from .survey import NearDups, Survey, Written
+    from .tasks import WorkDir
+
+log = logging.getLogger(__name__)
+IDENTITY = "identity.json"
+
+
+def work_dir(cfg: Config) -> Path:
+    """Where the tasks write: corpus.work_dir, or `<clean>.work` beside clean/."""
+    clean = cfg.paths.resolve("clean")
+    return Path(cfg.corpus.work_dir) if cfg.corpus.work_dir else clean.with_name(clean.name + ".work")
+
+
+def open_work_dir(root: Path, identity: dict[str, Any]) -> WorkDir:
+    """The work dir of this identity: kept (resume) when it matches, emptied when it belongs to another one."""
+    from .tasks import WorkDir
+
+    marker = root / IDENTITY
+    if root.exists():
+        try:
+            same = json.loads(marker.read_text()) == identity
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.info("prepare: %s holds another configuration's tasks; starting afresh", root)
+            shutil.rmtree(root)
+    if not root.exists():
+        root.mkdir(parents=True)
+        marker.write_text(json.dumps(identity, sort_keys=True, default=str) + "\n")
+    return WorkDir(root)
+
+
+def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int, workers: int, depends=None):
+    """The datatrove executor of one stage on corpus.executor."""
+    c, logs = cfg.corpus, str(work.root / "logs" / stage)
+    if c.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=max(1, min(workers, tasks)),
+                                     logging_dir=logs)
+    if c.executor == "ray":
+        import ray
+        from datatrove.executor.ray import RayPipelineExecutor
+
+        if not ray.is_initialized():
+            ray.init(address=c.ray_address or None)
+        return RayPipelineExecutor(pipeline=[step], tasks=tasks, workers=workers, logging_dir=logs,
+                                   cpus_per_task=1)
+    if c.executor == "slurm":
+        from datatrove.executor.slurm import SlurmPipelineExecutor
+
+        if not c.slurm_partition:
+            raise ConfigError("corpus.executor=slurm needs corpus.slurm_partition")
+        return SlurmPipelineExecutor(pipeline=[step], tasks=tasks, time=c.slurm_time, partition=c.slurm_partition,
+                                     cpus_per_task=c.slurm_cpus_per_task, mem_per_cpu_gb=c.slurm_mem_per_cpu_gb,
+                                     job_name=f"prepare-{stage}", logging_dir=logs, depends=depends,
+                                     venv_path=os.path.join(sys.prefix, "bin", "activate"))
+    raise ConfigError(f"corpus.executor={c.executor!r} has no datatrove executor")
+
+
+def stage_steps(cfg: Config, work: WorkDir, files: list[str], settings: Settings) -> list[tuple[str, Any, int]]:
+    """(stage, its pipeline step, its task count), in order; no buckets without near-dedup."""
+    from .tasks import BucketsTask, ClusterTask, ScanTask, WriteTask, bucket_config
+
+    steps = [("scan", ScanTask(work, files, settings), len(files))]
+    if cfg.corpus.near_dedup:  # datatrove wants one task per band (or a multiple)
+        steps.append(("buckets", BucketsTask(work, files, settings.corpus), bucket_config(cfg.corpus).num_buckets))
+    steps.append(("cluster", ClusterTask(work, files, settings, cfg.corpus.max_bad_ratio), 1))
+    steps.append(("write", WriteTask(work, files, settings), len(files)))
+    return steps
+
+
+@contextlib.contextmanager
+def watch_completions(directory: Path, stage: str, tasks: int, done: int) -> Iterator[None]:
+    """A progress bar of a stage's tasks while it runs: its completion markers, counted twice a second."""
+    bar = progress_bar(tasks, desc=f"prepare: {stage}", unit="task")
+    bar.update(done)
+    stop = threading.Event()
+
+    def follow() -> None:
+        shown = done
+        while not stop.wait(0.5):
+            now = len(os.listdir(directory)) if directory.is_dir() else 0
+            bar.update(now - shown)
+            shown = now
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
+def incomplete(executor) -> int:
+    """Tasks of a stage without a completion marker."""
+    return len(executor.get_incomplete_ranks(skip_completed=True))
+
+
+def run_stages(cfg: Config, work: WorkDir, files: list[str], settings: Settings, workers: int
+               ) -> tuple[Survey, NearDups, Written, dict[str, float]]:
+    """Every stage in order, each resuming at its unfinished tasks; what the tasks found, and seconds per stage."""
+    seconds: dict[str, float] = {}
+    submitted = None  # on Slurm: the last stage queued, which the next one depends on
+    for stage, step, tasks in stage_steps(cfg, work, files, settings):
+        executor = make_executor(cfg, work, stage, step, tasks, workers, depends=submitted)
+        todo = incomplete(executor)
+        log.info("prepare: %s, %d of %d tasks to run on %s", stage, todo, tasks, cfg.corpus.executor)
+        start = time.perf_counter()
+        if todo:
+            with watch_completions(work.root / "logs" / stage / "completions", stage, tasks, tasks - todo):
+                executor.run()
+        seconds[stage] = time.perf_counter() - start
+        if cfg.corpus.executor == "slurm":  # queued, not run: later stages wait on it as a dependency
+            submitted = executor if todo else submitted
+        elif incomplete(executor):
+            raise RuntimeError(f"prepare: {incomplete(executor)} {stage} task(s) did not complete; see "
+                               f"{work.root / 'logs' / stage / 'logs'}; rerun to resume")
+    if submitted is not None:
+        raise SubmittedToSlurm(work.root)
+    import pickle
+
+    from .tasks import written_result
+
+    survey, near = pickle.loads((work.root / "cluster" / "survey.pkl").read_bytes())
+    written = written_result(work, len(files))
+    return survey, near, written, seconds
+
+
+class SubmittedToSlurm(RuntimeError):
+    """The job chain is queued; `codeparrot prepare` again, once it has finished, writes clean/ from the work dir."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(f"prepare: the scan -> buckets -> cluster -> write job chain is submitted to Slurm (logs "
+                         f"under {root / 'logs'}); once it has finished, run the same `codeparrot prepare` again: it "
+                         "finds every task complete and writes clean/")
+
+

@@ -1,0 +1,194 @@
+"""`prepare` on datatrove executors: identical to the worker-pool implementation, resumable, killable."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codeparrot.corpus.engine import work_dir
+from codeparrot.corpus.prepare import run_prepare
+from codeparrot.corpus.source import BadRecords, iter_shard, list_shards
+from codeparrot.corpus.tasks import DUPS_DTYPE, band_runs
+
+from conftest import SUBPROCESS_ENV, write_jsonl
+
+IGNORED = ("report.json", "manifest.json", "config.yaml", "lengths.png")
+
+
+@pytest.fixture(scope="module")
+def raw_with_near_copies(raw_export, tmp_path_factory) -> Path:
+    """The fixture export plus a shard of near-copies (one comment changed) and exact copies of its largest file."""
+    raw = tmp_path_factory.mktemp("engine") / "raw"
+    shutil.copytree(raw_export[0], raw)
+    records = [r for f in list_shards(raw) for _, r in iter_shard(f, BadRecords())]
+    big = max(records, key=lambda r: len(r["content"]))
+    copies = [{**big, "repo_name": f"copies/near{i}", "content": big["content"] + f"\n# copy {i}\n"} for i in range(3)]
+    copies.append({**big, "repo_name": "copies/exact"})
+    write_jsonl(raw / "file-000000000090.json.gz", copies)
+    return raw
+
+
+def artifact(clean: Path) -> dict[str, bytes]:
+    """Every file of clean/ but those that record timings or paths."""
+    return {str(p.relative_to(clean)): p.read_bytes() for p in sorted(clean.rglob("*"))
+            if p.is_file() and p.name not in IGNORED}
+
+
+def timing_free(clean: Path) -> dict:
+    report = json.loads((clean / "report.json").read_text())
+    drop = {"seconds", "mb_per_s", "num_proc", "peak_rss_mb"}
+    out = {k: v for k, v in report.items() if k not in drop}
+    out["phases"] = {k: {kk: vv for kk, vv in v.items() if kk not in drop} for k, v in report["phases"].items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden(raw_with_near_copies, make_config, tmp_path_factory):
+    """clean/ by the earlier worker-pool implementation (corpus.executor=pool)."""
+    cfg = make_config(tmp_path_factory.mktemp("pool"), f"paths.raw={raw_with_near_copies}", "corpus.executor=pool",
+                      "corpus.output_shard_records=7")
+    result = run_prepare(cfg)
+    assert result["near_duplicates"] >= 2 and result["exact_duplicates"] >= 1
+    return cfg.paths.resolve("clean")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_executor_writes_what_the_pool_wrote(golden, raw_with_near_copies, make_config, tmp_path, workers):
+    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", f"corpus.num_proc={workers}",
+                      "corpus.output_shard_records=7")
+    result = run_prepare(cfg)
+    clean = cfg.paths.resolve("clean")
+    assert result["num_proc"] == workers
+    assert artifact(clean) == artifact(golden)  # data shards byte for byte, clusters file included
+    assert timing_free(clean) == timing_free(golden)
+    assert not work_dir(cfg).exists()  # removed after success
+
+
+def _plant(cfg, *tasks: str) -> None:
+    flags = work_dir(cfg).with_name(work_dir(cfg).name + ".inject-failure")
+    flags.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        (flags / task).touch()
+
+
+def _to_run(caplog) -> dict[str, str]:
+    """stage -> "k of n" from the engine's log lines of the last run."""
+    found = {}
+    for record in caplog.records:
+        if m := re.match(r"prepare: (\w+), (\d+ of \d+) tasks to run", record.getMessage()):
+            found[m.group(1)] = m.group(2)
+    caplog.clear()
+    return found
+
+
+def test_failed_tasks_leave_clean_untouched_and_a_rerun_redoes_only_them(golden, raw_with_near_copies, make_config,
+                                                                         tmp_path, caplog):
+    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.num_proc=2",
+                      "corpus.output_shard_records=7")
+    n = len(list_shards(raw_with_near_copies))
+    _plant(cfg, "scan-1", "write-0")
+    caplog.set_level(logging.INFO, logger="codeparrot.corpus.engine")
+    with pytest.raises(Exception, match="injected failure of scan task 1"):
+        run_prepare(cfg)
+    assert not cfg.paths.resolve("clean").exists() and work_dir(cfg).is_dir()
+    assert _to_run(caplog)["scan"] == f"{n} of {n}"
+    # the failure stopped the pool: tasks still running then have no completion marker either
+    completions = work_dir(cfg) / "logs" / "scan" / "completions"
+    done = len(list(completions.iterdir())) if completions.is_dir() else 0
+    assert done < n and not (completions / "00001").exists()
+    with pytest.raises(Exception, match="injected failure of write task 0"):
+        run_prepare(cfg)
+    assert not cfg.paths.resolve("clean").exists()
+    ran = _to_run(caplog)
+    assert ran["scan"] == f"{n - done} of {n}" and ran["cluster"] == "1 of 1" and ran["write"] == f"{n} of {n}"
+    completions = work_dir(cfg) / "logs" / "write" / "completions"
+    written = len(list(completions.iterdir())) if completions.is_dir() else 0
+    run_prepare(cfg)
+    ran = _to_run(caplog)
+    assert ran["scan"] == f"0 of {n}" and ran["cluster"] == "0 of 1" and ran["write"] == f"{n - written} of {n}"
+    assert artifact(cfg.paths.resolve("clean")) == artifact(golden)
+
+
+def test_another_configuration_starts_the_work_dir_afresh(raw_with_near_copies, make_config, tmp_path, caplog):
+    overrides = [f"paths.raw={raw_with_near_copies}", "corpus.num_proc=1"]
+    cfg = make_config(tmp_path, *overrides)
+    _plant(cfg, "cluster-0")
+    with pytest.raises(Exception, match="injected failure of cluster task 0"):
+        run_prepare(cfg)
+    n = len(list_shards(raw_with_near_copies))
+    caplog.set_level(logging.INFO, logger="codeparrot.corpus.engine")
+    caplog.clear()
+    run_prepare(make_config(tmp_path, *overrides, "corpus.line_max=900"))  # another identity: nothing reused
+    assert _to_run(caplog)["scan"] == f"{n} of {n}"
+
+
+def test_band_runs_rebuild_runs_from_datatrove_pairs_and_drop_exact_duplicates():
+    # shard 0 has candidates 0..2, shard 1 has 0..1; survivor ids: shard 0 -> 0, 1, -1 (exact dup), shard 1 -> 2, 3
+    survivor_of, first = np.array([0, 1, -1, 2, 3]), np.array([0, 3])
+    # two runs of equal keys: (0:0, 0:2, 1:1) and (0:1, 1:0)
+    dups = np.array([(0, 0, 0, 2), (0, 2, 1, 1), (0, 1, 1, 0)], dtype=DUPS_DTYPE)
+    members, runs = band_runs(dups, survivor_of, first)
+    assert members.tolist() == [0, 3, 1, 2] and runs.tolist() == [0, 0, 1, 1]
+    empty = band_runs(np.zeros(0, DUPS_DTYPE), survivor_of, first)
+    assert [len(a) for a in empty] == [0, 0]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_scan_then_rerun_gives_the_same_clean(golden, raw_with_near_copies, tmp_path, make_config):
+    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.num_proc=2",
+                      "corpus.output_shard_records=7")
+    cfg.save(tmp_path / "config.yaml")
+    cmd = [sys.executable, "-m", "codeparrot", "prepare", "--config", str(tmp_path / "config.yaml")]
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    completions, deadline = work_dir(cfg) / "logs" / "scan" / "completions", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # killed once the first scan task has completed
+        if completions.is_dir() and any(completions.iterdir()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not cfg.paths.resolve("clean").exists() and (work_dir(cfg) / "logs" / "scan" / "completions").is_dir()
+    done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert artifact(cfg.paths.resolve("clean")) == artifact(golden)
+
+
+
+def test_slurm_submits_the_chain_of_dependent_job_arrays(raw_with_near_copies, make_config, tmp_path, monkeypatch):
+    """The real SlurmPipelineExecutor against a stand-in `sbatch` that records each script and answers a job id."""
+    from codeparrot.corpus.engine import SubmittedToSlurm
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\nn=$(ls {calls} 2>/dev/null | wc -l)\nmkdir -p {calls}\n'
+        f'{{ echo "$@"; cat "$(eval echo \\${{$#}})"; }} > {calls}/$((n + 1))\necho "Submitted batch job $((1000 + n))"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.executor=slurm",
+                      "corpus.slurm_partition=cpu", "corpus.slurm_time=01:00:00", "corpus.num_proc=3")
+    with pytest.raises(SubmittedToSlurm, match="run the same `codeparrot prepare` again"):
+        run_prepare(cfg)
+    assert not cfg.paths.resolve("clean").exists()
+    scripts = [p.read_text() for p in sorted(calls.iterdir(), key=lambda p: int(p.name))]
+    arrays = [s for s in scripts if "RUN_OFFSET" in s.splitlines()[0]]  # each stage's tasks (others merge stats)
+    names = [re.search(r"--job-name=(\S+)", s).group(1) for s in arrays]
+    assert names == ["prepare-scan", "prepare-buckets", "prepare-cluster", "prepare-write"]
+    n = len(list_shards(raw_with_near_copies))
+    assert f"--array=0-{n - 1}" in arrays[0] and f"--array=0-{n - 1}" in arrays[3] and "--partition=cpu" in arrays[0]
+    assert "--time=01:00:00" in arrays[0] and "--dependency" not in arrays[0].splitlines()[0]
+    ids = {s: 1000 + i for i, s in enumerate(scripts)}
+    for before, after in zip(arrays, arrays[1:]):  # each stage waits for the one before it to succeed
+        assert f"--dependency=afterok:{ids[before]}" in after.splitlines()[0]
