@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 # Keep a training stage (when the pipeline has one) down to a few tiny steps.
 TINY_TRAIN = ["train.max_steps=2", "train.eval_interval=1", "train.save_interval=2", "eval.max_batches=1",
-              "data.seq_length=32", "train.micro_batch_size=2"]
+              "data.seq_length=32", "train.micro_batch_size=2",
+              # tiny.yaml fine-tunes too: records truncated to the 32-token context, a short instruction tuning
+              "sft.max_record_tokens=0", "sft.max_records=8", "sft.epochs=1", "sft.batch_size=2", "sft.max_new_tokens=4"]
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -97,6 +99,7 @@ def test_pipeline_runs_then_skips(tmp_path, stdlib_root, stdlib_files, split_see
     assert (work / "clean" / "train").is_dir() and (work / "clean" / "valid").is_dir()
     assert (work / "tokenizer" / "tokenizer.json").is_file()
     assert read_manifest(work / "tokenizer")["inputs"]["clean"] == read_manifest(work / "clean")["fingerprint"]
+    assert list(stages)[-1] == "sft" and (work / "runs" / "sft" / "final" / "model.safetensors").is_file()
 
     second = cli(*args, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -185,7 +188,8 @@ def test_pipeline_under_accelerate_launch_runs_the_data_stages_once(tmp_path, st
     logs = work / "runs" / "tiny" / "logs"
     assert [json.loads((logs / f"rank{r}.json").read_text())["world_size"] for r in (0, 1)] == [2, 2]
     assert list(summaries(stdout)) == ["export-local", "prepare", "train-tokenizer", "pretokenize", "sft-data",
-                                       "train", "evaluate", "humaneval"]
+                                       "train", "evaluate", "humaneval", "sft"]
+    assert summaries(stdout)["sft"]["processes"] == "2"
     assert len(re.findall(r"INFO codeparrot.stage: sft-data: wrote ", stderr)) == 1  # rank 0 only
     # tiny.yaml scores 3 HumanEval problems; none fits this 32-token context, so each is a counted skip
     report = json.loads((work / "runs" / "tiny" / "humaneval" / "step-2" / "pass_at_k.json").read_text())
