@@ -192,3 +192,18 @@ def test_slurm_submits_the_chain_of_dependent_job_arrays(raw_with_near_copies, m
     ids = {s: 1000 + i for i, s in enumerate(scripts)}
     for before, after in zip(arrays, arrays[1:]):  # each stage waits for the one before it to succeed
         assert f"--dependency=afterok:{ids[before]}" in after.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_ray_executor_writes_what_the_pool_wrote(golden, raw_with_near_copies, make_config, tmp_path):
+    import ray  # in the dev extra
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.executor=ray", "corpus.num_proc=2",
+                          "corpus.output_shard_records=7")
+        run_prepare(cfg)
+    finally:
+        ray.shutdown()
+    assert artifact(cfg.paths.resolve("clean")) == artifact(golden)
+    assert timing_free(cfg.paths.resolve("clean")) == timing_free(golden)
