@@ -67,6 +67,8 @@ class CorpusConfig:
     local_max_files: int = setting(0, "cap on files exported from the local installation; 0 = all")
     export_shard_records: int = setting(2000, "records per export shard")
     output_shard_records: int = setting(5000, "records per cleaned shard")
+    output_compresslevel: int = setting(1, "gzip level of the cleaned shards: 1 compresses ~4x faster than 6 for "
+                                           "~15% larger files (every gzip reader takes any level)")
     max_bad_ratio: float = setting(0.05, "stop when more than this fraction of records is bad")
     valid_fraction: float = setting(0.02, "fraction of repositories held out for validation")
     split_seed: int = setting(1, "salt of the stable repo hash that decides the split")

@@ -10,8 +10,10 @@ The first --max-mb of content is copied into fresh shards (untimed), one set use
   ours Np    the same with the shards spread over os.cpu_count() worker processes (codeparrot.procs.WorkerPool);
   reference  per file: datasketch MinHash(num_perm=256), m.update(token.encode()) per distinct CodeParrot token,
              MinHashLSH(threshold=0.85, num_perm=256).insert.
-Goal: ours per core >= 3x the reference per core. The whole prepare stage is also timed
-on 1 process and on all cores, with its per-phase MB/s. Memory: near_duplicate_clusters' tracemalloc peak per file
+Goal: ours per core >= 3x the reference per core. The whole prepare stage is also timed per core on datatrove's
+local executor (1 and all workers) and on the worker pool it replaced (corpus.executor=pool), with datatrove's
+overhead and a resume after a failed write task (issue 13's goal: the stage per core >= 2x the datasketch reference
+per core and >= 2x the pool's). Memory: near_duplicate_clusters' tracemalloc peak per file
 (numpy buffers included; ~100 B, was ~4.2 KB with a dict-based index).
 """
 from __future__ import annotations
@@ -102,16 +104,54 @@ def clustering_bytes_per_file(signatures: np.ndarray) -> float:
         tracemalloc.stop()
 
 
-def time_prepare(shard_dir: Path, work: Path, num_proc: int) -> dict:
-    """run_prepare's result on the shards, with its wall time."""
+def time_prepare(shard_dir: Path, work: Path, num_proc: int, executor: str = "local", fail: str = "") -> dict:
+    """run_prepare's result on the shards, with its wall time; `fail` plants a task failure (tasks.py) first."""
     from codeparrot.config import load_config
+    from codeparrot.corpus.engine import work_dir
     from codeparrot.corpus.prepare import run_prepare
 
-    cfg = load_config(None, [f"paths.workdir={work}", f"paths.raw={shard_dir}", f"corpus.num_proc={num_proc}"])
+    cfg = load_config(None, [f"paths.workdir={work}", f"paths.raw={shard_dir}", f"corpus.num_proc={num_proc}",
+                             f"corpus.executor={executor}"])
+    if fail:
+        flags = work_dir(cfg).with_name(work_dir(cfg).name + ".inject-failure")
+        flags.mkdir(parents=True, exist_ok=True)
+        (flags / fail).touch()
     start = time.perf_counter()
-    result = run_prepare(cfg)
+    try:
+        result = run_prepare(cfg)
+    except Exception as e:  # the planted failure
+        result = {"failed": str(e)}
     result["wall_seconds"] = time.perf_counter() - start
     return result
+
+
+def stage_table(shard_dir: Path, tmp: Path, mb: float, cores: int, ref_per_core: float) -> None:
+    """The whole stage per core: datatrove's local executor with 1 and N workers, and the worker pool (today's)."""
+    runs = [("prepare, local executor", "local", 1), ("prepare, local executor", "local", cores),
+            ("prepare, pool (before datatrove)", "pool", 1), ("prepare, pool (before datatrove)", "pool", cores)]
+    results = {}
+    print(f"\n{'whole stage':40}{'workers':>8}{'seconds':>9}{'MB/s':>8}{'MB/s/core':>11}{'x pool/core':>13}"
+          f"{'x datasketch/core':>19}")
+    for name, executor, n in runs:
+        results[executor, n] = r = time_prepare(shard_dir, tmp / f"work-{executor}-{n}", n, executor)
+        r["per_core"] = mb / r["wall_seconds"] / n
+    for name, executor, n in runs:
+        r = results[executor, n]
+        print(f"{name:40}{n:8}{r['wall_seconds']:9.2f}{mb / r['wall_seconds']:8.2f}{r['per_core']:11.2f}"
+              f"{r['per_core'] / results['pool', 1]['per_core']:13.2f}{r['per_core'] / ref_per_core:19.2f}")
+    for n in (1, cores):
+        local, pool = results["local", n]["wall_seconds"], results["pool", n]["wall_seconds"]
+        phases = ", ".join(f"{k} {v.get('seconds')} s" for k, v in results["local", n]["phases"].items())
+        print(f"datatrove's overhead at {n} worker(s): {local - pool:+.2f} s = {100 * (local - pool) / local:.0f}% "
+              f"of the stage (local {local:.2f} s against pool {pool:.2f} s; local phases: {phases})")
+    # resume: the last write task fails; the rerun redoes only it
+    work = tmp / "work-resume"
+    failed = time_prepare(shard_dir, work, cores, "local", fail=f"write-{len(list_shards(shard_dir)) - 1}")
+    rerun = time_prepare(shard_dir, work, cores, "local")
+    full = results["local", cores]["wall_seconds"]
+    print(f"resume: a failed write task ({failed['wall_seconds']:.2f} s until it failed), then the rerun of the "
+          f"unfinished tasks took {rerun['wall_seconds']:.2f} s against {full:.2f} s for a full run: "
+          f"{full - rerun['wall_seconds']:.2f} s saved")
 
 
 def main() -> int:
@@ -161,13 +201,7 @@ def main() -> int:
               f"{per_file * 1e6 / 1e9:.3f} GB per million files (signatures, 1024 B/file, not included)")
 
         if not args.no_prepare:
-            for num_proc in (1, cores):
-                result = time_prepare(shard_dir, Path(tmp) / f"work{num_proc}", num_proc)
-                phases = ", ".join(f"{k} {v.get('seconds')} s" + (f" ({v['mb_per_s']} MB/s)" if "mb_per_s" in v else "")
-                                   for k, v in result.get("phases", {}).items())
-                print(f"\nprepare, {num_proc} process(es): {result['wall_seconds']:.2f} s wall, "
-                      f"{result.get('mb_per_s')} MB/s; {result.get('files_in')} files in, "
-                      f"{result.get('near_duplicates')} near-duplicates; phases: {phases}")
+            stage_table(shard_dir, Path(tmp), mb, cores, ref_per_core)
     return 0
 
 

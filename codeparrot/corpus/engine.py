@@ -58,8 +58,12 @@ def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int,
     """The datatrove executor of one stage on corpus.executor."""
     c, logs = cfg.corpus, str(work.root / "logs" / stage)
     if c.executor == "local":
+        import multiprocess
         from datatrove.executor import LocalPipelineExecutor
 
+        # Workers fork from a server that has imported our tasks (and numpy, datatrove) once: each stage's pool
+        # then starts in milliseconds instead of re-importing them in every worker (a no-op once it runs).
+        multiprocess.get_context("forkserver").set_forkserver_preload(["codeparrot.corpus.tasks"])
         return LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=max(1, min(workers, tasks)),
                                      logging_dir=logs)
     if c.executor == "ray":

@@ -179,7 +179,8 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
         side = "valid" if is_valid_repo(str(record.get("repo_name", "")), c.valid_fraction, c.split_seed) else "train"
         if side not in writers:
             # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
-            writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records)
+            writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records,
+                                        c.output_compresslevel)
         writers[side].write({**record, **(columns[line] if columns is not None else compute_columns(content))})
         counts[f"{side}_files"] += 1
         counts[f"{side}_bytes"] += utf8_len(content)
