@@ -104,14 +104,15 @@ def clustering_bytes_per_file(signatures: np.ndarray) -> float:
         tracemalloc.stop()
 
 
-def time_prepare(shard_dir: Path, work: Path, num_proc: int, executor: str = "local", fail: str = "") -> dict:
+def time_prepare(shard_dir: Path, work: Path, num_proc: int, executor: str = "local", fail: str = "",
+                 more: tuple[str, ...] = ()) -> dict:
     """run_prepare's result on the shards, with its wall time; `fail` plants a task failure (tasks.py) first."""
     from codeparrot.config import load_config
     from codeparrot.corpus.engine import work_dir
     from codeparrot.corpus.prepare import run_prepare
 
     cfg = load_config(None, [f"paths.workdir={work}", f"paths.raw={shard_dir}", f"corpus.num_proc={num_proc}",
-                             f"corpus.executor={executor}"])
+                             f"corpus.executor={executor}", *more])
     if fail:
         flags = work_dir(cfg).with_name(work_dir(cfg).name + ".inject-failure")
         flags.mkdir(parents=True, exist_ok=True)
@@ -127,18 +128,23 @@ def time_prepare(shard_dir: Path, work: Path, num_proc: int, executor: str = "lo
 
 def stage_table(shard_dir: Path, tmp: Path, mb: float, cores: int, ref_per_core: float) -> None:
     """The whole stage per core: datatrove's local executor with 1 and N workers, and the worker pool (today's)."""
-    runs = [("prepare, local executor", "local", 1), ("prepare, local executor", "local", cores),
-            ("prepare, pool (before datatrove)", "pool", 1), ("prepare, pool (before datatrove)", "pool", cores)]
+    before = ("corpus.output_compresslevel=6", "corpus.executor=pool")  # the stage as it was before issue 13
+    runs = [("local executor (datatrove)", "local", 1, ()), ("local executor (datatrove)", "local", cores, ()),
+            ("pool, same settings", "pool", 1, ()), ("pool, same settings", "pool", cores, ()),
+            ("before: pool, gzip level 6", "pool", 1, before), ("before: pool, gzip level 6", "pool", cores, before)]
     results = {}
-    print(f"\n{'whole stage':40}{'workers':>8}{'seconds':>9}{'MB/s':>8}{'MB/s/core':>11}{'x pool/core':>13}"
+    print(f"\n{'whole stage':34}{'workers':>8}{'seconds':>9}{'MB/s':>8}{'MB/s/core':>11}{'x before/core':>15}"
           f"{'x datasketch/core':>19}")
-    for name, executor, n in runs:
-        results[executor, n] = r = time_prepare(shard_dir, tmp / f"work-{executor}-{n}", n, executor)
+    for name, executor, n, more in runs:
+        results[name, n] = r = time_prepare(shard_dir, tmp / f"work-{len(results)}", n, executor, more=more)
         r["per_core"] = mb / r["wall_seconds"] / n
-    for name, executor, n in runs:
-        r = results[executor, n]
-        print(f"{name:40}{n:8}{r['wall_seconds']:9.2f}{mb / r['wall_seconds']:8.2f}{r['per_core']:11.2f}"
-              f"{r['per_core'] / results['pool', 1]['per_core']:13.2f}{r['per_core'] / ref_per_core:19.2f}")
+    base = results["before: pool, gzip level 6", 1]["per_core"]
+    for name, executor, n, more in runs:
+        r = results[name, n]
+        print(f"{name:34}{n:8}{r['wall_seconds']:9.2f}{mb / r['wall_seconds']:8.2f}{r['per_core']:11.2f}"
+              f"{r['per_core'] / base:15.2f}{r['per_core'] / ref_per_core:19.2f}")
+    results.update({("local", n): results["local executor (datatrove)", n] for n in (1, cores)})
+    results.update({("pool", n): results["pool, same settings", n] for n in (1, cores)})
     for n in (1, cores):
         local, pool = results["local", n]["wall_seconds"], results["pool", n]["wall_seconds"]
         phases = ", ".join(f"{k} {v.get('seconds')} s" for k, v in results["local", n]["phases"].items())
