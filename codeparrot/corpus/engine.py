@@ -54,6 +54,25 @@ def open_work_dir(root: Path, identity: dict[str, Any]) -> WorkDir:
     return WorkDir(root)
 
 
+def _manager_servers_die_with_parent() -> None:
+    """LocalPipelineExecutor.run starts a multiprocess Manager server per stage, which outlives a killed stage:
+    make each one die with the process that started it (the kernel's parent-death signal, procs.die_with_parent)."""
+    from multiprocess.managers import BaseManager
+
+    from ..procs import die_with_parent
+
+    original = BaseManager._run_server.__func__
+    if getattr(original, "dies_with_parent", False):
+        return
+
+    def run_server(cls, *args, **kwargs):
+        die_with_parent()
+        return original(cls, *args, **kwargs)
+
+    run_server.dies_with_parent = True
+    BaseManager._run_server = classmethod(run_server)
+
+
 def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int, workers: int, depends=None):
     """The datatrove executor of one stage on corpus.executor."""
     c, logs = cfg.corpus, str(work.root / "logs" / stage)
@@ -64,6 +83,7 @@ def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int,
         # Workers fork from a server that has imported our tasks (and numpy, datatrove) once: each stage's pool
         # then starts in milliseconds instead of re-importing them in every worker (a no-op once it runs).
         multiprocess.get_context("forkserver").set_forkserver_preload(["codeparrot.corpus.tasks"])
+        _manager_servers_die_with_parent()
         return LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=max(1, min(workers, tasks)),
                                      logging_dir=logs)
     if c.executor == "ray":

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..procs import die_with_parent
 from .dedup import clusters_from_runs, duplicates_to_drop, verified_bands
 from .shards import KEEP, SPLIT_KEYS, Settings, init_worker, scan_shard, worker_settings, write_shard
 from .source import shard_name
@@ -123,9 +124,21 @@ class _Task:
     tracebacks print every argument's repr)."""
 
     files: list[str]
+    work: WorkDir
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.files)} shards)"
+
+    def _start(self, stage: str, rank: int) -> None:
+        """Every task's first step: in a local pool worker, die with the stage; then a test's planted failure."""
+        import multiprocess
+
+        if multiprocess.current_process().name != "MainProcess":
+            # The worker's parent is the forkserver, which exits when the stage does (even on SIGKILL): the kernel
+            # then ends the worker too, instead of leaving it to finish a long task for nobody.
+            die_with_parent()
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task per core: no tokenizer threads on top
+        self.work.fail_if_asked(stage, rank)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -143,7 +156,7 @@ class ScanTask(_Task):
     settings: Settings
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        self.work.fail_if_asked("scan", rank)
+        self._start("scan", rank)
         _ensure_worker(self.settings)
         scan = scan_shard((rank, self.files[rank]), keep_columns=True)
         signatures, scan.signatures = scan.signatures, None
@@ -169,7 +182,7 @@ class BucketsTask(_Task):
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
         from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
 
-        self.work.fail_if_asked("buckets", rank)
+        self._start("buckets", rank)
         step = MinhashDedupBuckets(str(self.work.root / "sigs"), str(self.work.root / "dups"),
                                    config=bucket_config(self.corpus))
         step.run(None, rank, world_size)
@@ -221,7 +234,7 @@ class ClusterTask(_Task):
     max_bad_ratio: float
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        self.work.fail_if_asked("cluster", rank)
+        self._start("cluster", rank)
         start = time.perf_counter()
         c = self.settings.corpus
         survey = Survey.new(self.max_bad_ratio, self.settings.filters.enabled)
@@ -301,7 +314,7 @@ class WriteTask(_Task):
     settings: Settings
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        self.work.fail_if_asked("write", rank)
+        self._start("write", rank)
         _ensure_worker(self.settings)
         plan = np.load(self.work.shard("keep", rank, ".npz"))
         scan = pickle.loads(self.work.shard("scan", rank, ".pkl").read_bytes())

@@ -1,1 +1,1 @@
-"""Instruction fine-tuning: the data stage, the collate rules and LoRA (the training stage lands with issue 12)."""
+"""Instruction fine-tuning: the records (`sft-data`), the collate and packing rules, LoRA, and the `sft` stage."""

@@ -1,4 +1,5 @@
-"""The `sft-data` stage: instruction records (instruction, input, output) from docstrings or a user's Alpaca file.
+"""The `sft-data` stage: instruction records (instruction, input, output) from docstrings, a user's Alpaca file or
+an Alpaca dataset on the Hugging Face Hub (`hub:<repo_id>[@revision]`, read with `datasets`).
 
 Records are written as `sft/{train,valid,test}.jsonl`, with `report.json` (counts per filter and split, token
 lengths) and `lengths.png`. The prompt format is the Alpaca one of the GPT-2 instruction-tuning chapter.
@@ -9,13 +10,16 @@ import ast
 import hashlib
 import json
 import logging
+import tempfile
 import textwrap
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable, Iterator
 
-from ..config import Config
+from ..config import Config, ConfigError, HubConfig
 from ..corpus.source import BadRecords, iter_records, list_shards
+from ..hub import HUB_PREFIX, HubError, endpoint, hub_api, parse_hub_spec, scrub
 from ..stage import Stage
 from .format import format_prompt
 
@@ -110,6 +114,12 @@ def read_alpaca(path: Path, counts: Counter) -> list[dict[str, str]]:
             raise ValueError(f"{path}: not a JSON list of records ({e})") from None
     else:
         rows = _jsonl_rows(path, counts)
+    return alpaca_records(rows, counts)
+
+
+def alpaca_records(rows: Iterable[Any], counts: Counter) -> list[dict[str, str]]:
+    """The rows with string `instruction` and `output` (and `input`, which may be absent); the rest counted as
+    missing_fields."""
     records = []
     for row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or \
@@ -149,9 +159,62 @@ def build_splits(cfg: Config, counts: Counter) -> dict[str, list[dict]]:
         # pretraining's valid files give validation and test pairs: none of them was trained on
         half = int(len(held_out) * s.valid_share_of_held_out)
         splits = {"train": train, "valid": held_out[:half], "test": held_out[half:]}
+    elif s.source.startswith(HUB_PREFIX):
+        splits = split_in_order(read_hub_alpaca(s.source, cfg.hub, counts), s.train_fraction, s.test_fraction)
     else:
         splits = split_in_order(read_alpaca(Path(s.source), counts), s.train_fraction, s.test_fraction)
     return splits
+
+
+def require_datasets(spec: str) -> ModuleType:
+    """The `datasets` module, imported only now (it takes seconds), or a ConfigError saying how to install it."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"sft.source={spec} is read with the `datasets` library, which is not installed: "
+                          "pip install 'codeparrot[sft]'") from None
+    return datasets
+
+
+def resolve_hub_dataset(spec: str, h: HubConfig) -> tuple[str, str]:
+    """(repo_id, commit sha) of the dataset revision `hub:<repo_id>[@revision]` names now."""
+    repo_id, revision = parse_hub_spec(spec)
+    api = hub_api(h)
+    try:
+        return repo_id, api.dataset_info(repo_id, revision=revision).sha
+    except Exception as e:  # connection refused, no such repo or revision, bad token: all end the stage here
+        raise HubError(f"sft.source={spec}: cannot resolve dataset {repo_id}@{revision} on {endpoint(h)}: "
+                       f"{scrub(f'{type(e).__name__}: {e}', api)}") from None
+
+
+def read_hub_alpaca(spec: str, h: HubConfig, counts: Counter) -> list[dict[str, str]]:
+    """The train split of an Alpaca dataset on the Hub at its current commit; records without the fields counted."""
+    from huggingface_hub import snapshot_download
+
+    datasets = require_datasets(spec)
+    # resolved again (a build sees only the config): should a commit land since the manifest's, the next run
+    # finds the manifest's sha stale and builds again
+    repo_id, sha = resolve_hub_dataset(spec, h)
+    api = hub_api(h)
+    # huggingface_hub downloads (into its cache), since it takes the endpoint as an argument: datasets reads
+    # HF_ENDPOINT once, at import, so hub.endpoint could not reach load_dataset(repo_id) without patching it.
+    try:
+        local = snapshot_download(repo_id, repo_type="dataset", revision=sha, endpoint=endpoint(h), token=api.token)
+    except Exception as e:
+        raise HubError(f"sft.source={spec}: cannot download dataset {repo_id}@{sha[:12]} from {endpoint(h)}: "
+                       f"{scrub(f'{type(e).__name__}: {e}', api)}") from None
+    with tempfile.TemporaryDirectory() as scratch:  # datasets' Arrow copy is scratch: the records go to sft/
+        try:
+            rows = datasets.load_dataset(local, split="train", cache_dir=scratch).to_list()
+        except Exception as e:  # an unparsable file, no train split, columns of clashing types
+            cause = e
+            while cause.__cause__ is not None:  # DatasetGenerationError says only that generating failed
+                cause = cause.__cause__
+            raise ValueError(f"sft.source={spec}: datasets cannot read {repo_id}@{sha[:12]} as a train split: "
+                             f"{type(cause).__name__}: {cause}") from None
+    log.info("sft-data: %d rows of %s@%s", len(rows), repo_id, sha[:12])
+    # datasets fills a column a row lacks with None; None means absent, as a missing key in a local file does
+    return alpaca_records(({k: v for k, v in row.items() if v is not None} for row in rows), counts)
 
 
 def token_lengths(records: list[dict], tokenizer) -> list[int]:
@@ -219,12 +282,16 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, path: Path) -> 
 
 
 def _extra_inputs(cfg: Config) -> dict[str, str]:
-    """A user file's hash (its content is an input)."""
+    """A user file's hash or a Hub dataset's commit sha (its content is an input: a new commit re-runs the stage)."""
     if cfg.sft.source == "docstrings":
         return {}
+    if cfg.sft.source.startswith(HUB_PREFIX):
+        require_datasets(cfg.sft.source)  # before any Hub call: a missing library is the first thing to fix
+        return {"source": resolve_hub_dataset(cfg.sft.source, cfg.hub)[1]}
     path = Path(cfg.sft.source)
     if not path.is_file():
-        raise FileNotFoundError(f"sft.source={path}: no such file (give 'docstrings' or an Alpaca .json/.jsonl)")
+        raise FileNotFoundError(f"sft.source={path}: no such file (give 'docstrings', an Alpaca .json/.jsonl or "
+                                "hub:<repo_id>[@revision])")
     return {"source": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
 
 
@@ -233,4 +300,4 @@ DATA_KEYS = ("sft.source", "sft.min_docstring_chars", "sft.min_body_lines", "sft
              "sft.max_record_tokens")
 SFT_DATA = Stage(name="sft-data", output="sft", keys=(*DATA_KEYS, "tokenizer.eos_token", "corpus.max_bad_ratio"),
                  inputs=("clean", "tokenizer"), extra_inputs=_extra_inputs, build=_build,
-                 help="instruction records for fine-tuning: docstring pairs from clean/, or an Alpaca file")
+                 help="instruction records for fine-tuning: docstring pairs from clean/, an Alpaca file or hub: dataset")
