@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +150,20 @@ def export_final(acc, model, out: Path, base: Path, eos_id: int, cfg: Config, lo
     return out / "final"
 
 
-def run_sft(cfg: Config) -> dict[str, Any]:
-    """Fine-tune sft.base on the instruction records; rank 0 returns a summary."""
+@dataclass
+class Records:
+    """The base model and the records encoded for it: what a fine-tuning run is made of before it starts."""
+
+    base: Path
+    tokenizer: Any
+    gpt: Any
+    eos_id: int
+    max_len: int  # allowed_max_length within the model's context
+    splits: dict[str, tuple[list[dict], list, int]]  # split -> (records, examples with targets, dropped)
+
+
+def load_records(cfg: Config) -> Records:
+    """Resolve sft.base, load it, and encode every split with its tokenizer."""
     s = cfg.sft
     base = resolve_base(cfg)
     tokenizer, gpt = load_tokenizer(base), load_hf(base)
@@ -161,69 +174,91 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     sft_dir = cfg.paths.resolve("sft")
     splits = {name: encode_split(sft_dir / f"{name}.jsonl", tokenizer, eos_id, max_len, s.mask_prompt)
               for name in ("train", "valid", "test")}
-    dropped = {name: split[2] for name, split in splits.items()}
     if not splits["valid"][1]:
         raise ValueError(f"{sft_dir}/valid.jsonl has no example with a target: nothing to validate on")
+    return Records(base, tokenizer, gpt, eos_id, max_len, splits)
 
-    rows = make_rows(splits["train"][1], s.packing, max_len, cfg.train.seed)
-    collate = row_collate(s.packing, eos_id)
+
+def steps_per_epoch(rows: int, s, world_size: int) -> int:
+    """Optimizer steps in one pass over the training rows (drop_last); a clear error when there is none."""
+    steps = rows // (s.batch_size * world_size) // s.gradient_accumulation_steps
+    if steps < 1:
+        raise ValueError(f"{rows} training rows make no optimizer step of sft.batch_size {s.batch_size} x "
+                         f"{world_size} process(es) x accumulation {s.gradient_accumulation_steps}")
+    return steps
+
+
+def already_done(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The scores of a finished run of this identity (final/ and responses.json), else None."""
+    if (out / "final" / "config.yaml").is_file() and (out / "responses.json").is_file():
+        done = json.loads((out / "responses.json").read_text())
+        if done.get("fingerprint") == fingerprint:
+            return done["metrics"]
+    return None
+
+
+def build_loop(run_cfg: Config, acc, r: Records, rows: list, out: Path, fp: str, per_epoch: int) -> Loop:
+    """The model (LoRA-adapted if asked), optimizer, batches, checkpointer, metrics and evaluator of the run."""
+    s, t = run_cfg.sft, run_cfg.train
+    resume_from, prior = find_resume(run_cfg, out, fp)
+    set_seed(t.seed)
+    if s.method == "lora":
+        adapted = apply_lora(r.gpt, s.lora_targets, s.lora_rank, s.lora_alpha, s.lora_dropout)
+        log.info("sft: LoRA r=%d alpha=%g on %d layers", s.lora_rank, s.lora_alpha, len(adapted))
+    model, optimizer = prepare_model(r.gpt.to(acc.device), build_optimizer(r.gpt, t, acc), t, acc)
+    train_loader = EpochBatches(rows, row_collate(s.packing, r.eos_id), s.batch_size, acc.process_index,
+                                acc.num_processes, t.seed, s.gradient_accumulation_steps)
+    export = (lambda w: merged_weights(acc.unwrap_model(model), w)) if s.method == "lora" else None
+    checkpointer = Checkpointer(acc, out, t.keep_last, None, export)
+    state = (checkpointer.restore(resume_from, train_loader) if prior is not None
+             else TrainerState(config_fingerprint=fp))
+    metrics = MetricsLogger(acc, out / "logs" / "metrics.jsonl", 0, r.gpt.flops_per_token(r.max_len), t.peak_flops,
+                            extra=lambda step: {"train/epoch": step / per_epoch})
+    batches = {name: ordered_batches(make_rows(r.splits[name][1], False, r.max_len, 0), row_collate(False, r.eos_id),
+                                     s.batch_size, acc.process_index, acc.num_processes, s.eval_batches)
+               for name in ("train", "valid")}
+    writer = ResponseWriter(acc, model, r.tokenizer, r.splits["valid"][0][0], r.eos_id, s.max_new_tokens,
+                            out / "logs" / "samples.jsonl")
+    evaluator = SFTEvaluator(model, acc, batches["train"], batches["valid"], metrics, writer, per_epoch)
+    return Loop(run_cfg, acc, model, optimizer, train_loader, checkpointer, metrics, state, r.base, r.eos_id,
+                s.gradient_accumulation_steps, 0, evaluator, evaluator.after_step)
+
+
+def run_sft(cfg: Config) -> dict[str, Any]:
+    """Fine-tune sft.base on the instruction records; rank 0 returns a summary."""
+    s, r = cfg.sft, load_records(cfg)
+    rows = make_rows(r.splits["train"][1], s.packing, r.max_len, cfg.train.seed)
     out = cfg.paths.resolve("runs") / s.run_name
     acc = make_accelerator(cfg, out)  # the launch's world size sets the steps per epoch
     if acc.is_fsdp2:
         raise ConfigError("sft under FSDP is not supported: the base is loaded whole on every rank; launch with "
                           "DDP (configs/accelerate/ddp.yaml) or one process")
-    steps_per_epoch = len(rows) // (s.batch_size * acc.num_processes) // s.gradient_accumulation_steps
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(rows)} training rows make no optimizer step of sft.batch_size {s.batch_size} x "
-                         f"{acc.num_processes} process(es) x accumulation {s.gradient_accumulation_steps}")
-    run_cfg = derive_train_config(cfg, steps_per_epoch)
-    t = run_cfg.train
-    fp = sft_fingerprint(run_cfg, base)
-    final = out / "final"
-    if (final / "config.yaml").is_file() and (out / "responses.json").is_file():
-        done = json.loads((out / "responses.json").read_text())
-        if done.get("fingerprint") == fp:
-            log.info("sft: %s is up to date, skipping", final)
-            return {"skipped": True, "final": str(final), **done["metrics"]}
-    resume_from, prior = find_resume(run_cfg, out, fp)
-    resume_from = resume_from if prior is not None else None
-    set_seed(t.seed)
-    if s.method == "lora":
-        adapted = apply_lora(gpt, s.lora_targets, s.lora_rank, s.lora_alpha, s.lora_dropout)
-        log.info("sft: LoRA r=%d alpha=%g on %d layers", s.lora_rank, s.lora_alpha, len(adapted))
-    trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
-    model, optimizer = prepare_model(gpt.to(acc.device), build_optimizer(gpt, t, acc), t, acc)
-    train_loader = EpochBatches(rows, collate, s.batch_size, acc.process_index, acc.num_processes, t.seed,
-                                s.gradient_accumulation_steps)
-    export = (lambda w: merged_weights(acc.unwrap_model(model), w)) if s.method == "lora" else None
-    checkpointer = Checkpointer(acc, out, t.keep_last, None, export)
-    state = checkpointer.restore(resume_from, train_loader) if resume_from else TrainerState(config_fingerprint=fp)
-    metrics = MetricsLogger(acc, out / "logs" / "metrics.jsonl", 0, acc.unwrap_model(model).flops_per_token(max_len),
-                            t.peak_flops, extra=lambda step: {"train/epoch": step / steps_per_epoch})
-    eval_rows = {name: make_rows(splits[name][1], False, max_len, 0) for name in ("train", "valid")}
-    batches = {name: ordered_batches(eval_rows[name], row_collate(False, eos_id), s.batch_size, acc.process_index,
-                                     acc.num_processes, s.eval_batches) for name in eval_rows}
-    writer = ResponseWriter(acc, model, tokenizer, splits["valid"][0][0], eos_id, s.max_new_tokens,
-                            out / "logs" / "samples.jsonl")
-    evaluator = SFTEvaluator(model, acc, batches["train"], batches["valid"], metrics, writer, steps_per_epoch)
+    per_epoch = steps_per_epoch(len(rows), s, acc.num_processes)
+    run_cfg = derive_train_config(cfg, per_epoch)
+    fp = sft_fingerprint(run_cfg, r.base)
+    if (scores := already_done(out, fp)) is not None:
+        log.info("sft: %s is up to date, skipping", out / "final")
+        return {"skipped": True, "final": str(out / "final"), **scores}
+    trainable_before = sum(p.numel() for p in r.gpt.parameters())
+    loop = build_loop(run_cfg, acc, r, rows, out, fp, per_epoch)
+    trainable = sum(p.numel() for p in r.gpt.parameters() if p.requires_grad)
     acc.init_trackers(s.run_name, config={"sft": canonical_json(run_cfg.to_dict()["sft"])})
     if acc.is_main_process:
         run_cfg.save(out / "config.yaml")
+    dropped = {name: split[2] for name, split in r.splits.items()}
     log.info("sft: %s from %s, %d train rows (%s), %d steps/epoch, %d steps, %.2fM trainable of %.2fM, dropped "
-             "without target %s", s.method, base, len(rows), "packed" if s.packing else "padded", steps_per_epoch,
-             t.max_steps, trainable / 1e6, gpt.num_parameters() / 1e6, dropped)
-    done = fit(Loop(run_cfg, acc, model, optimizer, train_loader, checkpointer, metrics, state, base, eos_id,
-                    s.gradient_accumulation_steps, 0, evaluator, evaluator.after_step))
-    final = export_final(acc, model, out, base, eos_id, run_cfg, s.method == "lora")
-    result = score_test_split(acc, model, tokenizer, splits["test"][0], eos_id, s.max_new_tokens, out, fp)
+             "without target %s", s.method, r.base, len(rows), "packed" if s.packing else "padded", per_epoch,
+             run_cfg.train.max_steps, trainable / 1e6, trainable_before / 1e6, dropped)
+    done = fit(loop)
+    final = export_final(acc, loop.model, out, r.base, r.eos_id, run_cfg, s.method == "lora")
+    result = score_test_split(acc, loop.model, r.tokenizer, r.splits["test"][0], r.eos_id, s.max_new_tokens, out, fp)
     if acc.is_main_process:
         from ..plots import plot_run
 
         plot_run(out)
-    history = state.history
+    history, state = loop.state.history, loop.state
     return {"skipped": False, "final": str(final), "method": s.method, "processes": acc.num_processes,
-            "steps": state.step,
-            "trainable_params": trainable, "train_rows": len(rows), "dropped_without_target": dropped,
-            "seconds": round(done["seconds"], 1), "tokens_seen": state.tokens_seen,
+            "steps": state.step, "trainable_params": trainable, "train_rows": len(rows),
+            "dropped_without_target": dropped, "seconds": round(done["seconds"], 1), "tokens_seen": state.tokens_seen,
             "val_loss_before": history[0]["loss"] if history else None,
             "val_loss_after": history[-1]["loss"] if history else None, **result}
