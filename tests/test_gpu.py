@@ -124,3 +124,38 @@ def test_sampler_on_cuda_matches_cpu_greedy_and_samples_in_bf16(checkpoint):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         first, again = sample(gpu, [prompt], cfg)[0], sample(gpu, [prompt], cfg)[0]
     assert [c.tokens for c in first] == [c.tokens for c in again] and len(first) == 8
+
+
+def test_packed_rows_use_varlen_attention_on_cuda_and_match_separate_forwards():
+    """Packed SFT rows in bf16 on CUDA go through torch's varlen flash attention; each document's logits equal its
+    forward alone (bf16 tolerance), and the loss equals the padded batch's."""
+    from codeparrot import documents
+    from codeparrot.model import GPT, GPTConfig
+    from codeparrot.sft.collate import collate_packed, make_example, pad_examples
+
+    assert documents.varlen_attn is not None, "this torch has no torch.nn.attention.varlen"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, n_positions=256, n_layer=2, n_head=4, n_embd=128)).cuda().eval()
+    gen = torch.Generator().manual_seed(1)
+    examples = [make_example(torch.randint(1, 512, (int(n),), generator=gen).tolist(), 3, 0, 256, True)
+                for n in (40, 17, 90, 64, 5)]
+    packed = collate_packed([examples[:3], examples[3:]], 0)
+    calls = []
+    original = documents.varlen_attn
+    documents.varlen_attn = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            inputs = {k: v.cuda() for k, v in packed.model_inputs().items()}
+            out = model(**inputs)
+            padded = {k: v.cuda() for k, v in pad_examples(examples, 0).model_inputs().items()}
+            unpacked = model(**padded).loss
+            start = 0
+            for x, _ in examples[:3]:
+                alone = model(torch.tensor([x], device="cuda")).logits[0]
+                torch.testing.assert_close(out.logits[0, start:start + len(x)].float(), alone.float(),
+                                           rtol=2e-2, atol=2e-2)
+                start += len(x)
+    finally:
+        documents.varlen_attn = original
+    assert calls, "the varlen kernel did not run"
+    assert abs(out.loss.item() - unpacked.item()) < 2e-2
