@@ -3,7 +3,9 @@
 The real `huggingface_hub` client talks to it unchanged: create_repo, create_branch, create_tag, upload_folder /
 create_commit (adds, deletes, copies), list_repo_refs, list_repo_commits, list_repo_files / tree, repo_info,
 paths-info, hf_hub_download, snapshot_download and HfFileSystem (range reads). Every file is a plain git blob:
-preupload answers "regular", so no LFS or Xet transfer ever happens (set HF_HUB_DISABLE_XET=1 anyway).
+preupload answers "regular", so no LFS or Xet transfer ever happens (set HF_HUB_DISABLE_XET=1 anyway). Error answers
+carry the Hub's X-Error-Code, so the client raises RepositoryNotFoundError, RevisionNotFoundError and
+EntryNotFoundError as it does against the real Hub.
 HF_HUB_OFFLINE=1 blocks loopback too: processes that talk to this server must run without it.
 """
 from __future__ import annotations
@@ -25,6 +27,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "hub", "GIT_AUTHOR_EMAIL": "hub@localhost", "GIT_COMMITTER_NAME": "hub",
            "GIT_COMMITTER_EMAIL": "hub@localhost", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+
+
+# The Hub's X-Error-Code of an error answer, by the start of its message: huggingface_hub raises the real Hub's
+# exception types from it (RepositoryNotFoundError...), and tells a missing file from a broken connection on HEAD.
+ERROR_CODES = {"Entry Not Found": "EntryNotFound", "Revision Not Found": "RevisionNotFound",
+               "Repository Not Found": "RepoNotFound"}
 
 
 class HubError(Exception):
@@ -217,7 +225,11 @@ class HubHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         if status >= 400:
-            self.send_header("X-Error-Message", str(data.get("error", ""))[:200] if isinstance(data, dict) else "")
+            message = str(data.get("error", "")) if isinstance(data, dict) else ""
+            self.send_header("X-Error-Message", message[:200])
+            code = next((c for prefix, c in ERROR_CODES.items() if message.startswith(prefix)), None)
+            if code:  # a HEAD answer has no body to say it
+                self.send_header("X-Error-Code", code)
         self.end_headers()
         if not head:
             self.wfile.write(raw)

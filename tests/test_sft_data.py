@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +14,8 @@ from codeparrot.corpus.source import list_shards
 from codeparrot.sft.data import DOCSTRING_INSTRUCTION, SFT_DATA, mine_docstrings, read_alpaca, split_in_order
 from codeparrot.sft.format import PREAMBLE, format_prompt
 
-from conftest import read_all
+from conftest import STDLIB, free_port, read_all
+from loopback_hub import HubServer
 
 FIXTURE = '''\
 import functools
@@ -129,4 +133,157 @@ def test_sft_data_refuses_a_missing_source_file(trained_tokenizer, tmp_path):
     cfg = copy.deepcopy(cfg)
     cfg.paths.sft, cfg.sft.source = str(tmp_path / "sft"), str(tmp_path / "nope.jsonl")
     with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
+        SFT_DATA.run(cfg)
+
+
+# --- sft.source=hub:<repo_id>: an Alpaca dataset on the loopback Hub (tests/loopback_hub.py), read with datasets ---
+
+HUB_TOKEN = "hf_sft_data_test_secret_41c9"
+DATASET = "parrot/alpaca-code"
+STDLIB_MODULES = ("textwrap.py", "shlex.py", "calendar.py")  # 44 documented public functions in CPython 3.11
+BAD = [{"instruction": "no output"}, {"output": "no instruction"}, {"instruction": "null output", "output": None}]
+
+
+def alpaca_pairs(n: int) -> list[dict]:
+    """`n` Alpaca records mined from real stdlib modules; the first has no `input` key (the chapter's may not)."""
+    counts: Counter = Counter()
+    pairs = [pair for name in STDLIB_MODULES
+             for pair in mine_docstrings((STDLIB / name).read_text(encoding="utf-8"), name, 20, 2, counts)][:n]
+    assert len(pairs) == n
+    pairs[0] = {"instruction": pairs[0]["instruction"], "output": pairs[0]["output"]}
+    return pairs
+
+
+def write_dataset(layout: str, rows: list[dict], folder: Path) -> Path:
+    """`rows` in `folder` as tatsu-lab/alpaca stores them (parquet), as .jsonl, or as the chapter's JSON list; the
+    file written."""
+    if layout == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "data" / "train-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True)
+        schema = pa.schema([(name, pa.string()) for name in ("instruction", "input", "output")])  # absent: null
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        return path
+    folder.mkdir(parents=True)
+    if layout == "jsonl":
+        path = folder / "alpaca.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path = folder / "instruction-data.json"
+        path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def dataset_hub(tmp_path, monkeypatch):
+    """The loopback Hub, with this process let online for it (offline mode blocks loopback too), no Xet, the token
+    in HF_TOKEN, and the Hub's download cache under tmp_path."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # huggingface_hub reads these once, at import: patched where it keeps them (datasets only reads local files)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with HubServer(tmp_path / "hub", token=HUB_TOKEN).start() as server:
+        yield server
+
+
+def hub_config(trained_tokenizer, tmp_path, source: str, endpoint: str):
+    """The fixture's config writing sft/ under tmp_path from `source`, with hub.endpoint set (not HF_ENDPOINT)."""
+    cfg = copy.deepcopy(trained_tokenizer[0])
+    cfg.paths.sft, cfg.sft.source, cfg.hub.endpoint = str(tmp_path / "sft"), source, endpoint
+    return cfg
+
+
+def written(cfg) -> dict[str, list[dict]]:
+    """The records of each split that the stage wrote."""
+    out = Path(cfg.paths.sft)
+    return {s: [json.loads(line) for line in (out / f"{s}.jsonl").read_text().splitlines()] for s in
+            ("train", "valid", "test")}
+
+
+@pytest.mark.parametrize("layout", ["parquet", "jsonl", "json"])
+def test_sft_data_reads_an_alpaca_dataset_from_the_hub_and_reruns_on_a_new_commit(trained_tokenizer, tmp_path,
+                                                                                  dataset_hub, layout, caplog):
+    from huggingface_hub import HfApi
+
+    caplog.set_level(logging.DEBUG)
+    api = HfApi(endpoint=dataset_hub.endpoint, token=HUB_TOKEN)
+    api.create_repo(DATASET, repo_type="dataset")
+    pairs = alpaca_pairs(44)
+    first = pairs[:40]
+    rows = first[:10] + BAD + first[10:]  # bad records among good ones, in file order
+    path = write_dataset(layout, rows, tmp_path / "v1")
+    api.upload_folder(repo_id=DATASET, repo_type="dataset", folder_path=str(tmp_path / "v1"))
+    cfg = hub_config(trained_tokenizer, tmp_path, f"hub:{DATASET}", dataset_hub.endpoint)
+
+    result = SFT_DATA.run(cfg)
+    assert result["skipped"] is False
+    assert (result["train_records"], result["test_records"], result["valid_records"]) == (34, 4, 2)  # 85/10/5
+    expected = [{"input": "", **r} for r in first]  # an absent input is an empty one, as in a local file
+    assert written(cfg) == {"train": expected[:34], "test": expected[34:38], "valid": expected[38:]}
+    report = json.loads((tmp_path / "sft" / "report.json").read_text())
+    assert report["filters"] == {"missing_fields": 3} and report["source"] == f"hub:{DATASET}"
+    v1 = api.dataset_info(DATASET).sha
+    manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
+    assert manifest["inputs"]["source"] == v1  # the resolved commit is the source's identity
+
+    assert SFT_DATA.run(cfg)["skipped"] is True  # the same commit: up to date
+    more = write_dataset(layout, rows + pairs[40:], tmp_path / "v2")
+    api.upload_file(repo_id=DATASET, repo_type="dataset", path_or_fileobj=str(more),
+                    path_in_repo=path.relative_to(tmp_path / "v1").as_posix(), commit_message="four more records")
+    again = SFT_DATA.run(cfg)
+    assert again["skipped"] is False and again["train_records"] == int(44 * 0.85)  # the new commit re-ran it
+
+    cfg.sft.source = f"hub:{DATASET}@{v1}"  # a pinned revision reads that commit, whatever main holds now
+    assert SFT_DATA.run(cfg)["train_records"] == 34
+    assert f"Bearer {HUB_TOKEN}" in dataset_hub.seen_authorization  # reads send HF_TOKEN's token...
+    assert HUB_TOKEN not in caplog.text  # ...and log none of it
+
+
+def test_sft_data_from_a_hub_that_is_not_there_fails_fast_and_clearly(trained_tokenizer, tmp_path, dataset_hub,
+                                                                      capsys):
+    import time
+
+    from codeparrot.cli import main
+    from codeparrot.hub import HubError
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = hub_config(trained_tokenizer, tmp_path, f"hub:{DATASET}", dead)
+    start = time.perf_counter()
+    with pytest.raises(HubError, match=f"hub:{DATASET}.*cannot resolve dataset {DATASET}@main on {dead}"):
+        SFT_DATA.run(cfg)
+    assert time.perf_counter() - start < 10
+    missing = hub_config(trained_tokenizer, tmp_path, "hub:parrot/no-such-dataset", dataset_hub.endpoint)
+    with pytest.raises(HubError, match=f"parrot/no-such-dataset@main on {dataset_hub.endpoint}"):
+        SFT_DATA.run(missing)
+    # the command prints one line, not a traceback
+    assert main(["sft-data", f"paths.workdir={cfg.paths.workdir}", f"paths.sft={tmp_path / 'cli-sft'}",
+                 f"sft.source=hub:{DATASET}", f"hub.endpoint={dead}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: sft.source=hub:{DATASET}: cannot resolve dataset {DATASET}@main on {dead}" in err
+    assert "Traceback" not in err and HUB_TOKEN not in err
+
+
+def test_sft_data_from_the_hub_without_datasets_says_how_to_install_it(trained_tokenizer, tmp_path, monkeypatch):
+    from codeparrot.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    cfg = hub_config(trained_tokenizer, tmp_path, f"hub:{DATASET}", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match=r"pip install 'codeparrot\[sft\]'"):
+        SFT_DATA.run(cfg)
+
+
+def test_sft_data_from_the_hub_in_offline_mode_says_so(trained_tokenizer, tmp_path):
+    from codeparrot.config import ConfigError
+
+    cfg = hub_config(trained_tokenizer, tmp_path, f"hub:{DATASET}", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE=1"):  # conftest sets it for every test
         SFT_DATA.run(cfg)
