@@ -52,12 +52,21 @@ def quiet_datatrove_console() -> None:
 
     def quiet_console() -> None:
         logger.remove()
-        logger.add(sys.stderr, level="WARNING", filter=console_warnings, format="datatrove: {message}")
+        logger.add(sys.stderr, level="WARNING", filter=console_warnings, format="datatrove: {message}",
+                   diagnose=False)
 
     def task_logger(logging_dir, rank: int, local_rank: int = 0, node_rank: int = -1):
         quiet_console()
         logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
-        logger.add(logfile, level="DEBUG", colorize=False)
+
+        def to_file(message) -> None:
+            try:
+                logfile.write(message)
+            except OSError:  # a full disk fails the task on its own; its log line must not add noise to that
+                pass
+
+        # diagnose=False: loguru would print every local variable's value in a traceback, secrets included
+        logger.add(to_file, level="DEBUG", colorize=False, diagnose=False)
         logger.info(f"Launching pipeline for {rank=}")
         return logfile
 
