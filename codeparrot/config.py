@@ -280,7 +280,8 @@ class SFTConfig:
     enabled: bool = setting(False, "`pipeline` also writes the instruction records and fine-tunes (`sft-data`, "
                                    "`sft`)")
     source: str = setting("docstrings", '"docstrings": pairs mined from clean/ (train from clean/train, valid and '
-                                        'test from clean/valid); or the path of an Alpaca .json/.jsonl')
+                                        'test from clean/valid); the path of an Alpaca .json/.jsonl; or '
+                                        "hub:<repo_id>[@revision], an Alpaca dataset on the Hub")
     min_docstring_chars: int = setting(20, "docstrings shorter than this make no pair")
     min_body_lines: int = setting(2, "function bodies (after the docstring) shorter than this make no pair")
     valid_share_of_held_out: float = setting(0.5, "docstrings: share of clean/valid's pairs for validation; the "
