@@ -13,6 +13,7 @@ import torch
 from .artifacts import CheckpointError
 from .config import Config
 from .model import GPT, KVCache, load_hf, model_device
+from .tokenizer import text_encoder
 
 
 @dataclass
@@ -209,7 +210,7 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu"):
     if missing:
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: missing {', '.join(missing)}")
     try:
-        return load_hf(ckpt).to(device), Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        return load_hf(ckpt).to(device), text_encoder(Tokenizer.from_file(str(ckpt / "tokenizer.json")))
     except Exception as e:  # tokenizers and safetensors raise their own kinds on a damaged file
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e})") from e
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import Config
+from .corpus.quality import QUALITY_BUCKETS
 from .corpus.source import BadRecords, iter_records, list_shards, utf8_len
 from .logs import progress
 from .stage import Stage
@@ -20,6 +21,23 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 BATCH_FILES = 256  # files handed to the trainer per batch
+
+# Fill-in-the-middle sentinels, as SantaCoder and StarCoder name them.
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
+FIM_TOKENS = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD)
+
+
+def quality_token(bucket: str) -> str:
+    """The special token that stands for a quality bucket (corpus/quality.py): `<quality_high>`."""
+    if bucket not in QUALITY_BUCKETS:
+        raise ValueError(f"unknown quality bucket {bucket!r}; one of: {', '.join(QUALITY_BUCKETS)}")
+    return f"<quality_{bucket}>"
+
+
+def special_tokens(eos_token: str) -> list[str]:
+    """Every reserved token in id order: EOS first (id 0, as before), then the FIM sentinels, then the quality
+    tokens. The order is fixed, so every tokenizer of the project gives them the same ids."""
+    return [eos_token, *FIM_TOKENS, *(quality_token(b) for b in QUALITY_BUCKETS)]
 
 
 def new_tokenizer() -> Tokenizer:
@@ -33,7 +51,7 @@ def new_tokenizer() -> Tokenizer:
 def new_trainer(vocab_size: int, min_frequency: int, eos_token: str, show_progress: bool) -> trainers.BpeTrainer:
     """A trainer with the full 256-byte alphabet, so every input byte stays encodable."""
     return trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[eos_token],
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens(eos_token),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
     )
 
@@ -52,7 +70,8 @@ def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
 def save_tokenizer(tok: Tokenizer, directory: Path, eos_token: str) -> None:
     """Write tokenizer.json plus the small files `PreTrainedTokenizerFast.from_pretrained` reads."""
     tok.save(str(directory / TOKENIZER_FILE))
-    special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
+    special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token,
+               "additional_special_tokens": [t for t in special_tokens(eos_token)[1:] if tok.token_to_id(t) is not None]}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     # No model_max_length: a tokenizer knows no sequence length; each checkpoint writes its model's (runs.py).
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": False,
@@ -69,11 +88,23 @@ def set_model_max_length(directory: Path, model_max_length: int) -> None:
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load the tokenizer of a tokenizer artifact or a checkpoint directory."""
+    """Load the tokenizer of a tokenizer artifact or a checkpoint directory, set to encode text as text."""
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `codeparrot train-tokenizer` first")
-    return Tokenizer.from_file(str(path))
+    return text_encoder(Tokenizer.from_file(str(path)))
+
+
+def text_encoder(tok: Tokenizer) -> Tokenizer:
+    """`tok`, set so that a special token's string inside a text (a file that mentions `<|endoftext|>` or
+    `<fim_middle>`) encodes as ordinary text: only code that asks for a special id by name gets one."""
+    tok.encode_special_tokens = True
+    return tok
+
+
+def special_token_ids(tok: Tokenizer, eos_token: str) -> dict[str, int | None]:
+    """Each reserved token's id in `tok` (None where an older tokenizer lacks it)."""
+    return {t: tok.token_to_id(t) for t in special_tokens(eos_token)}
 
 
 def split_keywords(tok: Tokenizer) -> list[str]:
@@ -98,7 +129,7 @@ def train_on(texts: Iterator[list[str]], vocab_size: int, min_frequency: int, eo
     """Train a fresh tokenizer on batches of texts."""
     tok = new_tokenizer()
     tok.train_from_iterator(texts, new_trainer(vocab_size, min_frequency, eos_token, show_progress), length=length)
-    return tok
+    return text_encoder(tok)
 
 
 def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
@@ -125,6 +156,7 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     report = {
         "vocab_size": tok.get_vocab_size(),
         "eos_token_id": tok.token_to_id(t.eos_token),
+        "special_tokens": special_token_ids(tok, t.eos_token),
         "train_files": n_train_files,
         "train_mb": round(n_bytes / 1e6, 2),
         "train_seconds": round(train_seconds, 2),

@@ -8,8 +8,10 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from codeparrot.artifacts import read_manifest
+from codeparrot.corpus.quality import QUALITY_BUCKETS
 from codeparrot.tokenizer import (
-    TOKENIZER_FILE, batched, chars_per_token, load_tokenizer, run_train_tokenizer, split_keywords, train_on,
+    TOKENIZER_FILE, batched, chars_per_token, load_tokenizer, quality_token, run_train_tokenizer, special_tokens,
+    split_keywords, text_encoder, train_on,
 )
 
 EOS = "<|endoftext|>"
@@ -52,15 +54,30 @@ def test_artifact_files(tok_dir, trained_tokenizer):
     assert tok_json["model"]["type"] == "BPE"
 
 
-def test_eos_is_one_special_token(tok):
-    eos_id = tok.token_to_id(EOS)
-    assert eos_id is not None
-    assert tok.encode(EOS).ids == [eos_id]
-    ids = tok.encode(f"x = 1{EOS}y = 2").ids
-    assert ids.count(eos_id) == 1
+def test_reserved_special_tokens(tok, tok_dir):
+    reserved = special_tokens(EOS)
+    assert reserved[:5] == [EOS, "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+    assert reserved[5:] == [quality_token(b) for b in QUALITY_BUCKETS] == ["<quality_low>", "<quality_medium>",
+                                                                           "<quality_high>"]
+    assert [tok.token_to_id(t) for t in reserved] == list(range(len(reserved)))  # EOS keeps id 0
     added = tok.get_added_tokens_decoder()
-    assert added[eos_id].content == EOS and added[eos_id].special
-    assert tok.decode([eos_id], skip_special_tokens=False) == EOS
+    assert all(added[i].content == t and added[i].special for i, t in enumerate(reserved))
+    assert tok.decode([0], skip_special_tokens=False) == EOS
+    report = json.loads((tok_dir / "report.json").read_text())
+    assert report["special_tokens"] == {t: i for i, t in enumerate(reserved)}
+    special = json.loads((tok_dir / "special_tokens_map.json").read_text())
+    assert special["additional_special_tokens"] == reserved[1:]
+
+
+def test_text_never_encodes_to_a_special_id(tok, tok_dir):
+    for t in (load_tokenizer(tok_dir), tok):  # what every stage loads, and the test's own tokenizer after the set-up
+        text_encoder(t)
+        for name in special_tokens(EOS):
+            ids = t.encode(f"x = 1{name}y = 2", add_special_tokens=False).ids
+            assert t.token_to_id(name) not in ids, name
+            assert t.decode(ids) == f"x = 1{name}y = 2"
+        ids = t.encode_batch_fast(["<fim_middle>"], add_special_tokens=False)[0].ids
+        assert t.token_to_id("<fim_middle>") not in ids and len(ids) > 1
 
 
 def test_report(trained_tokenizer, tok, tok_dir, prepared):

@@ -76,9 +76,11 @@ _worker_tokenizer: dict[str, Any] = {}  # per process: tokenizer.json path -> lo
 def _get_tokenizer(path: str):
     from tokenizers import Tokenizer
 
+    from ..tokenizer import text_encoder
+
     if path not in _worker_tokenizer:
         _worker_tokenizer.clear()
-        _worker_tokenizer[path] = Tokenizer.from_file(path)
+        _worker_tokenizer[path] = text_encoder(Tokenizer.from_file(path))
     return _worker_tokenizer[path]
 
 
