@@ -74,8 +74,9 @@ class CorpusConfig:
     split_seed: int = setting(1, "salt of the stable repo hash that decides the split")
     exact_dedup: bool = setting(True, "drop files whose whitespace-free MD5 was seen before")
     num_proc: int = setting(0, "worker processes for prepare (local executor, pool); 0 = os.cpu_count()")
-    executor: str = setting("local", "where prepare's tasks run (datatrove): local processes, a Slurm or a Ray "
-                                     "cluster; pool: the earlier in-process implementation (no resume)",
+    executor: str = setting("local", "where prepare's and pretokenize's tasks run (datatrove): local processes, "
+                                     "a Slurm or a Ray cluster; pool: the earlier in-process implementation (no "
+                                     "resume)",
                             choices=("local", "slurm", "ray", "pool"))
     work_dir: str = setting("", 'task outputs and completion markers (resume); shared storage on a cluster; "" = '
                                 "<clean>.work beside clean/")
@@ -137,6 +138,8 @@ class DataConfig:
                                         "clean/ on the fly")
     pretokenize_num_proc: int = setting(0, "processes of the pretokenize stage (one input shard each); 0 = CPU "
                                            "count")
+    pretokenize_work_dir: str = setting("", 'pretokenize\'s task outputs and completion markers (resume; it runs '
+                                            'on corpus.executor); "" = <tokens>.work beside tokens/')
 
 
 @dataclass
@@ -364,7 +367,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # float noise. `identity` leaves them out, so changing one neither invalidates a finished stage nor blocks a resume.
 RUNTIME_KEYS: frozenset[str] = frozenset({
     # Parallelism of the CPU stages: their output does not depend on the process count.
-    "corpus.num_proc", "data.pretokenize_num_proc",
+    "corpus.num_proc", "data.pretokenize_num_proc", "data.pretokenize_work_dir",
     # Where prepare's tasks run: the output is byte-identical on every executor.
     "corpus.executor", "corpus.work_dir", "corpus.slurm_partition", "corpus.slurm_time", "corpus.slurm_cpus_per_task",
     "corpus.slurm_mem_per_cpu_gb", "corpus.ray_address",

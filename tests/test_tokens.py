@@ -18,7 +18,7 @@ import torch
 from codeparrot.artifacts import fingerprint, read_manifest
 from codeparrot.corpus.source import list_shards
 from codeparrot.data.packing import make_dataloader
-from codeparrot.data.pretokenize import TokenizerMismatch, load_meta, run_pretokenize, token_dtype
+from codeparrot.data.pretokenize import FORMAT_VERSION, TokenizerMismatch, load_meta, run_pretokenize, token_dtype
 from codeparrot.data.tokens import TokenShardDataset, block_order
 from codeparrot.tokenizer import load_tokenizer, run_train_tokenizer
 
@@ -76,7 +76,7 @@ def test_pretokenize_writes_shards_meta_and_manifest(pretok, tokens_dir):
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == load_tokenizer(tok_dir).get_vocab_size() <= 65535
     assert meta["tokenizer_fingerprint"] == fingerprint(tok_dir)
     assert read_manifest(tokens_dir)["inputs"] == {"clean": fingerprint(clean), "tokenizer": fingerprint(tok_dir),
-                                                   "format_version": "1"}
+                                                   "format_version": str(FORMAT_VERSION)}
     for split in ("train", "valid"):
         info = meta["splits"][split]
         sources = list_shards(clean / split)
@@ -300,7 +300,7 @@ def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
     assert int(stages["pretokenize"]["train_tokens"]) == meta["splits"]["train"]["tokens"] > 0
     manifest = read_manifest(work / "tokens")
     assert manifest["inputs"] == {"clean": read_manifest(work / "clean")["fingerprint"],
-                                  "tokenizer": read_manifest(work / "tokenizer")["fingerprint"], "format_version": "1"}
+                                  "tokenizer": read_manifest(work / "tokenizer")["fingerprint"], "format_version": str(FORMAT_VERSION)}
     run_cfg = (work / "runs" / "tiny" / "config.yaml").read_text()
     assert "pretokenized: true" in run_cfg
 

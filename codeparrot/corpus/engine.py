@@ -73,8 +73,9 @@ def _manager_servers_die_with_parent() -> None:
     BaseManager._run_server = classmethod(run_server)
 
 
-def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int, workers: int, depends=None):
-    """The datatrove executor of one stage on corpus.executor."""
+def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int, workers: int, depends=None,
+                  job: str = "prepare", preload: str = "codeparrot.corpus.tasks"):
+    """The datatrove executor of one stage of `job` on corpus.executor; `preload` is the module of its task."""
     c, logs = cfg.corpus, str(work.root / "logs" / stage)
     if c.executor == "local":
         import multiprocess
@@ -82,7 +83,7 @@ def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int,
 
         # Workers fork from a server that has imported our tasks (and numpy, datatrove) once: each stage's pool
         # then starts in milliseconds instead of re-importing them in every worker (a no-op once it runs).
-        multiprocess.get_context("forkserver").set_forkserver_preload(["codeparrot.corpus.tasks"])
+        multiprocess.get_context("forkserver").set_forkserver_preload([preload])
         _manager_servers_die_with_parent()
         return LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=max(1, min(workers, tasks)),
                                      logging_dir=logs)
@@ -98,10 +99,10 @@ def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int,
         from datatrove.executor.slurm import SlurmPipelineExecutor
 
         if not c.slurm_partition:
-            raise ConfigError("corpus.executor=slurm needs corpus.slurm_partition")
+            raise ConfigError(f"corpus.executor=slurm needs corpus.slurm_partition (for {job})")
         return SlurmPipelineExecutor(pipeline=[step], tasks=tasks, time=c.slurm_time, partition=c.slurm_partition,
                                      cpus_per_task=c.slurm_cpus_per_task, mem_per_cpu_gb=c.slurm_mem_per_cpu_gb,
-                                     job_name=f"prepare-{stage}", logging_dir=logs, depends=depends,
+                                     job_name=f"{job}-{stage}", logging_dir=logs, depends=depends,
                                      venv_path=os.path.join(sys.prefix, "bin", "activate"))
     raise ConfigError(f"corpus.executor={c.executor!r} has no datatrove executor")
 
@@ -147,6 +148,21 @@ def incomplete(executor) -> int:
     return len(executor.get_incomplete_ranks(skip_completed=True))
 
 
+def run_stage(cfg: Config, work: WorkDir, stage: str, executor, tasks: int, job: str = "prepare") -> bool:
+    """Run one stage's unfinished tasks (with a progress bar); True when some were queued on Slurm, not run."""
+    todo = incomplete(executor)
+    log.info("%s: %s, %d of %d tasks to run on %s", job, stage, todo, tasks, cfg.corpus.executor)
+    if todo:
+        with watch_completions(work.root / "logs" / stage / "completions", f"{job}: {stage}", tasks, tasks - todo):
+            executor.run()
+    if cfg.corpus.executor == "slurm":  # queued, not run: later stages wait on it as a dependency
+        return bool(todo)
+    if incomplete(executor):
+        raise RuntimeError(f"{job}: {incomplete(executor)} {stage} task(s) did not complete; see "
+                           f"{work.root / 'logs' / stage / 'logs'}; rerun to resume")
+    return False
+
+
 def run_stages(cfg: Config, work: WorkDir, files: list[str], settings: Settings, workers: int
                ) -> tuple[Survey, NearDups, Written, dict[str, float]]:
     """Every stage in order, each resuming at its unfinished tasks; what the tasks found, and seconds per stage."""
@@ -154,18 +170,10 @@ def run_stages(cfg: Config, work: WorkDir, files: list[str], settings: Settings,
     submitted = None  # on Slurm: the last stage queued, which the next one depends on
     for stage, step, tasks in stage_steps(cfg, work, files, settings):
         executor = make_executor(cfg, work, stage, step, tasks, workers, depends=submitted)
-        todo = incomplete(executor)
-        log.info("prepare: %s, %d of %d tasks to run on %s", stage, todo, tasks, cfg.corpus.executor)
         start = time.perf_counter()
-        if todo:
-            with watch_completions(work.root / "logs" / stage / "completions", stage, tasks, tasks - todo):
-                executor.run()
+        if run_stage(cfg, work, stage, executor, tasks):
+            submitted = executor
         seconds[stage] = time.perf_counter() - start
-        if cfg.corpus.executor == "slurm":  # queued, not run: later stages wait on it as a dependency
-            submitted = executor if todo else submitted
-        elif incomplete(executor):
-            raise RuntimeError(f"prepare: {incomplete(executor)} {stage} task(s) did not complete; see "
-                               f"{work.root / 'logs' / stage / 'logs'}; rerun to resume")
     if submitted is not None:
         raise SubmittedToSlurm(work.root)
     import pickle
@@ -178,11 +186,13 @@ def run_stages(cfg: Config, work: WorkDir, files: list[str], settings: Settings,
 
 
 class SubmittedToSlurm(RuntimeError):
-    """The job chain is queued; `codeparrot prepare` again, once it has finished, writes clean/ from the work dir."""
+    """The job chain is queued; the same command again, once it has finished, writes the artifact from the work
+    dir."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(f"prepare: the scan -> buckets -> cluster -> write job chain is submitted to Slurm (logs "
-                         f"under {root / 'logs'}); once it has finished, run the same `codeparrot prepare` again: it "
-                         "finds every task complete and writes clean/")
+    def __init__(self, root: Path, job: str = "prepare", chain: str = "scan -> buckets -> cluster -> write",
+                 artifact: str = "clean/") -> None:
+        super().__init__(f"{job}: the {chain} job chain is submitted to Slurm (logs under {root / 'logs'}); once it "
+                         f"has finished, run the same `codeparrot {job}` again: it finds every task complete and "
+                         f"writes {artifact}")
 
 

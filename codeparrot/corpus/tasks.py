@@ -106,7 +106,7 @@ class WorkDir:
             raise InjectedFailure(f"injected failure of {stage} task {rank}")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write a task output whole or not at all (a killed task leaves no half file that looks finished)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -128,7 +128,7 @@ def _sorted_band_records(keys: np.ndarray) -> bytes:
     return records.tobytes()
 
 
-class _Task:
+class Task:
     """A datatrove pipeline step over the shards; its repr is short because datatrove logs it (and loguru's
     tracebacks print every argument's repr)."""
 
@@ -157,7 +157,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 @dataclass(repr=False)
-class ScanTask(_Task):
+class ScanTask(Task):
     """One shard: columns, filters, decontamination, digests, signatures and band keys into the work dir."""
 
     work: WorkDir
@@ -174,14 +174,14 @@ class ScanTask(_Task):
             bands = verified_bands(c.minhash_threshold, c.minhash_num_perm)
             keys = bands.band_keys(signatures)  # [candidates, bands]
             for band in range(bands.bands):
-                _atomic_write(self.work.bucket_sig(band, rank), _sorted_band_records(keys[:, band]))
-            _atomic_write(self.work.shard("signatures", rank, ".npy"), _npy_bytes(signatures))
+                atomic_write(self.work.bucket_sig(band, rank), _sorted_band_records(keys[:, band]))
+            atomic_write(self.work.shard("signatures", rank, ".npy"), _npy_bytes(signatures))
         # last: its presence says the shard is scanned (datatrove's completion marker follows it)
-        _atomic_write(self.work.shard("scan", rank, ".pkl"), pickle.dumps(scan, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write(self.work.shard("scan", rank, ".pkl"), pickle.dumps(scan, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 @dataclass(repr=False)
-class BucketsTask(_Task):
+class BucketsTask(Task):
     """datatrove's MinhashDedupBuckets, unchanged, for one band: consecutive pairs of equal keys into dups/."""
 
     work: WorkDir
@@ -233,7 +233,7 @@ DUPS_DTYPE = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4"
 
 
 @dataclass(repr=False)
-class ClusterTask(_Task):
+class ClusterTask(Task):
     """The one task that sees the whole corpus: exact dedup in input order, near-dedup from the buckets' runs with
     verification and keep-first, the bad-ratio check; then each shard's lines to write."""
 
@@ -262,7 +262,7 @@ class ClusterTask(_Task):
         survey.seconds = time.perf_counter() - start
         near = self._near_dups(survey, rows_of, survivor_of)
         self._write_plan(survey, near)
-        _atomic_write(self.work.root / "cluster" / "survey.pkl", pickle.dumps((survey, near)))
+        atomic_write(self.work.root / "cluster" / "survey.pkl", pickle.dumps((survey, near)))
 
     def _near_dups(self, survey: Survey, rows_of: list[np.ndarray], survivor_of: list[np.ndarray]) -> NearDups:
         """Clusters over the survivors, their signatures gathered into one memory-mapped file (never all in RAM)."""
@@ -311,11 +311,11 @@ class ClusterTask(_Task):
             buffer = io.BytesIO()
             np.savez(buffer, keep=kept_line[bounds[i]:bounds[i + 1]],
                      members=np.array(sorted(members.get(i, [])), np.int64))
-            _atomic_write(self.work.shard("keep", i, ".npz"), buffer.getvalue())
+            atomic_write(self.work.shard("keep", i, ".npz"), buffer.getvalue())
 
 
 @dataclass(repr=False)
-class WriteTask(_Task):
+class WriteTask(Task):
     """One shard: its kept records, with the scan's columns, into out/train or out/valid."""
 
     work: WorkDir
@@ -335,7 +335,7 @@ class WriteTask(_Task):
         done = write_shard((rank, self.files[rank], plan["keep"], frozenset(plan["members"].tolist()), str(out)),
                            scan.columns)
         done["names"] = [[line, where] for line, where in done["names"].items()]
-        _atomic_write(self.work.shard("write", rank, ".json"), json.dumps(done).encode())
+        atomic_write(self.work.shard("write", rank, ".json"), json.dumps(done).encode())
 
 
 def written_result(work: WorkDir, n_shards: int) -> Written:

@@ -2,12 +2,17 @@
 
 Format of `tokens/` (a contract, see DESIGN.md):
 - `train/*.bin`, `valid/*.bin`: one file per input shard of `clean/<split>/`, flat little-endian token ids
-  (`uint16`, or `uint32` when the vocabulary is larger than 65535); every document is followed by EOS.
+  (`uint16`, or `uint32` when the vocabulary is larger than 65535); every document is followed by EOS, and EOS
+  appears nowhere else (text that spells it is encoded as text).
+- `train/*.docs`, `valid/*.docs` beside each `.bin`: one record per document, DOCS_DTYPE = (start: uint64, the
+  offset of its first token in the `.bin`; quality: uint8, its index in corpus/quality.py's QUALITY_BUCKETS, or
+  UNKNOWN_QUALITY), what the data transforms need (data/transforms.py) without re-reading clean/.
 - `meta.json`: format version, dtype, vocab size, EOS id, the tokenizer's fingerprint, and per split the token and
   document counts, in total and per file, with the files in reading order.
 - `manifest.json` (+ `config.yaml`): the stage's identity, so `pipeline` skips it while clean/ and tokenizer/ match.
 `data/tokens.py` reads it (TokenShardDataset). This module does not import torch: its workers start in a fraction
-of a second.
+of a second. The shards are encoded one task per input shard on corpus.executor (data/pretokenize_task.py: datatrove
+locally, on Slurm or on Ray, resumable), or on our own process pool with corpus.executor=pool.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import fingerprint
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, identity
+from ..corpus.quality import QUALITY_BUCKETS, UNKNOWN_QUALITY
 from ..corpus.source import SHARD_SUFFIXES, BadRecords, iter_shard, list_shards, utf8_len
 from ..logs import progress_bar
 from ..procs import WorkerPool
@@ -31,7 +37,9 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 FORMAT = "codeparrot-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the .docs files; EOS only between documents
+DOCS_DTYPE = np.dtype([("start", "<u8"), ("quality", "u1")])
+_BUCKET_INDEX = {name: i for i, name in enumerate(QUALITY_BUCKETS)}
 SPLITS = ("train", "valid")
 BATCH_CHARS = 1 << 20  # characters handed to encode_batch at once: large enough to amortise the call
 
@@ -84,8 +92,14 @@ def _get_tokenizer(path: str):
     return _worker_tokenizer[path]
 
 
+def docs_path(bin_path: str | Path) -> Path:
+    """The `.docs` file beside a `.bin`."""
+    return Path(bin_path).with_suffix(".docs")
+
+
 def tokenize_shard(task: tuple[str, str, str, int, str]) -> dict[str, Any]:
-    """Encode every good record of one clean shard into `dest`: ids of each document, then EOS.
+    """Encode every good record of one clean shard into `dest`: ids of each document, then EOS; and `dest`'s
+    `.docs`: each document's start and quality bucket.
 
     `task` is (source shard, dest .bin, tokenizer.json, EOS id, dtype name).
     """
@@ -96,32 +110,38 @@ def tokenize_shard(task: tuple[str, str, str, int, str]) -> dict[str, Any]:
     bad = BadRecords()  # judged over the whole stage by the caller
     counts = {"tokens": 0, "documents": 0, "bytes": 0}
 
-    def flush(texts: list[str], fh) -> None:
+    def flush(texts: list[str], buckets: list[int], fh, docs_fh) -> None:
         ids: list[int] = []
+        docs = np.empty(len(texts), DOCS_DTYPE)
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use: about 1.3x faster.
-        for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
+        for j, enc in enumerate(tok.encode_batch_fast(texts, add_special_tokens=False)):
+            docs[j]["start"] = counts["tokens"] + len(ids)
             ids.extend(enc.ids)
             ids.append(eos_id)
+        docs["quality"] = buckets
         arr = np.asarray(ids, dtype=np.int64)
         if arr.size and (arr.max() > limit or arr.min() < 0):
             raise ValueError(f"token id {arr.max()} does not fit {dtype}")
         arr.astype(np_dtype).tofile(fh)
+        docs.tofile(docs_fh)
         counts["tokens"] += arr.size
         counts["documents"] += len(texts)
 
-    with open(dest, "wb") as fh:
+    with open(dest, "wb") as fh, open(docs_path(dest), "wb") as docs_fh:
         texts: list[str] = []
+        buckets: list[int] = []
         size = 0
         for _, record in iter_shard(source, bad):
             text = record["content"]
             texts.append(text)
+            buckets.append(_BUCKET_INDEX.get(record.get("quality"), UNKNOWN_QUALITY))
             size += len(text)
             counts["bytes"] += utf8_len(text)
             if size >= BATCH_CHARS:
-                flush(texts, fh)
-                texts, size = [], 0
+                flush(texts, buckets, fh, docs_fh)
+                texts, buckets, size = [], [], 0
         if texts:
-            flush(texts, fh)
+            flush(texts, buckets, fh, docs_fh)
     return {**counts, "bad": {"good": bad.good, "counts": dict(bad.counts)}}
 
 
@@ -162,8 +182,9 @@ def _splits_meta(sources: dict[str, list[Path]], results: list[dict[str, Any]], 
             bad.good += r["bad"]["good"]
             for kind, n in r["bad"]["counts"].items():
                 bad.counts[kind] = bad.counts.get(kind, 0) + n
-            files.append({"path": f"{split}/{_bin_name(src, i)}", "source": str(src.relative_to(clean)),
-                          "tokens": r["tokens"], "documents": r["documents"]})
+            name = _bin_name(src, i)
+            files.append({"path": f"{split}/{name}", "docs": f"{split}/{docs_path(name)}",
+                          "source": str(src.relative_to(clean)), "tokens": r["tokens"], "documents": r["documents"]})
         splits[split] = {"tokens": sum(f["tokens"] for f in files),
                          "documents": sum(f["documents"] for f in files), "files": files}
     return splits
@@ -191,7 +212,14 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     num_proc = max(1, min(cfg.data.pretokenize_num_proc or os.cpu_count() or 1, len(tasks)))
 
     start = time.perf_counter()
-    results = _encode_all(tasks, num_proc)
+    if cfg.corpus.executor == "pool":
+        results = _encode_all(tasks, num_proc)
+    else:
+        from .pretokenize_task import encode_on_executor
+
+        stage_identity = {"config": identity(cfg, PRETOKENIZE.keys), "inputs": PRETOKENIZE.input_fingerprints(cfg),
+                          "tasks": [t[0] for t in tasks]}  # as Stage.run's: another one wipes the work dir
+        results = encode_on_executor(cfg, tasks, num_proc, stage_identity)
     seconds = time.perf_counter() - start
     bad = BadRecords(max_ratio=cfg.corpus.max_bad_ratio)
     splits = _splits_meta(sources, results, clean, bad)
@@ -218,7 +246,7 @@ PRETOKENIZE = Stage(
     name="pretokenize", output="tokens", inputs=("clean", "tokenizer"), build=_build,
     keys=("tokenizer.eos_token", "corpus.max_bad_ratio"),
     extra_inputs=lambda cfg: {"format_version": str(FORMAT_VERSION)},
-    help="encode clean/ into flat token shards tokens/{train,valid}/*.bin")
+    help="encode clean/ into flat token shards tokens/{train,valid}/*.bin (on corpus.executor, resumable)")
 
 
 def run_pretokenize(cfg: Config) -> dict[str, Any]:
