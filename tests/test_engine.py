@@ -207,3 +207,46 @@ def test_ray_executor_writes_what_the_pool_wrote(golden, raw_with_near_copies, m
         ray.shutdown()
     assert artifact(cfg.paths.resolve("clean")) == artifact(golden)
     assert timing_free(cfg.paths.resolve("clean")) == timing_free(golden)
+
+
+@pytest.mark.slow
+def test_cluster_task_memory_per_file_with_signatures_on_disk(make_config, tmp_path):
+    """The one task that sees the whole corpus holds tens of bytes per file in RAM (tracemalloc's peak, numpy
+    buffers included): signatures stay memory-mapped on disk, scans are read one shard at a time."""
+    import tracemalloc
+
+    from codeparrot.corpus.engine import make_executor, open_work_dir, run_stage, stage_steps
+    from codeparrot.corpus.prepare import _settings
+
+    rng, n_shards, per_shard = np.random.default_rng(3), 40, 500
+    words = [f"name{i}" for i in range(4000)]
+    raw = tmp_path / "raw"
+    for s in range(n_shards):  # distinct small files; every 50th a near-copy of the one before it
+        records = []
+        for i in range(per_shard):
+            body = " ".join(rng.choice(words, 40))
+            if i % 50 == 1:
+                body = records[-1]["content"][:-6] + " tail"
+            records.append({"repo_name": f"r{s}/{i}", "path": "a.py", "copies": "1", "size": "1",
+                            "content": body, "license": "mit"})
+        write_jsonl(raw / f"file-{s:012d}.json.gz", records)
+    cfg = make_config(tmp_path, f"paths.raw={raw}", "corpus.filters=[]", "corpus.num_proc=2")
+    files = [str(f) for f in list_shards(raw)]
+    work = open_work_dir(work_dir(cfg), {"test": 1})
+    steps = stage_steps(cfg, work, files, _settings(cfg.corpus))
+    for stage, step, tasks in steps[:2]:  # scan and buckets, on the executor
+        run_stage(cfg, work, stage, make_executor(cfg, work, stage, step, tasks, 2), tasks)
+    stage, cluster, _ = steps[2]
+    assert stage == "cluster"
+    tracemalloc.start()
+    cluster(None, 0, 1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    import pickle
+
+    survey, near = pickle.loads((work.root / "cluster" / "survey.pkl").read_bytes())
+    n = n_shards * per_shard
+    assert survey.files_in == n and len(near.clusters) >= n // 50 * 0.9  # the planted near-copies were found
+    assert near.signature_mb >= n * cfg.corpus.minhash_num_perm * 4 / 1e6 * 0.9  # on disk, not in the peak
+    print(f"cluster task: {peak / n:.0f} B/file peak")
+    assert peak / n < 200, peak / n  # 233 B/file with a set of every digest; 124 now (a fixed share at 20k)
