@@ -100,6 +100,21 @@ class CorpusConfig:
     min_assignments: int = setting(4, 'drop files with this many "=" or fewer')
     min_chars_per_token: float = setting(1.5, "drop files with fewer characters per token (needs filter_tokenizer)")
     filter_tokenizer: str = setting("", 'tokenizer.json for the chars_per_token filter; "" = that filter is off')
+    # Quality buckets (low/medium/high) of the kept files: each clean record's `quality` field (corpus/quality.py).
+    quality_signal: str = setting("heuristics", "each kept file's quality bucket from: copies (BigQuery's count of "
+                                                "repositories holding it; export-local sets 1 everywhere), "
+                                                "heuristics (the probabilistic filters' signals), none (no "
+                                                "`quality` field)", choices=("copies", "heuristics", "none"))
+    quality_copies_thresholds: list[int] = setting(
+        [2, 10], "least copies for medium and for high: 1 = no repository but its own uses the file; 2-9 = copied "
+                 "or forked a few times; 10+ = vendored widely, as only popular code is (missing/bad copies = low)")
+    quality_heuristics_signals: list[str] = setting(
+        ["config_or_test", "no_keywords", "few_assignments"], "signals a file's heuristics score counts (the "
+                                                              "probabilistic filters keep some files showing them)")
+    quality_heuristics_thresholds: list[int] = setting(
+        [1, 0], "most signals shown by a medium and by a high file: [1, 0] = none high, one medium, two+ low")
+    quality_few_assignments: int = setting(10, 'a file with this many "=" or fewer shows the few_assignments '
+                                               "signal (above min_assignments: ~14% of the kept stdlib files)")
     # Near-deduplication: MinHash + LSH over the survivors.
     near_dedup: bool = setting(True, "drop near-duplicates (MinHash + LSH); the first file of each cluster is kept")
     minhash_num_perm: int = setting(256, "permutations per MinHash signature: more is a finer estimate, slower")
@@ -140,6 +155,18 @@ class DataConfig:
                                            "count")
     pretokenize_work_dir: str = setting("", 'pretokenize\'s task outputs and completion markers (resume; it runs '
                                             'on corpus.executor); "" = <tokens>.work beside tokens/')
+    quality_tokens: bool = setting(False, "start each document with its quality bucket's token (the clean records' "
+                                          "`quality`); a document without a bucket gets none")
+    fim_rate: float = setting(0.0, "share of train documents turned into fill-in-the-middle form, cut at two random "
+                                   "points (0 = off); validation stays left-to-right")
+    fim_spm_rate: float = setting(0.5, "share of the FIM documents in SPM (suffix, prefix, middle) rather than PSM "
+                                       "order")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # Checked at every assignment, so a YAML file, an override and a saved config are all refused when loaded.
+        if key in ("fim_rate", "fim_spm_rate") and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"data.{key}: {value!r} is not a share between 0 and 1")
+        super().__setattr__(key, value)
 
 
 @dataclass

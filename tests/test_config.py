@@ -269,7 +269,15 @@ def test_choices_are_declared_for_the_closed_string_fields():
         "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
         "sft.method": ("full", "lora"),
         "sft.lr_schedule": ("constant", "cosine"),
+        "corpus.quality_signal": ("copies", "heuristics", "none"),
     }
+
+
+def test_quality_choices_are_the_buckets_prepare_writes():
+    """config.py cannot import corpus/ (upstream imports nothing downstream), so this keeps the two lists equal."""
+    from codeparrot.corpus.quality import QUALITY_SIGNALS
+
+    assert CHOICES["corpus.quality_signal"] == QUALITY_SIGNALS
 
 
 @pytest.mark.parametrize("dotted", sorted(CHOICES))

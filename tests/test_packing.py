@@ -15,10 +15,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conftest import first_batches
+from codeparrot.corpus.quality import QUALITY_BUCKETS, UNKNOWN_QUALITY
 from codeparrot.corpus.source import ShardWriter, list_shards
 from codeparrot.data import packing
 from codeparrot.corpus.source import BadRecords
 from codeparrot.data.packing import ConstantLengthDataset, _Cursor, make_dataloader
+from codeparrot.data.transforms import SpecialIds, Transforms, document_key, untransform
+from codeparrot.tokenizer import special_tokens
 
 EOS = "<|endoftext|>"
 SEQ = 32
@@ -28,8 +31,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 
 def _record(i: int, content: str) -> dict:
-    return {"repo_name": "stdlib/test", "path": f"f{i}.py", "copies": "1", "size": str(len(content)),
-            "content": content, "license": "psf-2.0"}
+    record = {"repo_name": "stdlib/test", "path": f"f{i}.py", "copies": "1", "size": str(len(content)),
+              "content": content, "license": "psf-2.0"}
+    if i % 4 < len(QUALITY_BUCKETS):  # every fourth record has no bucket, as a corpus prepared without a signal
+        record["quality"] = QUALITY_BUCKETS[i % 4]
+    return record
+
+
+def bucket_of(i: int) -> int:
+    """The bucket index `_record(i, ...)` gets."""
+    return i % 4 if i % 4 < len(QUALITY_BUCKETS) else UNKNOWN_QUALITY
 
 
 def _write_shards(directory: Path, docs: list[str], per_shard: int) -> list[Path]:
@@ -66,7 +77,7 @@ def tokenizer(docs) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special_tokens(EOS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(docs, trainer)
     return tok
@@ -75,6 +86,12 @@ def tokenizer(docs) -> Tokenizer:
 @pytest.fixture(scope="module")
 def eos(tokenizer) -> int:
     return tokenizer.token_to_id(EOS)
+
+
+@pytest.fixture(scope="module")
+def fim(tokenizer) -> Transforms:
+    """Both transforms on, FIM at 0.5 in both orders."""
+    return Transforms(SpecialIds.from_tokenizer(tokenizer), quality_tokens=True, fim_rate=0.5, fim_spm_rate=0.5)
 
 
 def stream(tokenizer: Tokenizer, eos: int, docs: list[str]) -> list[int]:
@@ -130,6 +147,71 @@ def test_infinite_mode_increments_epoch_and_carries_tail_across_epochs(shards, t
     assert flat(blocks) == (expected * 2)[: n * SEQ]
 
 
+# --- transforms ---------------------------------------------------------------------------------
+
+def transformed_stream(tokenizer: Tokenizer, eos: int, docs: list[str], t: Transforms, seed: int,
+                       epoch: int = 0) -> list[int]:
+    """The reference stream with transforms: document i is line i % 10 of file i // 10, cut at character level,
+    its pieces encoded one by one, then its quality token and FIM form, then EOS."""
+    ids: list[int] = []
+    for i, doc in enumerate(docs):
+        cut = t.cut(document_key(seed, epoch, i // 10, i % 10), len(doc))
+        pieces = [tokenizer.encode(p, add_special_tokens=False).ids for p in t.pieces(doc, cut)]
+        ids += t.assemble(pieces, cut, bucket_of(i)) + [eos]
+    return ids
+
+
+def split_documents(ids: list[int], eos: int) -> list[tuple[int, ...]]:
+    """The complete EOS-terminated documents of a token list."""
+    out, current = [], []
+    for x in ids:
+        if x == eos:
+            out.append(tuple(current))
+            current = []
+        else:
+            current.append(x)
+    return out
+
+
+def test_transforms_give_each_document_its_exact_form(shards, tokenizer, eos, docs, fim):
+    blocks = list(make(shards, tokenizer, eos, transforms=fim, seed=3))
+    expected = transformed_stream(tokenizer, eos, docs, fim, seed=3)
+    assert len(blocks) == len(expected) // SEQ and flat(blocks) == expected[: len(blocks) * SEQ]
+    restored = [untransform(d, fim.ids) for d in split_documents(flat(blocks), eos)]
+    assert len(restored) >= len(docs) - 2
+    for i, (bucket, ids) in enumerate(restored):  # the round trip: quality bucket and text come back
+        assert bucket == bucket_of(i) and tokenizer.decode(list(ids)) == docs[i], i
+    n_fim = sum(fim.cut(document_key(3, 0, i // 10, i % 10), len(d)) is not None for i, d in enumerate(docs))
+    assert 8 <= n_fim <= 32 and expected.count(fim.ids.middle) == n_fim  # rate 0.5 of 40 documents
+    assert sum(fim.ids.quality.count(x) for x in expected) == sum(bucket_of(i) != UNKNOWN_QUALITY
+                                                                  for i in range(len(docs)))
+
+
+@pytest.mark.parametrize("num_consumers", [2, 6])  # whole files, and record striding
+def test_a_documents_transform_does_not_depend_on_the_consumer_or_the_file_order(shards, tokenizer, eos, fim,
+                                                                                  num_consumers):
+    def transformed(consumer: int, n: int, shuffle: bool) -> list[tuple[int, ...]]:
+        ds = make(shards, tokenizer, eos, transforms=fim, shuffle=shuffle, seed=3)
+        return split_documents(ds._encode(list(ds._read(_Cursor(), consumer, n, BadRecords(), False))), eos)
+
+    alone = Counter(transformed(0, 1, False))
+    assert len(alone) == 40
+    assert Counter(d for c in range(num_consumers) for d in transformed(c, num_consumers, True)) == alone
+
+
+def test_another_epoch_draws_other_cuts(shards, tokenizer, eos, docs, fim):
+    ds = make(shards, tokenizer, eos, transforms=fim, seed=3, infinite=True)
+    read = ds._read(_Cursor(), 0, 1, BadRecords(), infinite=True)
+    first, second = [next(read) for _ in docs], [next(read) for _ in docs]
+    assert [d.epoch for d in first + second] == [0] * len(docs) + [1] * len(docs)
+    a, b = (split_documents(ds._encode(epoch), eos) for epoch in (first, second))
+    def texts(transformed: list[tuple[int, ...]]) -> list[str]:  # pieces cut elsewhere tokenize differently
+        return [tokenizer.decode(untransform(d, fim.ids)[1]) for d in transformed]
+
+    assert a != b and texts(a) == texts(b) == docs
+    assert split_documents(transformed_stream(tokenizer, eos, docs, fim, seed=3, epoch=1), eos) == b
+
+
 def test_shuffle_permutes_deterministically(shards, tokenizer, eos):
     plain = [tuple(b.tolist()) for b in make(shards, tokenizer, eos)]
     shuffled = [tuple(b.tolist()) for b in make(shards, tokenizer, eos, shuffle=True, seed=3)]
@@ -151,10 +233,10 @@ def documents_of(ds: ConstantLengthDataset, consumer: int, num_consumers: int, e
     """The documents `consumer` of `num_consumers` reads in its first `epochs` epochs, in order."""
     docs = ds._read(_Cursor(), consumer, num_consumers, BadRecords(), infinite=epochs > 1)
     out = []
-    for text in docs:
+    for doc in docs:
         if ds.epoch >= epochs:
             break
-        out.append(text)
+        out.append(doc.text)
     return out
 
 
@@ -234,8 +316,9 @@ def test_ranks_and_real_workers_split_the_corpus(marker_docs, marker_tokenizer, 
 
 # --- resume -------------------------------------------------------------------------------------
 
-def test_dataset_resumes_exactly_at_every_position(shards, tokenizer, eos):
-    kw = dict(num_of_sequences=3, shuffle=True, infinite=True)
+@pytest.mark.parametrize("transformed", [False, True])
+def test_dataset_resumes_exactly_at_every_position(shards, tokenizer, eos, fim, transformed):
+    kw = dict(num_of_sequences=3, shuffle=True, infinite=True, transforms=fim if transformed else None)
     reference = list(zip(range(40), iter(make(shards, tokenizer, eos, **kw))))
     for k in range(0, 13):  # every offset within, and on the boundaries of, the first buffers
         ds = make(shards, tokenizer, eos, **kw)
@@ -262,13 +345,17 @@ def _dataset_states(state) -> list[dict]:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("mode", ["finite", "shuffled-infinite"])
-def test_dataloader_resume_gives_the_uninterruptedfirst_batches(shards, tokenizer, eos, docs, num_workers, mode):
-    kw = dict(shuffle=True, infinite=True, seed=7) if mode == "shuffled-infinite" else {}
+@pytest.mark.parametrize("mode", ["finite", "shuffled-infinite", "transformed-shuffled-infinite"])
+def test_dataloader_resume_gives_the_uninterruptedfirst_batches(shards, tokenizer, eos, docs, fim, num_workers,
+                                                                 mode):
+    kw = dict(shuffle=True, infinite=True, seed=7) if mode.endswith("shuffled-infinite") else {}
+    if mode.startswith("transformed"):
+        kw["transforms"] = fim
     batch = 4
     epoch_batches = len(stream(tokenizer, eos, docs)) // SEQ // batch  # about one epoch of batches
-    k = epoch_batches - 3 if mode == "shuffled-infinite" else epoch_batches // 2
-    m = 25 if mode == "shuffled-infinite" else epoch_batches  # finite: run to the end of the epoch
+    infinite = mode.endswith("shuffled-infinite")
+    k = epoch_batches - 3 if infinite else epoch_batches // 2
+    m = 25 if infinite else epoch_batches  # finite: run to the end of the epoch
 
     reference = first_batches(make_dataloader(make(shards, tokenizer, eos, **kw), batch, num_workers), k + m)
 
@@ -283,7 +370,7 @@ def test_dataloader_resume_gives_the_uninterruptedfirst_batches(shards, tokenize
     assert len(head + rest) == len(reference)
     for i, (a, b) in enumerate(zip(head + rest, reference)):
         assert torch.equal(a, b), i
-    if mode == "shuffled-infinite":  # the resumed part crossed into the next epoch
+    if infinite:  # the resumed part crossed into the next epoch
         assert max(s["epoch"] for s in _dataset_states(state)) == 0
         assert max(s["epoch"] for s in _dataset_states(second.state_dict())) == 1
 

@@ -38,7 +38,10 @@ TINY = [
     f"train.max_steps={MAX_STEPS}", "train.mixed_precision=no", "train.record_batch_digests=true",
     "eval.batch_size=4", "eval.max_batches=2",
 ]
-MODES = {"streaming": ["data.pretokenized=false"], "pretokenized": ["data.pretokenized=true"]}
+TRANSFORMS = ["data.fim_rate=0.5", "data.quality_tokens=true"]  # every draw keyed by (seed, epoch, document)
+MODES = {"streaming": ["data.pretokenized=false"], "pretokenized": ["data.pretokenized=true"],
+         "streaming-fim": ["data.pretokenized=false", *TRANSFORMS],
+         "pretokenized-fim": ["data.pretokenized=true", *TRANSFORMS]}
 
 
 KILL_POINT = "@@codeparrot-test-kill-point@@"

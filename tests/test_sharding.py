@@ -3,7 +3,8 @@
 The corpus is real standard-library files, each prefixed with a unique `# marker-XXXXX` line; the tokenizer
 holds each marker as one added token, so a marker id is in exactly one block. Every document is longer than a
 block, so the only tokens a consumer may leave out (its final partial block, or the split's for token shards)
-never hold a marker: the check below is exact, every marker once, and fails on a duplicate or a gap.
+never hold a marker: the check below is exact, every marker once, and fails on a duplicate or a gap. With the
+transforms on (quality tokens, FIM at 0.5), each consumer's blocks must be exactly its share transformed.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
 
 from codeparrot.config import load_config
+from codeparrot.corpus.quality import QUALITY_BUCKETS, UNKNOWN_QUALITY
 from codeparrot.corpus.source import ShardWriter, list_shards
 from codeparrot.data.pretokenize import load_meta, run_pretokenize
-from codeparrot.data.tokens import block_order
+from codeparrot.data.tokens import TokenShardDataset, block_order
+from codeparrot.data.transforms import SpecialIds, Transforms, document_key, untransform
 from codeparrot.tokenizer import save_tokenizer, train_on
 
 from conftest import SUBPROCESS_ENV, free_port, read_tokens
@@ -34,9 +36,16 @@ SCRIPT = Path(__file__).with_name("sharding_worker.py")
 ENV = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
 
 
+def _bucket(i: int) -> int:
+    return i % 4 if i % 4 < len(QUALITY_BUCKETS) else UNKNOWN_QUALITY  # every fourth document has none
+
+
 def _record(i: int, content: str) -> dict:
-    return {"repo_name": "stdlib/marked", "path": f"m{i}.py", "copies": "1", "size": str(len(content)),
-            "content": content, "license": "psf-2.0"}
+    record = {"repo_name": "stdlib/marked", "path": f"m{i}.py", "copies": "1", "size": str(len(content)),
+              "content": content, "license": "psf-2.0"}
+    if _bucket(i) != UNKNOWN_QUALITY:
+        record["quality"] = QUALITY_BUCKETS[_bucket(i)]
+    return record
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +81,9 @@ def corpus(tmp_path_factory):
     eos = tok.token_to_id(EOS)
     lengths = [len(e.ids) + 1 for e in tok.encode_batch(docs, add_special_tokens=False)]
     assert min(lengths) > SEQ  # so no marker can sit in a dropped final partial block
-    return {"work": work, "tok": tok, "docs": docs, "markers": markers, "marker_ids": marker_ids, "eos": eos}
+    fim = Transforms(SpecialIds.from_tokenizer(tok), quality_tokens=True, fim_rate=0.5, fim_spm_rate=0.5)
+    return {"work": work, "tok": tok, "docs": docs, "markers": markers, "marker_ids": marker_ids, "eos": eos,
+            "fim": fim}
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +149,37 @@ def test_token_shard_epoch_covers_every_block_exactly_once(reports, corpus):
     for c, blocks in by_consumer.items():
         assert blocks == [ids[b * SEQ:(b + 1) * SEQ].tolist() for b in order[c::4]], c
     assert sum(len(b) for b in by_consumer.values()) == n_blocks
+
+
+def test_transformed_streaming_epoch_is_each_consumers_share_transformed(reports, corpus):
+    by_consumer = _by_consumer(reports, "streaming_fim")
+    assert sorted(by_consumer) == [0, 1, 2, 3]
+    tok, eos, fim = corpus["tok"], corpus["eos"], corpus["fim"]
+    restored: list[str] = []
+    for c, blocks in by_consumer.items():
+        stream: list[int] = []  # document i is line i % PER_SHARD of file i // PER_SHARD; consumer c reads files[c::4]
+        for i, doc in enumerate(corpus["docs"]):
+            if (i // PER_SHARD) % 4 == c:
+                cut = fim.cut(document_key(0, 0, i // PER_SHARD, i % PER_SHARD), len(doc))
+                pieces = [tok.encode(p, add_special_tokens=False).ids for p in fim.pieces(doc, cut)]
+                stream += fim.assemble(pieces, cut, _bucket(i)) + [eos]
+        got = [t for b in blocks for t in b]
+        assert got == stream[: len(stream) // SEQ * SEQ], c
+        documents = " ".join(map(str, got)).split(f" {eos} ")[:-1]  # the last one may be cut with the final block
+        restored += [tok.decode(untransform([int(x) for x in d.split()], fim.ids)[1]) for d in documents]
+    # Every document at most once (whole, back from its FIM form), and only each consumer's last one may be cut.
+    assert len(set(restored)) == len(restored) >= len(corpus["docs"]) - 4 and set(restored) <= set(corpus["docs"])
+    n_fim = sum(b.count(fim.ids.middle) for blocks in by_consumer.values() for b in blocks)
+    assert 15 <= n_fim <= 45  # rate 0.5 of 60 documents
+
+
+def test_transformed_token_shard_epoch_is_each_consumers_share_transformed(reports, corpus):
+    by_consumer = _by_consumer(reports, "tokens_fim")
+    fim = corpus["fim"]
+    alone = TokenShardDataset(corpus["work"] / "tokens", "train", SEQ, shuffle=True, seed=3, transforms=fim)
+    order = block_order(alone.n_blocks, seed=3, epoch=0, shuffle=True)
+    for c, blocks in by_consumer.items():  # the blocks of one process, transformed by (seed, epoch, block) alone
+        assert blocks == [alone.sample(int(b), 0).tolist() for b in order[c::4]], c
+    assert sum(len(b) for b in by_consumer.values()) == alone.n_blocks
+    flat = [t for blocks in by_consumer.values() for b in blocks for t in b]
+    assert flat.count(fim.ids.middle) > 10 and sum(flat.count(q) for q in fim.ids.quality) > 10

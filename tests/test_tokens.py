@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,11 @@ import torch
 from codeparrot.artifacts import fingerprint, read_manifest
 from codeparrot.corpus.source import list_shards
 from codeparrot.data.packing import make_dataloader
-from codeparrot.data.pretokenize import FORMAT_VERSION, TokenizerMismatch, load_meta, run_pretokenize, token_dtype
+from codeparrot.corpus.quality import UNKNOWN_QUALITY
+from codeparrot.data.pretokenize import (DOCS_DTYPE, FORMAT_VERSION, TokenizerMismatch, load_meta, run_pretokenize,
+                                         token_dtype)
 from codeparrot.data.tokens import TokenShardDataset, block_order
+from codeparrot.data.transforms import SpecialIds, Transforms, transform_block
 from codeparrot.tokenizer import load_tokenizer, run_train_tokenizer
 
 from conftest import EXPORT_SHARD_RECORDS, VALID_FRACTION, first_batches, read_all, read_tokens, summaries
@@ -57,6 +59,27 @@ def expected_stream(cfg, split: str) -> list[int]:
 
 def make(tokens_dir, **kw) -> TokenShardDataset:
     return TokenShardDataset(tokens_dir, kw.pop("split", "train"), kw.pop("seq_length", SEQ), **kw)
+
+
+@pytest.fixture(scope="module")
+def fim(pretok) -> Transforms:
+    """Both transforms on, FIM at 0.5 in both orders, with the ids of the stage's tokenizer."""
+    tok = load_tokenizer(pretok[0].paths.resolve("tokenizer"))
+    return Transforms(SpecialIds.from_tokenizer(tok), quality_tokens=True, fim_rate=0.5, fim_spm_rate=0.5)
+
+
+@pytest.fixture(scope="module")
+def graded_dir(tokens_dir, tmp_path_factory) -> Path:
+    """A copy of tokens/ whose .docs give document j of every file the bucket j % 4 (3 = unknown), so quality
+    tokens are exercised whether or not this corpus was prepared with a quality signal."""
+    copy_dir = tmp_path_factory.mktemp("graded") / "tokens"
+    shutil.copytree(tokens_dir, copy_dir)
+    for split in ("train", "valid"):
+        for f in load_meta(copy_dir)["splits"][split]["files"]:
+            docs = np.fromfile(copy_dir / f["docs"], dtype=DOCS_DTYPE)
+            docs["quality"] = [j % 4 if j % 4 < 3 else UNKNOWN_QUALITY for j in range(len(docs))]
+            docs.tofile(copy_dir / f["docs"])
+    return copy_dir
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -158,8 +181,10 @@ def test_infinite_mode_moves_to_the_next_epoch_order(tokens_dir):
     assert got[per_epoch:] == [every[i] for i in block_order(n, 2, 1, True)[1::2][:7]]
 
 
-def test_dataset_resumes_exactly_at_every_position(tokens_dir):
-    kw = dict(infinite=True, shuffle=True, seed=4)
+@pytest.mark.parametrize("transformed", [False, True])
+def test_dataset_resumes_exactly_at_every_position(graded_dir, fim, transformed):
+    tokens_dir = graded_dir
+    kw = dict(infinite=True, shuffle=True, seed=4, transforms=fim if transformed else None)
     n = make(tokens_dir).n_blocks
     reference = list(zip(range(n + 10), iter(make(tokens_dir, **kw))))
     for k in list(range(0, 6)) + [n - 1, n, n + 1]:  # the start, and around the epoch boundary
@@ -177,9 +202,10 @@ def test_dataset_resumes_exactly_at_every_position(tokens_dir):
             assert torch.equal(next(rit), reference[i][1]), (k, i)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_dataloader_resume_gives_the_uninterruptedfirst_batches(tokens_dir, num_workers):
-    kw = dict(infinite=True, shuffle=True, seed=7)
+@pytest.mark.parametrize("num_workers,transformed", [(0, False), (2, False), (2, True)])
+def test_dataloader_resume_gives_the_uninterruptedfirst_batches(graded_dir, fim, num_workers, transformed):
+    tokens_dir = graded_dir
+    kw = dict(infinite=True, shuffle=True, seed=7, transforms=fim if transformed else None)
     batch = 4
     epoch_batches = make(tokens_dir).n_blocks // batch
     k, m = epoch_batches - 3, 20  # stop just before the epoch ends; the resumed part crosses into epoch 1
@@ -196,6 +222,52 @@ def test_dataloader_resume_gives_the_uninterruptedfirst_batches(tokens_dir, num_
         assert torch.equal(a, b), i
     states = [s for s in _dataset_states(second.state_dict())]
     assert len(states) == max(1, num_workers) and max(s["epoch"] for s in states) == 1
+
+
+# --- transforms ---------------------------------------------------------------------------------
+
+def document_starts(directory: Path, split: str) -> dict[int, int]:
+    """{global token offset: bucket} of every document of a split, from its .docs files read whole."""
+    meta, out, base = load_meta(directory), {}, 0
+    for f in meta["splits"][split]["files"]:
+        docs = np.fromfile(directory / f["docs"], dtype=DOCS_DTYPE)
+        out.update({base + int(d["start"]): int(d["quality"]) for d in docs})
+        base += f["tokens"]
+    return out
+
+
+def test_transformed_blocks_are_transform_block_of_the_plain_ones(graded_dir, fim):
+    plain = [b.tolist() for b in make(graded_dir)]
+    starts = document_starts(graded_dir, "train")
+    eos = load_meta(graded_dir)["eos_token_id"]
+    for epoch in (0, 1):
+        ds = make(graded_dir, shuffle=True, seed=5, transforms=fim)
+        order = block_order(len(plain), 5, epoch, True)
+        got = [ds.sample(int(b), epoch).tolist() for b in order]
+        expected = [transform_block(plain[b], eos, {p - b * SEQ: q for p, q in starts.items()
+                                                    if b * SEQ <= p < (b + 1) * SEQ}, fim, (5, epoch, int(b)))
+                    for b in order]
+        assert got == expected and all(len(b) == SEQ for b in got)
+        if epoch == 0:
+            assert [b.tolist() for b in ds] == got  # iteration yields exactly these samples
+            first = dict(zip(order.tolist(), got))
+        else:
+            assert sum(first[int(b)] != x for b, x in zip(order, got)) > len(got) // 4  # another epoch re-draws
+    flat_got = [t for b in got for t in b]
+    assert flat_got.count(fim.ids.middle) > 10 and sum(flat_got.count(q) for q in fim.ids.quality) > 10
+
+
+def test_quality_tokens_need_the_docs_index_fim_alone_does_not(graded_dir, fim, tmp_path):
+    copy_dir = tmp_path / "tokens"
+    shutil.copytree(graded_dir, copy_dir)
+    victim = load_meta(copy_dir)["splits"]["train"]["files"][1]["docs"]
+    (copy_dir / victim).unlink()
+    with pytest.raises(ValueError, match="rerun `codeparrot pretokenize`"):
+        make(copy_dir, transforms=fim)
+    fim_only = Transforms(fim.ids, fim_rate=0.5)
+    ds = make(copy_dir, transforms=fim_only)
+    assert [b.tolist() for b in ds] == [b.tolist() for b in make(graded_dir, transforms=fim_only)]
+    assert make(copy_dir, transforms=Transforms(fim.ids)).transforms is None  # nothing on: the plain blocks
 
 
 def _dataset_states(state) -> list[dict]:
@@ -300,7 +372,8 @@ def test_pipeline_pretokenizes_then_skips(tmp_path, stdlib_root, split_seed):
     assert int(stages["pretokenize"]["train_tokens"]) == meta["splits"]["train"]["tokens"] > 0
     manifest = read_manifest(work / "tokens")
     assert manifest["inputs"] == {"clean": read_manifest(work / "clean")["fingerprint"],
-                                  "tokenizer": read_manifest(work / "tokenizer")["fingerprint"], "format_version": str(FORMAT_VERSION)}
+                                  "tokenizer": read_manifest(work / "tokenizer")["fingerprint"],
+                                  "format_version": str(FORMAT_VERSION)}
     run_cfg = (work / "runs" / "tiny" / "config.yaml").read_text()
     assert "pretokenized: true" in run_cfg
 

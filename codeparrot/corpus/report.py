@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from .quality import QUALITY_BUCKETS
+
 if TYPE_CHECKING:
     from .decontaminate import Decontaminator
 
@@ -28,6 +30,24 @@ def length_hist(sizes: Sequence[int] | np.ndarray) -> np.ndarray:
 def length_histogram(before: np.ndarray, after: np.ndarray) -> dict[str, list]:
     """The report's `length_histogram`: bin edges, and counts over the good input and over the output."""
     return {"bin_edges": [round(float(x), 3) for x in LENGTH_BINS], "before": before.tolist(), "after": after.tolist()}
+
+
+def quality_summary(signal: str, quality: np.ndarray, unknown: np.ndarray, valid: np.ndarray,
+                    sizes: np.ndarray) -> tuple[dict[str, Any], dict[str, list]]:
+    """The report's `quality` (files and bytes per bucket, in all and per split; `unknown`: files whose signal value
+    was missing or invalid, bucketed low) and the written files' length histogram per bucket, from per-file arrays."""
+    summary: dict[str, Any] = {"signal": signal, "buckets": {}, "unknown": int(unknown.sum())}
+    lengths: dict[str, list] = {}
+    if signal == "none":
+        return summary, lengths
+    for index, name in enumerate(QUALITY_BUCKETS):
+        here = quality == index
+        row = {"files": int(here.sum()), "bytes": int(sizes[here].sum())}
+        for side, mask in (("train", here & ~valid), ("valid", here & valid)):
+            row[f"{side}_files"], row[f"{side}_bytes"] = int(mask.sum()), int(sizes[mask].sum())
+        summary["buckets"][name] = row
+        lengths[name] = length_hist(sizes[here]).tolist()
+    return summary, lengths
 
 
 def mb_per_s(n_bytes: int, seconds: float) -> float:
@@ -68,34 +88,51 @@ def peak_rss_mb() -> dict[str, float]:
     return {"main": round(own, 1), "largest_worker": round(children, 1)}
 
 
-def plot_lengths(hist: dict[str, list], path: Path) -> bool:
-    """Plot the file-length distribution before and after cleaning as a PNG; False without matplotlib."""
+def plot_lengths(hist: dict[str, Any], path: Path, quality: dict[str, Any] | None = None) -> bool:
+    """Plot the file-length distribution before and after cleaning as a PNG, with a panel of the clean files'
+    lengths per quality bucket when there are buckets; False without matplotlib."""
     try:  # a dependency; an install that lacks it still cleans, without the picture
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return False
     edges = np.array(hist["bin_edges"])
-    fig = Figure(figsize=(7, 4), dpi=100)
+    by_quality = hist.get("after_by_quality") or {}
+    fig = Figure(figsize=(7, 7 if by_quality else 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    axes = fig.subplots(2 if by_quality else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
     for key, label in (("before", "raw (good records)"), ("after", "clean (train + valid)")):
         ax.stairs(hist[key], edges, label=f"{label}: {sum(hist[key]):,} files")
     ax.set_xscale("log")
     filled = np.flatnonzero(np.add(hist["before"], hist["after"]))
     if len(filled):  # zoom on the occupied bins, with one empty bin either side
         ax.set_xlim(edges[max(filled[0] - 1, 0)], edges[min(filled[-1] + 2, len(edges) - 1)])
-    ax.set_xlabel("file length (bytes)")
     ax.set_ylabel("files")
     ax.set_title("prepare: file lengths before and after cleaning")
     ax.legend()
+    if by_quality:
+        _quality_panel(axes[1], edges, by_quality, quality or {})
+    axes[-1].set_xlabel("file length (bytes)")
     fig.tight_layout()
     fig.savefig(path)
     return True
 
 
+def _quality_panel(ax: Any, edges: np.ndarray, by_quality: dict[str, list], quality: dict[str, Any]) -> None:
+    """The clean files' lengths per quality bucket, each labelled with its files and MB."""
+    buckets = quality.get("buckets", {})
+    for name, counts in by_quality.items():
+        mb = buckets.get(name, {}).get("bytes", 0) / 1e6
+        ax.stairs(counts, edges, label=f"{name}: {sum(counts):,} files, {mb:,.1f} MB")
+    ax.set_ylabel("files")
+    ax.set_title(f"clean files by quality bucket (corpus.quality_signal={quality.get('signal', '?')})")
+    ax.legend()
+
+
 def format_report(counts: dict[str, Any]) -> str:
-    """The report as a table of files and MB removed at each step, then outputs, clusters and phase timings."""
+    """The report as a table of files and MB removed at each step, then outputs, clusters, quality buckets and
+    phase timings."""
     rows = [("in", counts["files_in"], counts["bytes_in"]),
             ("bad records (skipped)", counts.get("bad", 0), None),
             ("exact duplicates", counts["exact_duplicates"], counts["bytes_exact_duplicates"])]
@@ -113,6 +150,12 @@ def format_report(counts: dict[str, Any]) -> str:
     cl = counts["clusters"]
     lines.append(f"  near-duplicate clusters: {cl['count']:,} holding {cl['files']:,} files "
                  f"(mean size {cl['mean_size']}, max {cl['max_size']})")
+    quality = counts.get("quality", {})
+    if quality.get("buckets"):
+        shares = ", ".join(f"{name} {b['files']:,} ({b['bytes'] / 1e6:.2f} MB)"
+                           for name, b in quality["buckets"].items())
+        lines.append(f"  quality buckets ({quality['signal']}): {shares}; {quality['unknown']:,} with an unknown "
+                     "signal value (low)")
     for phase, p in counts["phases"].items():
         rate = f", {p['mb_per_s']} MB/s" if "mb_per_s" in p else f", {p['files']:,} files"
         lines.append(f"  phase {phase:<11}{p['seconds']:8.2f} s{rate}")

@@ -1,7 +1,8 @@
 """Per-shard work of `prepare`, run in worker processes, one input shard per task.
 
-scan (phase 1) = read + columns + filters + decontamination + MinHash, returning compact per-record metadata;
-write (phase 3) = re-read the shard and write its survivors into train/ and valid/ shards.
+scan (phase 1) = read + columns + filters + decontamination + quality bucket + MinHash, returning compact
+per-record metadata; write (phase 3) = re-read the shard and write its survivors into train/ and valid/ shards, with
+the scan's columns (the datatrove tasks keep them) or, in the worker pool, the same columns computed again.
 Workers are spawned (procs.WorkerPool): they receive Settings pickled once each, and these functions pickled by name
 (module path). Sizes are UTF-8 bytes of `content`, the unit of every `bytes` count in the report.
 """
@@ -17,7 +18,8 @@ import numpy as np
 
 from ..config import CorpusConfig
 from .decontaminate import Decontaminator
-from .filters import FILTERS, FilterSettings, QualityFilter, compute_columns, strip_whitespace
+from .filters import FILTERS, FilterSettings, QualityFilter, Signals, compute_columns, strip_whitespace
+from .quality import QUALITY_BUCKETS, UNKNOWN_QUALITY, QualityRule
 from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, utf8_len
 
 KEEP, DUP_IN_SHARD, DECONTAMINATED, FILTERED = 0, 1, 2, 10  # scan verdicts; FILTERED + FILTERS.index(name)
@@ -55,6 +57,10 @@ class Settings:
     corpus: CorpusConfig
     filters: FilterSettings  # the enabled filters: chars_per_token only with a tokenizer
     decontam: Decontaminator | None
+    quality: QualityRule = field(init=False)  # from `corpus`; built here so that a bad value fails before any task
+
+    def __post_init__(self) -> None:
+        self.quality = QualityRule.from_config(self.corpus)
 
 
 _worker: dict[str, Any] = {}  # per-process state built by init_worker
@@ -79,7 +85,7 @@ def init_worker(settings: Settings) -> None:
 
         hasher = MinHasher(num_perm=c.minhash_num_perm, ngram=c.minhash_ngram, seed=c.minhash_seed)
     _worker.clear()
-    _worker.update(settings=settings, quality=QualityFilter(settings.filters, tokenizer), hasher=hasher)
+    _worker.update(settings=settings, filter=QualityFilter(settings.filters, tokenizer), hasher=hasher)
 
 
 @dataclass
@@ -95,68 +101,105 @@ class Scan:
     decontaminated: dict[int, dict[str, Any]]  # line -> repo_name, path and the matched needles
     bad: QuietBad
     columns: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> columns, KEEP lines, when asked
+    # one entry per KEEP verdict, in order (as `signatures`): its quality bucket index (UNKNOWN_QUALITY without a
+    # signal), whether the signal's value was unknown (bad copies), its split (True: valid)
+    quality: list[int] = field(default_factory=list)
+    quality_unknown: list[bool] = field(default_factory=list)
+    valid: list[bool] = field(default_factory=list)
+
+
+class _Signer:
+    """The candidates' MinHash signatures, computed in batches of SIGNATURE_BATCH_CHARS of text."""
+
+    def __init__(self, hasher: Any, num_perm: int) -> None:
+        self.hasher, self.num_perm = hasher, num_perm
+        self.batch: list[str] = []
+        self.chars = 0
+        self.blocks: list[np.ndarray] = []
+
+    def add(self, content: str) -> None:
+        if self.hasher is None:
+            return
+        self.batch.append(content)
+        self.chars += len(content)
+        if self.chars >= SIGNATURE_BATCH_CHARS:
+            self.blocks.append(self.hasher.signatures(self.batch))
+            self.batch, self.chars = [], 0
+
+    def signatures(self) -> np.ndarray | None:
+        """One row per candidate, in order; None without near-dedup."""
+        if self.hasher is None:
+            return None
+        if self.batch:
+            self.blocks.append(self.hasher.signatures(self.batch))
+        return np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.num_perm), dtype=np.uint32)
+
+
+def _grade(scan: Scan, s: Settings, record: dict[str, Any], columns: dict[str, Any], signals: Signals) -> None:
+    """A candidate's quality bucket and split into `scan`, and its bucket's name into its columns."""
+    c = s.corpus
+    bucket, known = s.quality.grade(record, signals) if s.quality.enabled else (UNKNOWN_QUALITY, True)
+    scan.quality.append(bucket)
+    scan.quality_unknown.append(not known)
+    scan.valid.append(is_valid_repo(str(record.get("repo_name", "")), c.valid_fraction, c.split_seed))
+    if bucket != UNKNOWN_QUALITY:
+        columns["quality"] = QUALITY_BUCKETS[bucket]
 
 
 def scan_shard(task: tuple[int, str], keep_columns: bool = False) -> Scan:
-    """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, MinHash; with
-    keep_columns, the candidates' columns too (the write phase then need not compute them again)."""
+    """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, quality bucket,
+    MinHash; with keep_columns, the candidates' columns too (the write phase then need not compute them again)."""
     index, path = task
     s: Settings = _worker["settings"]
-    quality: QualityFilter = _worker["quality"]
-    hasher = _worker["hasher"]
-    bad = QuietBad()
-    lines, digests, sizes, verdicts = [], [], [], []
-    batch: list[str] = []
-    batch_chars = 0
-    blocks: list[np.ndarray] = []
-    decontaminated: dict[int, dict[str, Any]] = {}
+    filters: QualityFilter = _worker["filter"]
+    scan = Scan(index, [], [], [], [], None, {}, QuietBad())
+    signer = _Signer(_worker["hasher"], s.corpus.minhash_num_perm)
     seen_here: set[bytes] = set()
-    kept_columns: dict[int, dict[str, Any]] = {}
-    for line, record in iter_shard(path, bad):
+    for line, record in iter_shard(path, scan.bad):
         content = record["content"]
         stripped = strip_whitespace(content)
         try:  # JSON can escape lone surrogates ("\ud800"), which no UTF-8 writer accepts
             columns = compute_columns(content, stripped)
             json.dumps({k: v for k, v in record.items() if k != "content"}, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as e:
-            bad.good -= 1
-            bad.add("invalid_utf8", f"{path}:{line + 1}", str(e)[:80])
+            scan.bad.good -= 1
+            scan.bad.add("invalid_utf8", f"{path}:{line + 1}", str(e)[:80])
             continue
         digest = bytes.fromhex(columns["hash"])
-        lines.append(line)
-        digests.append(digest)
-        sizes.append(utf8_len(content))
+        scan.lines.append(line)
+        scan.digests.append(digest)
+        scan.sizes.append(utf8_len(content))
         if s.corpus.exact_dedup:
             if digest in seen_here:  # a later copy in the same shard: an exact duplicate, whatever came before
-                verdicts.append(DUP_IN_SHARD)
+                scan.verdicts.append(DUP_IN_SHARD)
                 continue
             seen_here.add(digest)
-        reason = quality.reason(content, columns)
+        signals = Signals(content)  # what the filters compute of it is reused by the quality heuristics
+        reason = filters.reason(content, columns, signals)
         if reason is not None:
-            verdicts.append(FILTERED + FILTERS.index(reason))
+            scan.verdicts.append(FILTERED + FILTERS.index(reason))
             continue
-        if s.decontam:
-            found = s.decontam.find(content, stripped)
-            if found:
-                verdicts.append(DECONTAMINATED)
-                decontaminated[line] = {**_where(record), "matches": [
-                    {"benchmark": n.benchmark, "task_id": n.task_id, "field": n.field} for n in found]}
-                continue
-        verdicts.append(KEEP)
+        found = s.decontam.find(content, stripped) if s.decontam else None
+        if found:
+            scan.verdicts.append(DECONTAMINATED)
+            scan.decontaminated[line] = {**_where(record), "matches": [
+                {"benchmark": n.benchmark, "task_id": n.task_id, "field": n.field} for n in found]}
+            continue
+        scan.verdicts.append(KEEP)
+        _grade(scan, s, record, columns, signals)
         if keep_columns:
-            kept_columns[line] = columns
-        if hasher is not None:
-            batch.append(content)
-            batch_chars += len(content)
-            if batch_chars >= SIGNATURE_BATCH_CHARS:
-                blocks.append(hasher.signatures(batch))
-                batch, batch_chars = [], 0
-    signatures = None
-    if hasher is not None:
-        if batch:
-            blocks.append(hasher.signatures(batch))
-        signatures = np.concatenate(blocks) if blocks else np.zeros((0, s.corpus.minhash_num_perm), dtype=np.uint32)
-    return Scan(index, lines, digests, sizes, verdicts, signatures, decontaminated, bad, kept_columns)
+            scan.columns[line] = columns
+        signer.add(content)
+    scan.signatures = signer.signatures()
+    return scan
+
+
+def _columns(s: Settings, record: dict[str, Any], content: str) -> dict[str, Any]:
+    """A kept record's columns computed again, its quality bucket included, as the scan computed them."""
+    columns = compute_columns(content)
+    if s.quality.enabled:
+        columns["quality"] = QUALITY_BUCKETS[s.quality.grade(record, Signals(content))[0]]
+    return columns
 
 
 def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
@@ -165,7 +208,8 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
     computed again); the counts, and the cluster members' names."""
     # The result: index, the SPLIT_KEYS counts, missing (kept lines not found on re-reading), names (line -> where).
     index, path, keep_lines, members, out = task
-    c: CorpusConfig = _worker["settings"].corpus
+    s: Settings = _worker["settings"]
+    c = s.corpus
     keep = set(keep_lines.tolist())
     writers: dict[str, ShardWriter] = {}
     counts = dict.fromkeys(SPLIT_KEYS, 0)
@@ -181,7 +225,7 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
             # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
             writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records,
                                         c.output_compresslevel)
-        writers[side].write({**record, **(columns[line] if columns is not None else compute_columns(content))})
+        writers[side].write({**record, **(columns[line] if columns is not None else _columns(s, record, content))})
         counts[f"{side}_files"] += 1
         counts[f"{side}_bytes"] += utf8_len(content)
     for side, writer in writers.items():

@@ -15,7 +15,8 @@ import numpy as np
 
 from .filters import FILTERS
 from .report import (CLUSTERS_FILE, LENGTHS_PLOT, cluster_summary, decontamination_summary, length_hist,
-                     length_histogram, mb_per_s, peak_rss_mb, plot_lengths, timing, write_clusters)
+                     length_histogram, mb_per_s, peak_rss_mb, plot_lengths, quality_summary, timing,
+                     write_clusters)
 from .shards import DECONTAMINATED, DUP_IN_SHARD, FILTERED, KEEP, QuietBad, Scan, Settings
 from .source import LOGGED_BAD_RECORDS, BadRecords, shard_name
 
@@ -36,14 +37,18 @@ class Survey:
     bytes_decontaminated: int = 0
     decontaminated_files: list[dict[str, Any]] = field(default_factory=list)
     hist_in: np.ndarray = field(default_factory=lambda: length_hist(()))
-    # One entry per survivor, in input order: its shard index, line and length; signatures in per-shard blocks.
+    # One entry per survivor, in input order: its shard index, line and length, its quality bucket index, whether
+    # that signal's value was unknown, its split (True: valid); signatures in per-shard blocks.
     shard_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     line_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     size_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    quality_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    quality_unknown_of: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    valid_of: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     signature_blocks: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
-    # per shard, while scans are added: its survivors' columns
-    _parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+    # per shard, while scans are added: its survivors' entries, in the order of the fields above
+    _parts: list[tuple[np.ndarray, ...]] = field(default_factory=list, repr=False)
 
     @classmethod
     def new(cls, max_bad_ratio: float, enabled: tuple[str, ...]) -> Survey:
@@ -56,15 +61,20 @@ class Survey:
         self.bytes_in += sum(scan.sizes)
         self.hist_in += length_hist(scan.sizes)
         rows, sig_rows = exact_dedup(scan, shard, seen, exact, self)
+        candidates = np.array(sig_rows, dtype=np.int64)  # the scan's quality entries are per candidate
         self._parts.append((np.full(len(rows), scan.index, dtype=np.int64),
-                            np.array(scan.lines, dtype=np.int64)[rows], np.array(scan.sizes, dtype=np.int64)[rows]))
-        return np.array(sig_rows, dtype=np.int64)
+                            np.array(scan.lines, dtype=np.int64)[rows], np.array(scan.sizes, dtype=np.int64)[rows],
+                            np.array(scan.quality, dtype=np.uint8)[candidates],
+                            np.array(scan.quality_unknown, dtype=bool)[candidates],
+                            np.array(scan.valid, dtype=bool)[candidates]))
+        return candidates
 
     def finish(self) -> None:
         """After the last scan: the bad-ratio verdict, and the survivors' columns in one array each."""
         self.bad.check(final=True)
         if self._parts:
-            self.shard_of, self.line_of, self.size_of = (np.concatenate(c) for c in zip(*self._parts))
+            (self.shard_of, self.line_of, self.size_of, self.quality_of, self.quality_unknown_of,
+             self.valid_of) = (np.concatenate(c) for c in zip(*self._parts))
         self._parts = []
 
 
@@ -137,6 +147,9 @@ def report_phase(tmp: Path, settings: Settings, files: list[Path], survey: Surve
 
     write_clusters(tmp / CLUSTERS_FILE, ([member(row) for row in cl] for cl in near.clusters))
     split, seconds = written.split, round(seconds, 2)
+    kept = ~near.drop  # the kept survivors are the records written (the write phase checked that none is missing)
+    quality, by_quality = quality_summary(settings.quality.signal, survey.quality_of[kept],
+                                          survey.quality_unknown_of[kept], survey.valid_of[kept], survey.size_of[kept])
     counts = {  # the manifest's counts; report.json adds the fields of `report` below
         "files_in": survey.files_in, "bytes_in": survey.bytes_in,
         "exact_duplicates": survey.exact_duplicates, "bytes_exact_duplicates": survey.bytes_exact_duplicates,
@@ -148,6 +161,7 @@ def report_phase(tmp: Path, settings: Settings, files: list[Path], survey: Surve
         "files_out": split["train_files"] + split["valid_files"],
         "bytes_out": split["train_bytes"] + split["valid_bytes"],
         "clusters": cluster_summary(near.clusters),
+        "quality": quality,
         "phases": {"scan": timing(survey.seconds, survey.bytes_in),
                    "near_dedup": {"seconds": round(near.seconds, 2), "files": len(survey.shard_of),
                                   "signature_mb": near.signature_mb},
@@ -160,10 +174,10 @@ def report_phase(tmp: Path, settings: Settings, files: list[Path], survey: Surve
         "filters_active": list(settings.filters.enabled),
         "decontaminate": decontamination_summary(settings.decontam),
         "decontaminated_files": survey.decontaminated_files,
-        # the kept survivors are exactly the records written (the write phase checked that none went missing)
-        "length_histogram": length_histogram(survey.hist_in, length_hist(survey.size_of[~near.drop])),
+        "length_histogram": {**length_histogram(survey.hist_in, length_hist(survey.size_of[kept])),
+                             "after_by_quality": by_quality},
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if not plot_lengths(report["length_histogram"], tmp / LENGTHS_PLOT):
+    if not plot_lengths(report["length_histogram"], tmp / LENGTHS_PLOT, quality):
         log.info("prepare: matplotlib is not installed, no %s (pip install 'codeparrot[plot]')", LENGTHS_PLOT)
     return counts

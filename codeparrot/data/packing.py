@@ -8,7 +8,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import tokenizers
 import torch
@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from codeparrot.corpus.source import BadRecords, iter_shard
+from codeparrot.data.transforms import Transforms, bucket_index, document_key
 from codeparrot.procs import worker_init_fn
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ class _Cursor:
     file_index: int = 0  # into this consumer's file list
     line: int = 0  # line of that file to resume at
     record_index: int = 0  # global index of the next good record in this epoch (for record striding)
+
+
+class Document(NamedTuple):
+    """One record read for packing, with what names it for the transforms: (epoch, file, line)."""
+
+    text: str
+    quality: int  # index into QUALITY_BUCKETS, or UNKNOWN_QUALITY (data/transforms.py)
+    epoch: int
+    file: int  # index of its file in the dataset's `files` (not in a consumer's share: the same on every consumer)
+    line: int
 
 
 def consumer_of(rank: int, world_size: int) -> tuple[int, int]:
@@ -64,7 +75,9 @@ class ConstantLengthDataset(IterableDataset):
     Documents are joined with EOS and tokenized a buffer (~num_of_sequences blocks) at a time; the
     tokens that do not fill a block are carried into the next buffer, so no token is lost between
     buffers or (in infinite mode) between epochs. At the end of a finite epoch the final partial
-    block is dropped. With `shuffle`, the blocks of each buffer are permuted deterministically.
+    block is dropped. With `shuffle`, the blocks of each buffer are permuted deterministically. With `transforms`
+    (data/transforms.py), each document gets its quality token and, at `fim_rate`, its FIM form, cut at character
+    level and drawn from (seed, epoch, file index, line).
 
     Each consumer c = rank * num_workers + worker_id of C = world_size * num_workers reads whole files
     `files[c::C]` when there are at least C files, else every C-th record of all files. One dataset
@@ -74,7 +87,7 @@ class ConstantLengthDataset(IterableDataset):
     def __init__(self, files: list[Path], tokenizer: tokenizers.Tokenizer, seq_length: int, eos_token_id: int,
                  chars_per_token: float = 3.6, num_of_sequences: int = 256, infinite: bool = False,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 max_bad_ratio: float = 1.0):
+                 max_bad_ratio: float = 1.0, transforms: Transforms | None = None):
         if not files:
             raise ValueError("ConstantLengthDataset needs at least one shard file")
         if seq_length < 1 or num_of_sequences < 1:
@@ -92,6 +105,7 @@ class ConstantLengthDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.max_bad_ratio = max_bad_ratio
+        self.transforms = transforms if transforms is not None and transforms.active else None
         self.epoch = 0
         self.bad = BadRecords(max_ratio=max_bad_ratio)  # counts of the current (or last) iteration
         self._pending: dict[str, Any] | None = None  # loaded state, applied when iteration starts
@@ -105,35 +119,38 @@ class ConstantLengthDataset(IterableDataset):
         """(c, C): this process's consumer index and the number of consumers, from rank and worker."""
         return consumer_of(self.rank, self.world_size)
 
-    def _plan(self, consumer: int, num_consumers: int, epoch: int = 0) -> tuple[list[Path], bool]:
-        """The files this consumer reads in `epoch`, in order, and whether it strides over records instead.
+    def _plan(self, consumer: int, num_consumers: int, epoch: int = 0) -> tuple[list[int], bool]:
+        """The files (indices into `files`) this consumer reads in `epoch`, in order, and whether it strides over
+        records instead.
 
         With `shuffle`, each epoch first permutes the whole file list by (seed, epoch), the same on every consumer,
         then deals it out: every file is still read by one consumer, files move between ranks from epoch to epoch,
         and the plan is a function of the epoch alone, so a resume is exact.
         """
-        files = self.files
+        files = list(range(len(self.files)))
         if self.shuffle:
-            files = [files[i] for i in _permutation(len(files), f"files/{self.seed}/{epoch}")]
+            files = _permutation(len(files), f"files/{self.seed}/{epoch}")
         if len(files) < num_consumers:
             return files, True
         return files[consumer::num_consumers], False
 
     def _read(self, cursor: _Cursor, consumer: int, num_consumers: int, bad: BadRecords,
-              infinite: bool) -> Iterator[str]:
+              infinite: bool) -> Iterator[Document]:
         """Yield this consumer's documents from `cursor` on, advancing it past each one before yielding."""
         while True:
             files, striding = self._plan(consumer, num_consumers, cursor.epoch)
             full_pass = cursor.file_index == 0 and cursor.line == 0
             got_any = False
             while cursor.file_index < len(files):
-                for line_no, record in iter_shard(files[cursor.file_index], bad, start_line=cursor.line):
+                file = files[cursor.file_index]
+                for line_no, record in iter_shard(self.files[file], bad, start_line=cursor.line):
                     index = cursor.record_index
                     cursor.line, cursor.record_index = line_no + 1, index + 1
                     if striding and index % num_consumers != consumer:
                         continue
                     got_any = True
-                    yield record["content"]
+                    yield Document(record["content"], bucket_index(record.get("quality")), cursor.epoch, file,
+                                   line_no)
                 cursor.file_index, cursor.line = cursor.file_index + 1, 0
             if not infinite:
                 return
@@ -147,15 +164,34 @@ class ConstantLengthDataset(IterableDataset):
 
     # --- iteration ------------------------------------------------------------------------------
 
-    def _fill(self, docs: Iterator[str]) -> list[str]:
-        """The next buffer's texts: documents until about max_buffer_size characters (empty at the end)."""
-        texts, n_chars = [], 0
-        for text in docs:  # breaking out of a for loop leaves the generator open for the next buffer
-            texts.append(text)
-            n_chars += len(text)
+    def _fill(self, docs: Iterator[Document]) -> list[Document]:
+        """The next buffer's documents: until about max_buffer_size characters (empty at the end)."""
+        buffer, n_chars = [], 0
+        for doc in docs:  # breaking out of a for loop leaves the generator open for the next buffer
+            buffer.append(doc)
+            n_chars += len(doc.text)
             if n_chars >= self.max_buffer_size:
                 break
-        return texts
+        return buffer
+
+    def _encode(self, docs: list[Document]) -> list[int]:
+        """A buffer's token ids: each document, transformed when transforms are on, followed by EOS."""
+        t = self.transforms
+        if t is None:
+            texts, cuts = [d.text for d in docs], [None] * len(docs)
+        else:
+            cuts = [t.cut(document_key(self.seed, d.epoch, d.file, d.line), len(d.text)) for d in docs]
+            texts = [piece for d, cut in zip(docs, cuts) for piece in t.pieces(d.text, cut)]
+        # One batch call for every piece of the buffer; encode_batch_fast skips the offsets we do not use.
+        encoded = iter(self.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+        ids: list[int] = []
+        for doc, cut in zip(docs, cuts):
+            if t is None:
+                ids.extend(next(encoded).ids)
+            else:
+                ids.extend(t.assemble([next(encoded).ids for _ in range(1 if cut is None else 3)], cut, doc.quality))
+            ids.append(self.eos_token_id)
+        return ids
 
     def _order(self, n_blocks: int, epoch: int, consumer: int, buffer_index: int) -> list[int]:
         """The order in which a buffer's blocks are yielded: a permutation seeded only by its position."""
@@ -190,13 +226,10 @@ class ConstantLengthDataset(IterableDataset):
                            "bad": {"good": self.bad.good, "counts": dict(self.bad.counts)}}
             self._yielded = skip
             buffer_epoch = cursor.epoch
-            texts = self._fill(docs)
-            if not texts:
+            buffer = self._fill(docs)
+            if not buffer:
                 break  # end of a finite epoch: the partial block left in `tail` is dropped
-            ids = list(tail)
-            for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False):  # ids, no offsets
-                ids.extend(encoding.ids)
-                ids.append(self.eos_token_id)
+            ids = list(tail) + self._encode(buffer)
             n_blocks = len(ids) // seq
             blocks = torch.tensor(ids[: n_blocks * seq], dtype=torch.long).view(n_blocks, seq)
             tail = ids[n_blocks * seq:]  # carried into the next buffer, never dropped mid-stream

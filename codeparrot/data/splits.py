@@ -12,16 +12,28 @@ from .tokens import TokenShardDataset
 
 def split_dataset(cfg: Config, split: str, tokenizer, rank: int, world_size: int, infinite: bool,
                   seq_length: int | None = None) -> IterableDataset:
-    """Blocks of `split` ("train" or "valid") for consumer `rank` of `world_size`; train order is shuffled."""
+    """Blocks of `split` ("train" or "valid") for consumer `rank` of `world_size`; train order is shuffled.
+
+    data.quality_tokens applies to both splits; data.fim_rate to train only, so that validation loss stays
+    left-to-right and comparable between runs with and without FIM.
+    """
+    from .transforms import SpecialIds, Transforms
+
     d = cfg.data
     seq_length = seq_length or d.seq_length
     shuffle = split == "train"
+    fim_rate = d.fim_rate if split == "train" else 0.0
+    transforms = None
+    if d.quality_tokens or fim_rate > 0:
+        transforms = Transforms(SpecialIds.from_tokenizer(tokenizer), d.quality_tokens, fim_rate, d.fim_spm_rate)
     if d.pretokenized:  # token shards: blocks read by memmap, train order shuffled by (train.seed, epoch)
-        return TokenShardDataset(cfg.paths.resolve("tokens"), split, seq_length, infinite=infinite, shuffle=shuffle and d.shuffle,
-                                 seed=cfg.train.seed, rank=rank, world_size=world_size,
-                                 tokenizer_fingerprint=fingerprint(cfg.paths.resolve("tokenizer")))
+        return TokenShardDataset(cfg.paths.resolve("tokens"), split, seq_length, infinite=infinite,
+                                 shuffle=shuffle and d.shuffle, seed=cfg.train.seed, rank=rank, world_size=world_size,
+                                 tokenizer_fingerprint=fingerprint(cfg.paths.resolve("tokenizer")),
+                                 transforms=transforms)
     return ConstantLengthDataset(
         list_shards(cfg.paths.resolve("clean") / split), tokenizer, seq_length,
         tokenizer.token_to_id(cfg.tokenizer.eos_token), chars_per_token=d.chars_per_token,
         num_of_sequences=d.num_of_sequences, infinite=infinite, shuffle=shuffle and d.shuffle,
-        seed=cfg.train.seed, rank=rank, world_size=world_size, max_bad_ratio=cfg.corpus.max_bad_ratio)
+        seed=cfg.train.seed, rank=rank, world_size=world_size, max_bad_ratio=cfg.corpus.max_bad_ratio,
+        transforms=transforms)

@@ -4,7 +4,9 @@
 re-exported here for the callers that read tokens/.
 
 `TokenShardDataset` treats a split as one stream, the concatenation of its files in `meta.json` order, cut into
-`seq_length` blocks: a block may span two files, and only the final partial block of the split is dropped.
+`seq_length` blocks: a block may span two files, and only the final partial block of the split is dropped. With
+transforms (data/transforms.py), each block's documents get their quality token and their FIM form, cut at token
+level, as bigcode's Megatron-LM does per sample: see `transform_block`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from codeparrot.data.packing import check_same_consumer, consumer_of
-from codeparrot.data.pretokenize import META, check_tokenizer, load_meta
+from codeparrot.data.pretokenize import DOCS_DTYPE, META, check_tokenizer, load_meta
+from codeparrot.data.transforms import Transforms, transform_block
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +44,16 @@ class TokenShardDataset(IterableDataset):
     epoch orders the N blocks by `block_order(N, seed, epoch, shuffle)`; consumer c = rank * num_workers +
     worker_id of C = world_size * num_workers takes the positions c, c + C, c + 2C, ... of that order, so the
     consumers of an epoch read every block exactly once between them. Finite mode stops after one epoch;
-    infinite mode goes on with epoch 1, 2, ... (a new order each). Blocks are read with memmap slices.
+    infinite mode goes on with epoch 1, 2, ... (a new order each). Blocks are read with memmap slices. With
+    `transforms`, block b of epoch e becomes `transform_block` of it, keyed by (seed, e, b, fragment); quality
+    tokens need the `.docs` index beside each `.bin` (pretokenize format 2).
 
     The state is tiny (epoch and position in this consumer's share), so `StatefulDataLoader` resumes exactly.
     """
 
     def __init__(self, directory: str | Path, split: str, seq_length: int, infinite: bool = False,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 tokenizer_fingerprint: str | None = None):
+                 tokenizer_fingerprint: str | None = None, transforms: Transforms | None = None):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         if not 0 <= rank < world_size:
@@ -82,16 +87,21 @@ class TokenShardDataset(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.eos_token_id = int(meta["eos_token_id"])
+        self.transforms = transforms if transforms is not None and transforms.active else None
+        self.docs_paths = self._docs_paths(files) if self.transforms and self.transforms.quality_tokens else []
         self.epoch = 0
         self._position = 0  # blocks of this consumer's share of `epoch` already yielded
         self._iterating = False
         self._pending: dict[str, Any] | None = None  # loaded state, applied when iteration starts
         self._maps: dict[int, np.memmap] = {}  # opened lazily in the process that reads
+        self._docs: dict[int, np.memmap] = {}  # the .docs index of file i, likewise
         self._mine: tuple[tuple[int, int, int], np.ndarray] | None = None  # ((epoch, c, C), share)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"], state["_mine"] = {}, None  # memmaps pickle as copies; workers open their own
+        # memmaps pickle as copies; workers open their own
+        state["_maps"], state["_docs"], state["_mine"] = {}, {}, None
         return state
 
     # --- sharding -------------------------------------------------------------------------------
@@ -109,6 +119,38 @@ class TokenShardDataset(IterableDataset):
         return self._mine[1]
 
     # --- reading --------------------------------------------------------------------------------
+
+    def _docs_paths(self, files: list[dict[str, Any]]) -> list[Path]:
+        """Each file's `.docs` index, checked to hold one record per document (quality tokens read them)."""
+        paths = []
+        for f, path in zip(files, self.paths):
+            docs = self.directory / f["docs"] if "docs" in f else path.with_suffix(".docs")
+            if not docs.is_file() or docs.stat().st_size != int(f["documents"]) * DOCS_DTYPE.itemsize:
+                raise ValueError(f"data.quality_tokens needs each document's quality bucket, but {docs} is missing or "
+                                 f"does not hold the {f['documents']} documents {META} lists; rerun "
+                                 f"`codeparrot pretokenize` (it writes a .docs index beside each .bin)")
+            paths.append(docs)
+        return paths
+
+    def _doc_map(self, i: int) -> np.memmap:
+        mm = self._docs.get(i)
+        if mm is None:
+            mm = self._docs[i] = np.memmap(self.docs_paths[i], dtype=DOCS_DTYPE, mode="r")
+        return mm
+
+    def doc_starts(self, lo: int, hi: int) -> dict[int, int]:
+        """{position - lo: bucket index} of the documents that start within tokens [lo, hi) of the split."""
+        out: dict[int, int] = {}
+        i = bisect.bisect_right(self.starts, lo) - 1
+        while i < len(self.paths) and self.starts[i] < hi:
+            if self.starts[i + 1] > self.starts[i]:  # an empty file has no documents (and cannot be mapped)
+                docs, base = self._doc_map(i), self.starts[i]
+                bounds = np.array([max(lo - base, 0), hi - base], dtype=np.uint64)
+                a, b = np.searchsorted(docs["start"], bounds)  # a binary search: few pages of the memmap
+                for start, bucket in zip(docs["start"][a:b].tolist(), docs["quality"][a:b].tolist()):
+                    out[base + start - lo] = bucket
+            i += 1
+        return out
 
     def _map(self, i: int) -> np.memmap:
         mm = self._maps.get(i)
@@ -134,6 +176,16 @@ class TokenShardDataset(IterableDataset):
             i, off = i + 1, 0
         return torch.from_numpy(out)
 
+    def sample(self, block: int, epoch: int) -> torch.Tensor:
+        """Block `block` as trained on in `epoch` (LongTensor [seq_length]): read_block, then the transforms."""
+        ids = self.read_block(block)
+        if self.transforms is None:
+            return ids
+        lo = block * self.seq_length
+        starts = self.doc_starts(lo, lo + self.seq_length) if self.transforms.quality_tokens else {}
+        out = transform_block(ids.tolist(), self.eos_token_id, starts, self.transforms, (self.seed, epoch, block))
+        return torch.tensor(out, dtype=torch.long)
+
     # --- iteration ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -151,7 +203,7 @@ class TokenShardDataset(IterableDataset):
             while self._position < len(mine):
                 block = int(mine[self._position])
                 self._position += 1  # counted before yielding: state_dict() is read while we are suspended
-                yield self.read_block(block)
+                yield self.sample(block, self.epoch)
             if not self.infinite:
                 return
             if len(mine) == 0:
