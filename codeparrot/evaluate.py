@@ -7,14 +7,16 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from .config import Config
+from .corpus.quality import QUALITY_BUCKETS
 from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
 from .model import batch_inputs, count_targets, model_device
 from .runs import require_latest_checkpoint, resolve_mixed_precision
+from .tokenizer import quality_token
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +29,24 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
+def unscored_targets(block: torch.Tensor, unscored: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A token block [B, T] as inputs whose aligned targets [B, T] leave out the ids in `unscored` (and the last
+    position, which has no next token)."""
+    targets = torch.full_like(block, -100)
+    targets[:, :-1] = block[:, 1:].masked_fill(torch.isin(block[:, 1:], unscored), -100)
+    return {"input_ids": block, "targets": targets}
+
+
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: Iterable, accelerator, max_batches: int = 0,
-                  lockstep: bool = True) -> dict[str, Any]:
+                  lockstep: bool = True, unscored: Sequence[int] = ()) -> dict[str, Any]:
     """Mean next-token loss over every evaluated target token of every process, and its perplexity.
 
     Batches are token blocks [B, T] (pretraining) or fine-tuning's collated dicts (see model.batch_inputs).
     Ranks may hold different amounts of validation data; in lockstep all stop together at the first batch some
     rank lacks, because a sharded (FSDP) forward needs every rank to take part. Without it (a model every rank
-    holds whole) each rank evaluates all of its batches.
+    holds whole) each rank evaluates all of its batches. Predictions of the ids in `unscored` (the quality tokens,
+    when measuring conditioning) are not scored.
     """
     model.eval()
     device = model_device(model)  # batches go where the model is
@@ -52,6 +63,8 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable, accelerator, max_ba
         elif batch is None:
             break
         inputs = batch_inputs(batch, device)
+        if len(unscored) and "targets" not in inputs:
+            inputs = unscored_targets(inputs["input_ids"], torch.tensor(list(unscored), device=device))
         with accelerator.autocast():
             loss = model(**inputs).loss  # mean over the batch's target tokens
         count = count_targets(inputs)
@@ -78,6 +91,21 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, eos_id: int | N
     return sample(model, [ids], cfg, functools.partial(tokenizer.decode, skip_special_tokens=False))[0][0].text
 
 
+def quality_ids(cfg: Config, tokenizer) -> list[int]:
+    """The quality tokens' ids when measuring conditioning (eval.quality_bucket/quality_token): the loss of a file
+    under a token, not of guessing the token, which a forced wrong one would make dearer."""
+    if not (cfg.eval.quality_bucket or cfg.eval.quality_token):
+        return []
+    return [i for i in (tokenizer.token_to_id(quality_token(b)) for b in QUALITY_BUCKETS) if i is not None]
+
+
+def eval_suffix(cfg: Config) -> str:
+    """The result file's suffix for an evaluation of one quality bucket or under one bucket's token ("" for all)."""
+    parts = [f"{name}-{value}" for name, value in (("quality", cfg.eval.quality_bucket),
+                                                   ("token", cfg.eval.quality_token)) if value]
+    return "".join("." + p for p in parts)
+
+
 def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     """Evaluate a `step-N` checkpoint on the valid split; write `runs/<run>/eval/step-N.json`."""
     from accelerate import Accelerator
@@ -93,14 +121,17 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
                             infinite=False, seq_length=min(cfg.data.seq_length, model.config.n_positions))
     start = time.perf_counter()
     result = evaluate_loss(model, make_dataloader(dataset, cfg.eval.batch_size, 0), accelerator,
-                           cfg.eval.max_batches)
+                           cfg.eval.max_batches, unscored=quality_ids(cfg, tokenizer))
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["checkpoint"] = str(ckpt)
     if cfg.eval.prompt:
         result["prompt"] = cfg.eval.prompt
         result["completion"] = complete(model, tokenizer, cfg.eval.prompt, cfg.eval.max_new_tokens, eos_id)
+    for key in ("quality_bucket", "quality_token"):  # the conditioning measurement names what it measured
+        if getattr(cfg.eval, key):
+            result[key] = getattr(cfg.eval, key)
     if accelerator.is_main_process:
-        out = ckpt.parent / "eval" / f"{ckpt.name}.json"
+        out = ckpt.parent / "eval" / f"{ckpt.name}{eval_suffix(cfg)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         result["written"] = str(out)
@@ -112,7 +143,7 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 def run_evaluate_latest(cfg: Config) -> dict[str, Any]:
     """Evaluate the run's latest checkpoint (the pipeline's last stage); skipped when already evaluated."""
     ckpt = require_latest_checkpoint(cfg)
-    done = ckpt.parent / "eval" / f"{ckpt.name}.json"
+    done = ckpt.parent / "eval" / f"{ckpt.name}{eval_suffix(cfg)}.json"
     if done.is_file():
         log.info("evaluate: %s already evaluated, skipping", ckpt)
         return {"skipped": True, **json.loads(done.read_text())}

@@ -6,14 +6,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence, TextIO, Union
 
 import torch
 
 from .artifacts import CheckpointError
 from .config import Config
 from .model import GPT, KVCache, load_hf, model_device
-from .tokenizer import text_encoder
+from .tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, quality_token, text_encoder
 
 
 @dataclass
@@ -194,11 +194,56 @@ def sample(model: GPT, prompts: list[list[int]], cfg: SamplingConfig,
         model.train(was_training)
 
 
-def encode_prompt(tokenizer, text: str, eos_id: Optional[int]) -> list[int]:
-    """EOS (the document separator the model saw before every file) + the text's tokens, special strings as text."""
-    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in user text must not become the EOS id
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    return ([eos_id] if eos_id is not None else []) + ids
+@dataclass(frozen=True)
+class Infill:
+    """A fill-in-the-middle prompt: the model writes the middle between prefix and suffix."""
+
+    prefix: str
+    suffix: str
+
+
+Prompt = Union[str, Infill]  # a left-to-right prompt, or an infill
+
+
+def special_id(tokenizer, token: str) -> int:
+    """The id of a reserved token (tokenizer.py); a tokenizer trained before it was reserved is refused."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise ValueError(f"this checkpoint's tokenizer has no {token} token: it was trained before the FIM and "
+                         "quality tokens were reserved. Retrain the tokenizer (`codeparrot train-tokenizer`), then "
+                         "the model on it (with data.fim_rate / data.quality_tokens) to infill or condition on quality")
+    return found
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The text's tokens, special strings as text: a literal "<|endoftext|>" or "<fim_middle>" stays text."""
+    return text_encoder(tokenizer).encode(text, add_special_tokens=False).ids
+
+
+def condition_ids(tokenizer, eos_id: Optional[int], quality: str = "") -> list[int]:
+    """What starts every prompt: EOS (training puts it before every document), then the quality token if asked."""
+    head = [eos_id] if eos_id is not None else []
+    return head + ([special_id(tokenizer, quality_token(quality))] if quality else [])
+
+
+def encode_prompt(tokenizer, text: str, eos_id: Optional[int], quality: str = "") -> list[int]:
+    """A left-to-right prompt: [EOS, <quality_q> if asked] + the text's tokens."""
+    return condition_ids(tokenizer, eos_id, quality) + text_ids(tokenizer, text)
+
+
+def infill_prompt(tokenizer, prefix: str, suffix: str, eos_id: Optional[int], quality: str = "") -> list[int]:
+    """The PSM prompt, as training writes a FIM document up to its middle: [EOS, <quality_q> if asked,
+    <fim_prefix>] + prefix + [<fim_suffix>] + suffix + [<fim_middle>]; the model then writes the middle and EOS."""
+    fim_prefix, fim_suffix, fim_middle = (special_id(tokenizer, t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+    return (condition_ids(tokenizer, eos_id, quality) + [fim_prefix] + text_ids(tokenizer, prefix) + [fim_suffix]
+            + text_ids(tokenizer, suffix) + [fim_middle])
+
+
+def prompt_ids(tokenizer, prompt: Prompt, eos_id: Optional[int], quality: str = "") -> list[int]:
+    """The token ids of a left-to-right prompt or an infill."""
+    if isinstance(prompt, Infill):
+        return infill_prompt(tokenizer, prompt.prefix, prompt.suffix, eos_id, quality)
+    return encode_prompt(tokenizer, prompt, eos_id, quality)
 
 
 def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu"):
@@ -232,16 +277,22 @@ class TextStreamer:
             self.out.flush()
             self.shown = safe
 
-    def finish(self, completion: Completion) -> None:
-        """Show the rest of the final (stop-cut) text."""
-        self.out.write(completion.text[self.shown:] + "\n")
+    def finish(self, completion: Completion, tail: str = "") -> None:
+        """Show the rest of the final (stop-cut) text, then `tail` (an infill's suffix) and a newline."""
+        self.out.write(completion.text[self.shown:] + tail + "\n")
         self.out.flush()
 
 
-def read_prompts(prompts: Sequence[str], prompt_file: Optional[str], stdin: TextIO) -> list[str]:
+def read_prompts(prompts: Sequence[str], prompt_file: Optional[str], stdin: TextIO, prefix: Optional[str] = None,
+                 suffix: Optional[str] = None) -> list[Prompt]:
     """Prompts from --prompt (each one), a file (a .jsonl: one {"prompt": ...} per line; else the whole file), or
-    stdin (the whole text) when neither is given."""
-    found = list(prompts)
+    stdin (the whole text) when neither is given; or the one infill of --prefix/--suffix (either may be omitted)."""
+    if prefix is not None or suffix is not None:
+        if prompts or prompt_file:
+            raise ValueError("--prefix/--suffix (infill) and --prompt/--prompt-file (left to right) are mutually "
+                             "exclusive; give one or the other")
+        return [Infill(prefix or "", suffix or "")]
+    found: list[Prompt] = list(prompts)
     if prompt_file:
         path = Path(prompt_file)
         if path.suffix == ".jsonl":
@@ -260,23 +311,30 @@ def read_prompts(prompts: Sequence[str], prompt_file: Optional[str], stdin: Text
     return found
 
 
-def run_generate(cfg: Config, checkpoint: str | Path, prompts: list[str], output: Optional[str] = None,
+def prompt_fields(prompt: Prompt) -> dict[str, str]:
+    """A prompt's fields in a JSON Lines row: `prompt`, or an infill's `prefix` and `suffix`."""
+    return {"prefix": prompt.prefix, "suffix": prompt.suffix} if isinstance(prompt, Infill) else {"prompt": prompt}
+
+
+def run_generate(cfg: Config, checkpoint: str | Path, prompts: Sequence[Prompt], output: Optional[str] = None,
                  stream: Optional[TextIO] = None) -> dict[str, Any]:
-    """Sample cfg.generate.n completions of each prompt; stream them to `stream` and/or write JSON Lines."""
+    """Sample cfg.generate.n completions (an Infill's: its middle) of each prompt, conditioned on
+    cfg.generate.quality when set; stream them to `stream` and/or write JSON Lines."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_checkpoint(checkpoint, device)
     g = cfg.generate
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     sampling = SamplingConfig(g.n, g.max_new_tokens, g.temperature, g.top_k, g.top_p, eos_id, tuple(g.stop), g.seed)
-    ids = [encode_prompt(tokenizer, p, eos_id) for p in prompts]
+    ids = [prompt_ids(tokenizer, p, eos_id, g.quality) for p in prompts]
     for prompt in ids:  # every prompt is checked before any is sampled
         check_prompt(len(prompt), g.max_new_tokens, model.config.n_positions)
     streamers: dict[tuple[int, int], TextStreamer] = {}
 
     def streamer(j: int, i: int) -> TextStreamer:
-        if (j, i) not in streamers:  # a header, then the prompt, which the completion continues
-            stream.write(f"=== prompt {j}, sample {i} ===\n{prompts[j]}")
+        if (j, i) not in streamers:  # a header, then the prompt (an infill's prefix), which the completion continues
+            head = prompts[j].prefix if isinstance(prompts[j], Infill) else prompts[j]
+            stream.write(f"=== prompt {j}, sample {i} ===\n{head}")
             streamers[j, i] = TextStreamer(decode, g.stop, stream)
         return streamers[j, i]
 
@@ -287,11 +345,12 @@ def run_generate(cfg: Config, checkpoint: str | Path, prompts: list[str], output
         on_token = (lambda _, i, tokens: streamer(j, i).update(tokens)) if live else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             results.append(sample(model, [prompt], sampling, decode, on_token)[0])
+        tail = prompts[j].suffix if isinstance(prompts[j], Infill) else ""  # the filled file reads on after the middle
         for i, c in enumerate(results[-1] if stream is not None else ()):
-            streamer(j, i).finish(c)
+            streamer(j, i).finish(c, tail)
     seconds = time.perf_counter() - start
-    rows = [{"prompt": prompts[j], "sample": i, "completion": c.text, "finish": c.finish, "tokens": len(c.tokens)}
-            for j, completions in enumerate(results) for i, c in enumerate(completions)]
+    rows = [{**prompt_fields(prompts[j]), "sample": i, "completion": c.text, "finish": c.finish,
+             "tokens": len(c.tokens)} for j, completions in enumerate(results) for i, c in enumerate(completions)]
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,6 +1,11 @@
 """The `humaneval` command: sample completions of HumanEval problems, run them sandboxed, report pass@k.
 
-The work is (problem, batch of samples) units, each sampled from its own seeded stream, so the samples do not depend
+`humaneval.task` picks the tasks: `completion` is HumanEval as published; `infill-single-line` and
+`infill-multi-line` are the infilling tasks derived from the same problems (infilling.py), where the model writes the
+middle between a prefix and a suffix in the PSM form training used, and the program checked is prefix + middle +
+suffix + tests. `humaneval.quality` puts a quality bucket's token in front of every prompt.
+
+The work is (task, batch of samples) units, each sampled from its own seeded stream, so the samples do not depend
 on how many processes share them. Under `accelerate launch` each process takes every world-size-th unit and appends
 its finished units to `parts/rank-<r>.jsonl`; a rerun skips the units found there (resume). The main process merges
 the parts into `samples.jsonl`, runs every program in the sandbox and writes `results.jsonl` and `pass_at_k.json`.
@@ -18,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +31,7 @@ from tqdm import tqdm
 from .artifacts import read_json_lines
 from .config import Config, HumanEvalConfig, canonical_json, section_dict
 from .corpus.decontaminate import humaneval_path
+from .infilling import COMPLETION, infilling_tasks
 from .sandbox import SandboxLimits, SandboxUnavailable, check_program, detect_mechanism, run_program, self_test
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,19 @@ def load_problems(path: str = "", limit: int = 0) -> list[dict[str, Any]]:
     if not problems:
         raise ValueError(f"{file} holds no problems")
     return problems[:limit] if limit > 0 else problems
+
+
+def load_tasks(h: HumanEvalConfig) -> list[dict[str, Any]]:
+    """The tasks of humaneval.task: the problems themselves, or the infilling tasks derived from them (each with a
+    `suffix`); humaneval.limit counts problems, so an infill run takes all the tasks of its first `limit`."""
+    problems = load_problems(h.problems, h.limit)
+    return problems if h.task == COMPLETION else infilling_tasks(problems, h.task)
+
+
+def results_dir(h: HumanEvalConfig, checkpoint: Path) -> Path:
+    """runs/<run>/humaneval/step-N/ for completion, runs/<run>/humaneval/<task>/step-N/ for an infilling task."""
+    base = checkpoint.parent / "humaneval"
+    return (base if h.task == COMPLETION else base / h.task) / checkpoint.name
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -120,10 +139,34 @@ def prepare_output(out: Path, wanted: dict[str, Any], is_main: bool) -> None:
         file.write_text(canonical_json(wanted) + "\n")
 
 
+def task_prompt(tokenizer, task: dict[str, Any], h: HumanEvalConfig, eos_id: int | None) -> list[int]:
+    """A task's prompt ids: the reference's (EOS, then the problem stripped: its trailing newline is for the model
+    to write), or an infill's PSM prompt (prefix kept whole: it ends where the middle starts); quality token first."""
+    from .generate import encode_prompt, infill_prompt
+
+    if "suffix" in task:
+        return infill_prompt(tokenizer, task["prompt"], task["suffix"], eos_id, h.quality)
+    return encode_prompt(tokenizer, task["prompt"].strip(), eos_id, h.quality)
+
+
+def task_stop(h: HumanEvalConfig) -> tuple[str, ...]:
+    """Where a sample ends besides EOS. The reference's stop strings are for completing a function; an infill's
+    middle ends at EOS as trained, and a single-line one at its first newline (its middle is one line, and a small
+    model rarely emits EOS soon enough)."""
+    if h.task == COMPLETION:
+        return tuple(h.stop)
+    return ("\n",) if h.task == "infill-single-line" else ()
+
+
+def finish_text(h: HumanEvalConfig, text: str) -> str:
+    """The completion as scored: a single-line middle gets back the newline its stop string cut off."""
+    return text + "\n" if h.task == "infill-single-line" else text
+
+
 def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems: dict[str, dict], parts: Path,
                      accelerator) -> None:
     """Sample this process's share of the units not yet in parts/, appending each finished unit at once."""
-    from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
+    from .generate import SamplingConfig, load_checkpoint, sample
 
     h = cfg.humaneval
     done = read_parts(parts)
@@ -138,17 +181,16 @@ def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems:
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     with open(parts / f"rank-{accelerator.process_index}.jsonl", "a", encoding="utf-8") as out:
         for unit in tqdm(mine, desc="humaneval: sampling", unit="batch", disable=not accelerator.is_local_main_process):
-            # The reference's prompt: EOS, then the problem stripped (its trailing newline is for the model to write).
-            prompt = encode_prompt(tokenizer, problems[unit.task_id]["prompt"].strip(), eos_id)
+            prompt = task_prompt(tokenizer, problems[unit.task_id], h, eos_id)
             row = {"task_id": unit.task_id, "first": unit.first, "completions": [""] * unit.count}
             room = model.config.n_positions - len(prompt)  # a prompt is never cropped: it would be another problem
             if room < 1:
                 row["skipped"] = f"prompt of {len(prompt)} tokens fills the context ({model.config.n_positions})"
             else:  # the generation gets what room is left, up to max_new_tokens
                 sampling = SamplingConfig(unit.count, min(h.max_new_tokens, room), h.temperature, h.top_k, h.top_p,
-                                          eos_id, tuple(h.stop), unit.seed(h.seed))
+                                          eos_id, task_stop(h), unit.seed(h.seed))
                 with accelerator.autocast():
-                    row["completions"] = [c.text for c in sample(model, [prompt], sampling, decode)[0]]
+                    row["completions"] = [finish_text(h, c.text) for c in sample(model, [prompt], sampling, decode)[0]]
             out.write(json.dumps(row) + "\n")
             out.flush()
 
@@ -195,7 +237,9 @@ def score_samples(problems: dict[str, dict], samples: list[dict[str, Any]], h: H
             return {**row, "passed": False, "result": f"skipped: {row['skipped']}"}
         p = problems[row["task_id"]]
         marker = secrets.token_hex(16)
-        source = check_program(p["prompt"], row["completion"], p["test"], p["entry_point"], marker)
+        # an infill's middle sits between its prefix and suffix; a completion ends the prompt
+        source = check_program(p["prompt"], row["completion"] + p.get("suffix", ""), p["test"], p["entry_point"],
+                               marker)
         r = run_program(source, limits, mechanism, marker)
         reason = r.status if r.status in ("passed", "timed out") else f"{r.status}: {r.detail}"
         return {**row, "passed": r.passed, "result": reason}
@@ -220,31 +264,32 @@ def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h
     seconds = time.perf_counter() - start
     write_jsonl(results, rows)
     n_min = min(sum(1 for r in rows if r["task_id"] == t) for t in {r["task_id"] for r in rows})
-    summary = {**pass_at_k_table(rows, h.ks), "problems": len({r["task_id"] for r in rows}), "samples": len(rows),
+    summary = {**pass_at_k_table(rows, h.ks), "task": h.task, "quality": h.quality,
+               "problems": len({r["task_id"] for r in rows}), "samples": len(rows),
                "samples_per_problem": n_min, "passed": sum(r["passed"] for r in rows),
                "problems_skipped": len({r["task_id"] for r in rows if "skipped" in r}), "sandbox": mechanism,
                "isolated": mechanism != "unsandboxed", "scoring_seconds": round(seconds, 2),
                "programs_per_s": round(len(rows) / max(seconds, 1e-9), 1), **about}
     report.write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("humaneval: %s over %d problems (sandbox %s)",
+    log.info("humaneval %s: %s over %d %s (sandbox %s)", h.task,
              ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@")), summary["problems"],
-             mechanism)
+             "problems" if h.task == COMPLETION else "tasks", mechanism)
     return {**summary, "written": str(report)}
 
 
 def run_humaneval(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """Sample, run and score HumanEval for a `step-N` checkpoint into runs/<run>/humaneval/step-N/."""
+    """Sample, run and score HumanEval (or its infilling tasks) for a `step-N` checkpoint into results_dir."""
     from accelerate import Accelerator
 
     from .runs import resolve_mixed_precision
 
     ckpt = Path(checkpoint)
     h = cfg.humaneval
-    problems = load_problems(h.problems, h.limit)
+    problems = load_tasks(h)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
     if accelerator.is_main_process:  # a machine that cannot score stops before hours of sampling
         sandbox_mechanism(h)
-    out = ckpt.parent / "humaneval" / ckpt.name
+    out = results_dir(h, ckpt)
     prepare_output(out, settings(cfg, str(ckpt)), accelerator.is_main_process)
     accelerator.wait_for_everyone()
     units = work_units(problems, h.n, h.batch_size)
@@ -282,7 +327,7 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
 def run_humaneval_samples(cfg: Config, samples_file: str | Path) -> dict[str, Any]:
     """Score an existing samples file (ours or any tool's); results go beside it."""
     path = Path(samples_file)
-    problems = {p["task_id"]: p for p in load_problems(cfg.humaneval.problems, cfg.humaneval.limit)}
+    problems = {p["task_id"]: p for p in load_tasks(cfg.humaneval)}
     samples = read_samples(path, problems)
     stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
     about = {"samples_file": str(path), "settings": section_dict(cfg, "humaneval")["humaneval"]}
@@ -295,7 +340,7 @@ def run_humaneval_latest(cfg: Config) -> dict[str, Any]:
     from .runs import require_latest_checkpoint
 
     ckpt = require_latest_checkpoint(cfg)
-    report = ckpt.parent / "humaneval" / ckpt.name / "pass_at_k.json"
+    report = results_dir(cfg.humaneval, ckpt) / "pass_at_k.json"
     if report.is_file() and json.loads(report.read_text()).get("settings") == section_dict(cfg, "humaneval")[
             "humaneval"]:
         log.info("humaneval: %s already scored with these settings, skipping", ckpt)

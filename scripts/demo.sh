@@ -2,12 +2,17 @@
 # From a fresh clone to a trained tiny code model on this machine's own Python files:
 # export-local -> prepare -> train-tokenizer -> pretokenize -> sft-data -> train -> evaluate -> humaneval (3 problems)
 # -> sft (instruction tuning on docstring records), then
-# `generate` samples from the trained model. A second run skips finished stages.
+# `generate` samples from the trained model, left to right conditioned on the high quality bucket, then fills in
+# the middle of a function (the demo trains with quality tokens and fill-in-the-middle). A second run skips finished
+# stages.
 # Extra arguments are config overrides, e.g. `bash scripts/demo.sh train.max_steps=50`.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 start=$(date +%s)
 codeparrot pipeline --config configs/tiny.yaml "$@"
-codeparrot generate --config configs/tiny.yaml "$@" --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0.2
+codeparrot generate --config configs/tiny.yaml "$@" --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0.2 \
+  --quality high
+codeparrot generate --config configs/tiny.yaml "$@" --prefix $'def add(a, b):\n    ' --suffix $'\n    return c\n' \
+  --max-new-tokens 16 --temperature 0 --stop '\n'
 echo "demo: finished in $(( $(date +%s) - start )) s; artifacts under work/tiny/ (TensorBoard: tensorboard --logdir work/tiny/runs)"

@@ -90,7 +90,7 @@ def read_all(spec: Any, bad: BadRecords | None = None) -> list[dict[str, Any]]:
     return list(iter_records(list_shards(spec), bad if bad is not None else BadRecords()))
 
 
-def read_tokens(directory: Path, split: str) -> "np.ndarray":
+def read_tokens(directory: Path, split: str) -> "np.ndarray":  # noqa: F821 (numpy imported inside)
     """All token ids of a pretokenized split, its files concatenated in meta.json's order (loads it all)."""
     import numpy as np
 

@@ -270,14 +270,24 @@ def test_choices_are_declared_for_the_closed_string_fields():
         "sft.method": ("full", "lora"),
         "sft.lr_schedule": ("constant", "cosine"),
         "corpus.quality_signal": ("copies", "heuristics", "none"),
+        "generate.quality": ("", "low", "medium", "high"),
+        "humaneval.quality": ("", "low", "medium", "high"),
+        "humaneval.task": ("completion", "infill-single-line", "infill-multi-line"),
+        "eval.quality_bucket": ("", "low", "medium", "high"),
+        "eval.quality_token": ("", "low", "medium", "high"),
     }
 
 
 def test_quality_choices_are_the_buckets_prepare_writes():
     """config.py cannot import corpus/ (upstream imports nothing downstream), so this keeps the two lists equal."""
-    from codeparrot.corpus.quality import QUALITY_SIGNALS
+    from codeparrot.config import QUALITY_CHOICES
+    from codeparrot.corpus.quality import QUALITY_BUCKETS, QUALITY_SIGNALS
 
+    assert QUALITY_CHOICES == ("", *QUALITY_BUCKETS)
     assert CHOICES["corpus.quality_signal"] == QUALITY_SIGNALS
+    from codeparrot.infilling import TASKS
+
+    assert CHOICES["humaneval.task"] == TASKS
 
 
 @pytest.mark.parametrize("dotted", sorted(CHOICES))

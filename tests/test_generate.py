@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from codeparrot.generate import SamplingConfig, filter_logits, sample
+from codeparrot.generate import Infill, SamplingConfig, filter_logits, prompt_ids, sample
 from codeparrot.model import GPT, GPTConfig, KVCache, generate, save_hf
-from codeparrot.tokenizer import train_on
+from codeparrot.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, quality_token, train_on
 
 STDLIB = Path(os.__file__).parent
 EOS = "<|endoftext|>"
@@ -265,3 +265,50 @@ def test_generate_refuses_a_prompt_longer_than_the_context(capsys, checkpoint):
     code, out, err = generate_cli(capsys, checkpoint, "-p", PROMPTS[2] * 20, "--max-new-tokens", "8")
     assert code == 2 and "exceeds the model's context n_positions 64" in err and "Traceback" not in err
     assert out == ""  # nothing was sampled
+
+
+PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return c\n"
+
+
+def test_infill_and_quality_prompts_on_token_ids(tok):
+    """PSM exactly: [EOS, <quality_q>?, <fim_prefix>] prefix [<fim_suffix>] suffix [<fim_middle>]; the literal
+    strings of those tokens in user text stay text."""
+    eos, fp, fs, fm = (tok.token_to_id(t) for t in (EOS, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+    high = tok.token_to_id(quality_token("high"))
+    psm = [fp, *encode(tok, PREFIX), fs, *encode(tok, SUFFIX), fm]
+    assert prompt_ids(tok, Infill(PREFIX, SUFFIX), eos) == [eos, *psm]
+    assert prompt_ids(tok, Infill(PREFIX, SUFFIX), eos, "high") == [eos, high, *psm]
+    assert prompt_ids(tok, PROMPTS[0], eos, "high") == [eos, high, *encode(tok, PROMPTS[0])]
+    literal = prompt_ids(tok, Infill(f"x = '{FIM_MIDDLE}{EOS}'\n", ""), eos)
+    assert literal.count(fm) == 1 and literal.count(eos) == 1 and literal[-1] == fm  # only the ones we put
+
+
+def test_generate_infills_from_the_psm_prompt(capsys, tmp_path, checkpoint, tok, model):
+    """`--prefix/--suffix` samples the middle from exactly the PSM ids; the stream shows prefix, middle, suffix."""
+    eos, fp, fs, fm = (tok.token_to_id(t) for t in (EOS, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+    psm = [eos, fp, *encode(tok, PREFIX), fs, *encode(tok, SUFFIX), fm]
+    [[expected]] = sample(model, [psm], SamplingConfig(max_new_tokens=12, eos_id=eos), decoder(tok))
+    flags = ["--prefix", PREFIX, "--suffix", SUFFIX, "--temperature", "0", "--max-new-tokens", "12"]
+    code, _, _ = generate_cli(capsys, checkpoint, *flags, "-o", str(tmp_path / "out.jsonl"))
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert code == 0 and (row["prefix"], row["suffix"]) == (PREFIX, SUFFIX) and "prompt" not in row
+    assert row["completion"] == expected.text and row["tokens"] == len(expected.tokens) > 0
+    code, out, _ = generate_cli(capsys, checkpoint, *flags)
+    assert code == 0 and out == f"=== prompt 0, sample 0 ===\n{PREFIX}{expected.text}{SUFFIX}\n"
+
+
+def test_generate_quality_prepends_its_token(capsys, tmp_path, checkpoint, tok, model):
+    eos = tok.token_to_id(EOS)
+    ids = [eos, tok.token_to_id(quality_token("low")), *encode(tok, PROMPTS[0])]
+    [[expected]] = sample(model, [ids], SamplingConfig(max_new_tokens=12, eos_id=eos), decoder(tok))
+    code, _, _ = generate_cli(capsys, checkpoint, "-p", PROMPTS[0], "--quality", "low", "--temperature", "0",
+                              "--max-new-tokens", "12", "-o", str(tmp_path / "out.jsonl"))
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert code == 0 and row["completion"] == expected.text
+    code, _, err = generate_cli(capsys, checkpoint, "-p", "x", "--quality", "best")
+    assert code == 2 and "generate.quality" in err and "Traceback" not in err
+
+
+def test_generate_refuses_an_infill_with_a_prompt(capsys, checkpoint):
+    code, out, err = generate_cli(capsys, checkpoint, "-p", "x", "--prefix", PREFIX)
+    assert code == 2 and "mutually exclusive" in err and out == ""

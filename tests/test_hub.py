@@ -5,11 +5,8 @@ Training runs are real `codeparrot train` processes on a tiny model; the server 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 

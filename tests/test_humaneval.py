@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -206,3 +205,25 @@ def test_two_processes_give_the_samples_of_one(tmp_path, checkpoint):
         ["rank-0.jsonl", "rank-1.jsonl"]
     assert read_rows(one.parent / "humaneval" / "step-3" / "samples.jsonl") == \
         read_rows(two.parent / "humaneval" / "step-3" / "samples.jsonl")
+
+
+def test_single_line_infilling_end_to_end(tmp_path, checkpoint):
+    """`humaneval.task=infill-single-line`: one task per masked line, sampled from its PSM prompt, one line each,
+    scored as prefix + middle + suffix; results apart from the completion task's."""
+    problems = write_jsonl(tmp_path / "p.jsonl", SMALL_PROBLEMS)
+    humaneval_cli(checkpoint, problems, "humaneval.task=infill-single-line", "humaneval.limit=2",
+                  "humaneval.quality=high")
+    out = checkpoint.parent / "humaneval" / "infill-single-line" / checkpoint.name
+    samples = read_rows(out / "samples.jsonl")
+    assert [s["task_id"] for s in samples] == ["SingleLineInfilling/Small/0/L0"] * 4 + \
+        ["SingleLineInfilling/Small/1/L0"] * 4
+    assert all(s["completion"].count("\n") == 1 and s["completion"].endswith("\n") for s in samples)
+    results = read_rows(out / "results.jsonl")
+    assert [r["completion"] for r in results] == [s["completion"] for s in samples]
+    assert all(isinstance(r["passed"], bool) and r["result"] for r in results)
+    report = json.loads((out / "pass_at_k.json").read_text())
+    assert (report["task"], report["quality"], report["samples"], report["problems"]) == \
+        ("infill-single-line", "high", 8, 2)
+    assert not (checkpoint.parent / "humaneval" / checkpoint.name / "samples.jsonl").exists() or \
+        read_rows(checkpoint.parent / "humaneval" / checkpoint.name / "samples.jsonl")[0]["task_id"] == "Small/0"
+    shutil.rmtree(checkpoint.parent / "humaneval")

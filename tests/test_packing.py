@@ -212,6 +212,21 @@ def test_another_epoch_draws_other_cuts(shards, tokenizer, eos, docs, fim):
     assert split_documents(transformed_stream(tokenizer, eos, docs, fim, seed=3, epoch=1), eos) == b
 
 
+@pytest.mark.parametrize("num_consumers", [1, 6])  # whole files, and record striding
+def test_one_buckets_documents_under_another_buckets_token(shards, tokenizer, eos, docs, num_consumers):
+    """eval.quality_bucket / eval.quality_token: only the high documents, each led by <quality_low>."""
+    high, low = QUALITY_BUCKETS.index("high"), QUALITY_BUCKETS.index("low")
+    t = Transforms(SpecialIds.from_tokenizer(tokenizer), quality_tokens=True)
+    read = []
+    for c in range(num_consumers):
+        ds = make(shards, tokenizer, eos, transforms=t, only_quality=high, condition_on=low)
+        read += split_documents(ds._encode(list(ds._read(_Cursor(), c, num_consumers, BadRecords(), False))), eos)
+    wanted = [i for i in range(len(docs)) if bucket_of(i) == high]
+    assert len(read) == len(wanted) == 10
+    assert sorted(tokenizer.decode(list(d[1:])) for d in read) == sorted(docs[i] for i in wanted)
+    assert {d[0] for d in read} == {t.ids.quality[low]}
+
+
 def test_shuffle_permutes_deterministically(shards, tokenizer, eos):
     plain = [tuple(b.tolist()) for b in make(shards, tokenizer, eos)]
     shuffled = [tuple(b.tolist()) for b in make(shards, tokenizer, eos, shuffle=True, seed=3)]

@@ -1,7 +1,6 @@
 """The prepare stage: exact + near dedup, repo-level split, columns, manifest/report, parallelism, skipping, staging."""
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
@@ -16,7 +15,7 @@ from codeparrot.corpus.filters import FilterSettings, QualityFilter, Signals, co
 from codeparrot.corpus.prepare import is_valid_repo, run_prepare
 from codeparrot.corpus.quality import QUALITY_BUCKETS, QualityRule, copies_bucket, parse_copies
 from codeparrot.corpus.report import CLUSTERS_FILE, LENGTHS_PLOT, format_report
-from codeparrot.corpus.source import RAW_FIELDS, BadRecords, TooManyBadRecords, list_shards
+from codeparrot.corpus.source import RAW_FIELDS, TooManyBadRecords, list_shards
 
 from conftest import STDLIB, read_all, write_jsonl
 

@@ -77,7 +77,8 @@ class ConstantLengthDataset(IterableDataset):
     buffers or (in infinite mode) between epochs. At the end of a finite epoch the final partial
     block is dropped. With `shuffle`, the blocks of each buffer are permuted deterministically. With `transforms`
     (data/transforms.py), each document gets its quality token and, at `fim_rate`, its FIM form, cut at character
-    level and drawn from (seed, epoch, file index, line).
+    level and drawn from (seed, epoch, file index, line). `only_quality` keeps the documents of one bucket, and
+    `condition_on` gives every document that bucket's token instead of its own (for evaluation).
 
     Each consumer c = rank * num_workers + worker_id of C = world_size * num_workers reads whole files
     `files[c::C]` when there are at least C files, else every C-th record of all files. One dataset
@@ -87,7 +88,8 @@ class ConstantLengthDataset(IterableDataset):
     def __init__(self, files: list[Path], tokenizer: tokenizers.Tokenizer, seq_length: int, eos_token_id: int,
                  chars_per_token: float = 3.6, num_of_sequences: int = 256, infinite: bool = False,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 max_bad_ratio: float = 1.0, transforms: Transforms | None = None):
+                 max_bad_ratio: float = 1.0, transforms: Transforms | None = None,
+                 only_quality: int | None = None, condition_on: int | None = None):
         if not files:
             raise ValueError("ConstantLengthDataset needs at least one shard file")
         if seq_length < 1 or num_of_sequences < 1:
@@ -106,6 +108,9 @@ class ConstantLengthDataset(IterableDataset):
         self.world_size = world_size
         self.max_bad_ratio = max_bad_ratio
         self.transforms = transforms if transforms is not None and transforms.active else None
+        # The conditioning measurement (eval.quality_bucket / eval.quality_token): only one bucket's documents, and
+        # every document's quality token replaced by `condition_on`'s.
+        self.only_quality, self.condition_on = only_quality, condition_on
         self.epoch = 0
         self.bad = BadRecords(max_ratio=max_bad_ratio)  # counts of the current (or last) iteration
         self._pending: dict[str, Any] | None = None  # loaded state, applied when iteration starts
@@ -149,8 +154,11 @@ class ConstantLengthDataset(IterableDataset):
                     if striding and index % num_consumers != consumer:
                         continue
                     got_any = True
-                    yield Document(record["content"], bucket_index(record.get("quality")), cursor.epoch, file,
-                                   line_no)
+                    quality = bucket_index(record.get("quality"))
+                    if self.only_quality is not None and quality != self.only_quality:
+                        continue  # after the cursor moved and the striding chose: the shares stay those of all
+                    yield Document(record["content"], quality if self.condition_on is None else self.condition_on,
+                                   cursor.epoch, file, line_no)
                 cursor.file_index, cursor.line = cursor.file_index + 1, 0
             if not infinite:
                 return
