@@ -13,6 +13,6 @@ start=$(date +%s)
 codeparrot pipeline --config configs/tiny.yaml "$@"
 codeparrot generate --config configs/tiny.yaml "$@" --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0.2 \
   --quality high
-codeparrot generate --config configs/tiny.yaml "$@" --prefix $'def add(a, b):\n    ' --suffix $'\n    return c\n' \
+codeparrot generate --config configs/tiny.yaml "$@" --prefix $'def add(a, b):\n    c = ' --suffix $'\n    return c\n' \
   --max-new-tokens 16 --temperature 0 --stop '\n'
 echo "demo: finished in $(( $(date +%s) - start )) s; artifacts under work/tiny/ (TensorBoard: tensorboard --logdir work/tiny/runs)"
