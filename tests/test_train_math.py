@@ -229,6 +229,7 @@ def _expected_lr(step_index: int, max_steps: int, min_ratio: float = 0.0) -> flo
     return LR * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@pytest.mark.slow  # 9 s of training runs: the fast lane stays under 3 minutes
 def test_lr_follows_the_schedule_in_force_also_after_a_resume_that_extends_max_steps(workdir):
     """Steps 1..6 of a max_steps=6 run, then 7..12 resumed with max_steps=12: each logged train/lr is the lr of
     its step under the schedule its process ran with (steps 7..12: the cosine of max_steps=12), and the first
@@ -250,6 +251,7 @@ def test_lr_follows_the_schedule_in_force_also_after_a_resume_that_extends_max_s
 
 # --- 4. exact resume with dropout ------------------------------------------------------------------
 
+@pytest.mark.slow  # 9 s of training runs: the fast lane stays under 3 minutes
 def test_resume_with_dropout_reproduces_the_uninterrupted_losses(workdir):
     """model.dropout=0.1: a run resumed from step 3 (after the eval and save there) logs the losses of steps 4..6
     that the uninterrupted run logged; the dropout masks depend on the RNG state, so it must be restored."""
