@@ -12,11 +12,10 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .config import Config
-from .corpus.quality import QUALITY_BUCKETS
+from .data.transforms import SpecialIds
 from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
 from .model import batch_inputs, count_targets, model_device
 from .runs import require_latest_checkpoint, resolve_mixed_precision
-from .tokenizer import quality_token
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def quality_ids(cfg: Config, tokenizer) -> list[int]:
     under a token, not of guessing the token, which a forced wrong one would make dearer."""
     if not (cfg.eval.quality_bucket or cfg.eval.quality_token):
         return []
-    return [i for i in (tokenizer.token_to_id(quality_token(b)) for b in QUALITY_BUCKETS) if i is not None]
+    return list(SpecialIds.from_tokenizer(tokenizer).quality)
 
 
 def eval_suffix(cfg: Config) -> str:

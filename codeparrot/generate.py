@@ -13,7 +13,9 @@ import torch
 from .artifacts import CheckpointError
 from .config import Config
 from .model import GPT, KVCache, load_hf, model_device
-from .tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, quality_token, text_encoder
+from .corpus.quality import QUALITY_BUCKETS
+from .data.transforms import SpecialIds
+from .tokenizer import text_encoder
 
 
 @dataclass
@@ -205,16 +207,6 @@ class Infill:
 Prompt = Union[str, Infill]  # a left-to-right prompt, or an infill
 
 
-def special_id(tokenizer, token: str) -> int:
-    """The id of a reserved token (tokenizer.py); a tokenizer trained before it was reserved is refused."""
-    found = tokenizer.token_to_id(token)
-    if found is None:
-        raise ValueError(f"this checkpoint's tokenizer has no {token} token: it was trained before the FIM and "
-                         "quality tokens were reserved. Retrain the tokenizer (`codeparrot train-tokenizer`), then "
-                         "the model on it (with data.fim_rate / data.quality_tokens) to infill or condition on quality")
-    return found
-
-
 def text_ids(tokenizer, text: str) -> list[int]:
     """The text's tokens, special strings as text: a literal "<|endoftext|>" or "<fim_middle>" stays text."""
     return text_encoder(tokenizer).encode(text, add_special_tokens=False).ids
@@ -223,7 +215,11 @@ def text_ids(tokenizer, text: str) -> list[int]:
 def condition_ids(tokenizer, eos_id: Optional[int], quality: str = "") -> list[int]:
     """What starts every prompt: EOS (training puts it before every document), then the quality token if asked."""
     head = [eos_id] if eos_id is not None else []
-    return head + ([special_id(tokenizer, quality_token(quality))] if quality else [])
+    if not quality:
+        return head
+    if quality not in QUALITY_BUCKETS:
+        raise ValueError(f"unknown quality bucket {quality!r}; one of: {', '.join(QUALITY_BUCKETS)}")
+    return head + [SpecialIds.from_tokenizer(tokenizer).quality[QUALITY_BUCKETS.index(quality)]]
 
 
 def encode_prompt(tokenizer, text: str, eos_id: Optional[int], quality: str = "") -> list[int]:
@@ -234,9 +230,9 @@ def encode_prompt(tokenizer, text: str, eos_id: Optional[int], quality: str = ""
 def infill_prompt(tokenizer, prefix: str, suffix: str, eos_id: Optional[int], quality: str = "") -> list[int]:
     """The PSM prompt, as training writes a FIM document up to its middle: [EOS, <quality_q> if asked,
     <fim_prefix>] + prefix + [<fim_suffix>] + suffix + [<fim_middle>]; the model then writes the middle and EOS."""
-    fim_prefix, fim_suffix, fim_middle = (special_id(tokenizer, t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
-    return (condition_ids(tokenizer, eos_id, quality) + [fim_prefix] + text_ids(tokenizer, prefix) + [fim_suffix]
-            + text_ids(tokenizer, suffix) + [fim_middle])
+    ids = SpecialIds.from_tokenizer(tokenizer)  # a tokenizer trained before they were reserved is refused
+    return (condition_ids(tokenizer, eos_id, quality) + [ids.prefix] + text_ids(tokenizer, prefix) + [ids.suffix]
+            + text_ids(tokenizer, suffix) + [ids.middle])
 
 
 def prompt_ids(tokenizer, prompt: Prompt, eos_id: Optional[int], quality: str = "") -> list[int]:

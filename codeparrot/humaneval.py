@@ -142,11 +142,10 @@ def prepare_output(out: Path, wanted: dict[str, Any], is_main: bool) -> None:
 def task_prompt(tokenizer, task: dict[str, Any], h: HumanEvalConfig, eos_id: int | None) -> list[int]:
     """A task's prompt ids: the reference's (EOS, then the problem stripped: its trailing newline is for the model
     to write), or an infill's PSM prompt (prefix kept whole: it ends where the middle starts); quality token first."""
-    from .generate import encode_prompt, infill_prompt
+    from .generate import Infill, prompt_ids
 
-    if "suffix" in task:
-        return infill_prompt(tokenizer, task["prompt"], task["suffix"], eos_id, h.quality)
-    return encode_prompt(tokenizer, task["prompt"].strip(), eos_id, h.quality)
+    prompt = Infill(task["prompt"], task["suffix"]) if "suffix" in task else task["prompt"].strip()
+    return prompt_ids(tokenizer, prompt, eos_id, h.quality)
 
 
 def task_stop(h: HumanEvalConfig) -> tuple[str, ...]:
