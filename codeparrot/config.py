@@ -67,8 +67,9 @@ class CorpusConfig:
     local_max_files: int = setting(0, "cap on files exported from the local installation; 0 = all")
     export_shard_records: int = setting(2000, "records per export shard")
     output_shard_records: int = setting(5000, "records per cleaned shard")
-    output_compresslevel: int = setting(1, "gzip level of the cleaned shards: 1 compresses ~4x faster than 6 for "
-                                           "~15% larger files (every gzip reader takes any level)")
+    output_compresslevel: int = setting(1, "gzip level of the cleaned shards: 0-3 are written by ISA-L's igzip "
+                                           "(level 1: ~14x faster than zlib's 6 for ~20% larger files), 4-9 by "
+                                           "zlib; every gzip reader takes any level")
     max_bad_ratio: float = setting(0.05, "stop when more than this fraction of records is bad")
     valid_fraction: float = setting(0.02, "fraction of repositories held out for validation")
     split_seed: int = setting(1, "salt of the stable repo hash that decides the split")
@@ -117,10 +118,15 @@ class CorpusConfig:
                                                "signal (above min_assignments: ~14% of the kept stdlib files)")
     # Near-deduplication: MinHash + LSH over the survivors.
     near_dedup: bool = setting(True, "drop near-duplicates (MinHash + LSH); the first file of each cluster is kept")
-    minhash_num_perm: int = setting(256, "permutations per MinHash signature: more is a finer estimate, slower")
+    minhash_num_perm: int = setting(256, "entries per MinHash signature: more is a finer estimate, slower")
+    minhash_scheme: str = setting("oph", "oph = one permutation hashing, densified (O(shingles) per file); "
+                                         "permutations = classic MinHash, one hash function per entry (4x slower "
+                                         "scan, the same accuracy)", choices=("oph", "permutations"))
     minhash_threshold: float = setting(0.85, "estimated Jaccard similarity at which files count as near-duplicates")
     minhash_ngram: int = setting(1, "1 = sets of alphanumeric tokens (CodeParrot); 5 = token 5-grams (BigCode)")
     minhash_seed: int = setting(1, "seed of the MinHash permutations")
+    bucket_tasks_per_band: int = setting(1, "prepare's buckets tasks per LSH band, each a key range: one holds "
+                                            "~30 B per candidate of its range (raise it past ~10^8 files)")
     # Decontamination: whitespace-insensitive search for benchmark prompts and canonical solutions.
     decontaminate: list[str] = setting([], 'drop files containing a benchmark prompt or solution: "humaneval" '
                                            "and/or benchmark .jsonl(.gz) paths")

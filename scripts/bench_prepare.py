@@ -5,23 +5,31 @@
 
 The first --max-mb of content is copied into fresh shards (untimed), one set used by every contender:
   read       iter_shard alone (gzip + JSON), the floor under every contender;
-  ours 1p    MinHasher signatures shard by shard (as prepare's scan workers compute them), then
-             near_duplicate_clusters (numpy LSH banding, verification, array union-find);
+  ours 1p    MinHasher signatures shard by shard (as prepare's scan workers compute them; densified one
+             permutation hashing, and the classic permutations), then near_duplicate_clusters (numpy LSH banding,
+             verification, array union-find);
   ours Np    the same with the shards spread over os.cpu_count() worker processes (codeparrot.procs.WorkerPool);
   reference  per file: datasketch MinHash(num_perm=256), m.update(token.encode()) per distinct CodeParrot token,
              MinHashLSH(threshold=0.85, num_perm=256).insert.
-Goal: ours per core >= 3x the reference per core. The whole prepare stage is also timed per core on datatrove's
-local executor (1 and all workers) and on the worker pool it replaced (corpus.executor=pool), with datatrove's
-overhead and a resume after a failed write task (issue 13's goal: the stage per core >= 2x the datasketch reference
-per core and >= 2x the pool's). Memory: near_duplicate_clusters' tracemalloc peak per file
+Goal: ours per core >= 3x the reference per core. Then both schemes' Jaccard error on real pairs.
+
+The whole `codeparrot prepare` command is timed per core (1 and all workers, interpreter start to report): this
+tree on datatrove's local executor, on the worker pool (corpus.executor=pool) and with the classic scheme, and the
+stage as it was before issue 13 (a git worktree of --before, run with its own modules). Issue 13's goal: this tree
+per core >= 2x the datasketch reference per core and >= 2x the stage before. Then datatrove's overhead (local against
+pool, in-process) and a resume after a failed write task. Memory: near_duplicate_clusters' tracemalloc peak per file
 (numpy buffers included; ~100 B, was ~4.2 KB with a dict-based index).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codeparrot.corpus.dedup import MinHasher, duplicates_to_drop, near_duplicate_clusters
+from codeparrot.corpus.dedup import duplicates_to_drop, exact_jaccard, near_duplicate_clusters
+from codeparrot.corpus.minhash import MinHasher, shingles
 from codeparrot.corpus.source import BadRecords, ShardWriter, iter_shard, list_shards, utf8_len
 from codeparrot.procs import WorkerPool
 
@@ -61,17 +70,18 @@ def time_read(shards: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def shard_signatures(path: Path) -> np.ndarray:
+def shard_signatures(path: Path, scheme: str = "oph") -> np.ndarray:
     """[n, NUM_PERM] uint32 signatures of one shard's good records (token shingles, seed 1, as prepare's default)."""
     contents = [record["content"] for _, record in iter_shard(path, BadRecords())]
-    return MinHasher(NUM_PERM, 1, 1).signatures(contents)
+    return MinHasher(NUM_PERM, 1, 1, scheme).signatures(contents)
 
 
-def time_ours(shards: list[Path], num_proc: int) -> tuple[float, float, np.ndarray, list[list[int]]]:
+def time_ours(shards: list[Path], num_proc: int, scheme: str = "oph"
+              ) -> tuple[float, float, np.ndarray, list[list[int]]]:
     """(signature seconds incl. reading and the workers' start, LSH seconds, signatures, clusters)."""
     start = time.perf_counter()
     with WorkerPool(num_proc) as pool:
-        signatures = np.concatenate(list(pool.map(shard_signatures, shards)))
+        signatures = np.concatenate(list(pool.map(functools.partial(shard_signatures, scheme=scheme), shards)))
     mid = time.perf_counter()
     clusters = near_duplicate_clusters(signatures, THRESHOLD)
     return mid - start, time.perf_counter() - mid, signatures, clusters
@@ -126,38 +136,106 @@ def time_prepare(shard_dir: Path, work: Path, num_proc: int, executor: str = "lo
     return result
 
 
-def stage_table(shard_dir: Path, tmp: Path, mb: float, cores: int, ref_per_core: float) -> None:
-    """The whole stage per core: datatrove's local executor with 1 and N workers, and the worker pool (today's)."""
-    before = ("corpus.output_compresslevel=6", "corpus.executor=pool")  # the stage as it was before issue 13
-    runs = [("local executor (datatrove)", "local", 1, ()), ("local executor (datatrove)", "local", cores, ()),
-            ("pool, same settings", "pool", 1, ()), ("pool, same settings", "pool", cores, ()),
-            ("before: pool, gzip level 6", "pool", 1, before), ("before: pool, gzip level 6", "pool", cores, before)]
-    results = {}
-    print(f"\n{'whole stage':34}{'workers':>8}{'seconds':>9}{'MB/s':>8}{'MB/s/core':>11}{'x before/core':>15}"
-          f"{'x datasketch/core':>19}")
-    for name, executor, n, more in runs:
-        results[name, n] = r = time_prepare(shard_dir, tmp / f"work-{len(results)}", n, executor, more=more)
-        r["per_core"] = mb / r["wall_seconds"] / n
-    base = results["before: pool, gzip level 6", 1]["per_core"]
-    for name, executor, n, more in runs:
-        r = results[name, n]
-        print(f"{name:34}{n:8}{r['wall_seconds']:9.2f}{mb / r['wall_seconds']:8.2f}{r['per_core']:11.2f}"
-              f"{r['per_core'] / base:15.2f}{r['per_core'] / ref_per_core:19.2f}")
-    results.update({("local", n): results["local executor (datatrove)", n] for n in (1, cores)})
-    results.update({("pool", n): results["pool, same settings", n] for n in (1, cores)})
+BEFORE = "b1d7520"  # the last commit before issue 13: prepare as the worker pool it was ("today's" in the issue)
+
+
+def before_checkout(ref: str, tmp: Path) -> Path | None:
+    """A checkout of `ref` (git worktree) to time the stage as it was; None without git history."""
+    root = Path(__file__).resolve().parents[1]
+    where = tmp / f"before-{ref}"
+    done = subprocess.run(["git", "-C", str(root), "worktree", "add", "-f", "--detach", str(where), ref],
+                          capture_output=True, text=True)
+    return where if done.returncode == 0 else None
+
+
+def time_command(code: Path, shard_dir: Path, work: Path, num_proc: int, *more: str) -> tuple[float, str]:
+    """Wall seconds of `python -m codeparrot prepare` from the checkout `code` (its own modules), and clean/'s
+    content digest: interpreter start, imports, the report and its plot included, as a user runs it."""
+    cmd = [sys.executable, "-m", "codeparrot", "prepare", f"paths.workdir={work}", f"paths.raw={shard_dir}",
+           f"corpus.num_proc={num_proc}", *more]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return seconds, clean_digest(work / "clean")
+
+
+def clean_digest(clean: Path) -> str:
+    """What the records of clean/ say, whatever the JSON spacing or gzip level: sorted decoded records per split."""
+    h = hashlib.sha256()
+    for split in ("train", "valid"):
+        rows = sorted(json.dumps(r, sort_keys=True) for f in list_shards(clean / split)
+                      for _, r in iter_shard(f, BadRecords()))
+        h.update(f"{split}:{len(rows)}\n".encode() + "\n".join(rows).encode())
+    return h.hexdigest()[:12]
+
+
+def stage_table(shard_dir: Path, tmp: Path, mb: float, cores: int, ref_per_core: float, before: str) -> None:
+    """The whole command per core: this tree on datatrove's local executor and on the worker pool, and the stage as
+    it was before issue 13 (git `before`), 1 and N workers each, on the same files."""
+    here = Path(__file__).resolve().parents[1]
+    old = before_checkout(before, tmp)
+    runs = [("this tree, local executor", here, n, ()) for n in (1, cores)]
+    runs += [("this tree, pool executor", here, n, ("corpus.executor=pool",)) for n in (1, cores)]
+    runs += [("this tree, classic permutations", here, n, ("corpus.minhash_scheme=permutations",)) for n in (1,)]
+    if old is not None:
+        runs += [(f"before issue 13 (git {before})", old, n, ()) for n in (1, cores)]
+    else:
+        print(f"(no git checkout of {before}: the before-issue-13 rows are left out)")
+    times = {}
+    for name, code, n, more in runs:
+        times[name, n] = time_command(code, shard_dir, tmp / f"cmd-{len(times)}", n, *more)
+    base = {n: times[f"before issue 13 (git {before})", n][0] for n in (1, cores)} if old is not None else None
+    print(f"\n{'the whole command':36}{'workers':>8}{'seconds':>9}{'MB/s/core':>11}{'x before/core':>15}"
+          f"{'x datasketch/core':>19}{'clean/ digest':>15}")
+    for name, code, n, more in runs:
+        seconds, digest = times[name, n]
+        ratio = f"{base[n] / seconds:15.2f}" if base else f"{'':>15}"
+        print(f"{name:36}{n:8}{seconds:9.2f}{mb / seconds / n:11.2f}{ratio}{mb / seconds / n / ref_per_core:19.2f}"
+              f"{digest:>15}")
+    if old is not None:
+        subprocess.run(["git", "-C", str(here), "worktree", "remove", "--force", str(old)], capture_output=True)
+    print("(equal digests: the same records; the classic scheme and the old code may keep other near-duplicates)")
+
+
+def overhead_and_resume(shard_dir: Path, tmp: Path, cores: int) -> None:
+    """datatrove's overhead (local executor against the pool, in-process), then a resume after a failed write."""
     for n in (1, cores):
-        local, pool = results["local", n]["wall_seconds"], results["pool", n]["wall_seconds"]
-        phases = ", ".join(f"{k} {v.get('seconds')} s" for k, v in results["local", n]["phases"].items())
-        print(f"datatrove's overhead at {n} worker(s): {local - pool:+.2f} s = {100 * (local - pool) / local:.0f}% "
-              f"of the stage (local {local:.2f} s against pool {pool:.2f} s; local phases: {phases})")
-    # resume: the last write task fails; the rerun redoes only it
+        local = time_prepare(shard_dir, tmp / f"work-local-{n}", n, "local")
+        pool = time_prepare(shard_dir, tmp / f"work-pool-{n}", n, "pool")
+        gap = local["wall_seconds"] - pool["wall_seconds"]
+        phases = ", ".join(f"{k} {v.get('seconds')} s" for k, v in local["phases"].items())
+        print(f"datatrove's overhead at {n} worker(s): {gap:+.2f} s = {100 * gap / local['wall_seconds']:.0f}% of "
+              f"the stage (local {local['wall_seconds']:.2f} s against pool {pool['wall_seconds']:.2f} s; local "
+              f"phases: {phases})")
     work = tmp / "work-resume"
     failed = time_prepare(shard_dir, work, cores, "local", fail=f"write-{len(list_shards(shard_dir)) - 1}")
     rerun = time_prepare(shard_dir, work, cores, "local")
-    full = results["local", cores]["wall_seconds"]
+    full = time_prepare(shard_dir, tmp / "work-full", cores, "local")["wall_seconds"]
     print(f"resume: a failed write task ({failed['wall_seconds']:.2f} s until it failed), then the rerun of the "
           f"unfinished tasks took {rerun['wall_seconds']:.2f} s against {full:.2f} s for a full run: "
           f"{full - rerun['wall_seconds']:.2f} s saved")
+
+
+def jaccard_errors(contents: list[str], pairs: int = 400) -> str:
+    """RMSE of the estimated against the exact Jaccard similarity for both schemes, on pairs (file, the file less a
+    random share of its distinct tokens), one of them below 150 shingles for half the pairs."""
+    rng = np.random.default_rng(0)
+    files = [c for c in contents if len(shingles(c)) >= 10][:pairs]
+    variants, exact = [], []
+    for content in files:
+        tokens = sorted(shingles(content))
+        gone = set(rng.choice(tokens, size=int(len(tokens) * rng.uniform(0.0, 0.5)), replace=False).tolist())
+        variants.append(re.sub(r"[A-Za-z_0-9]+", lambda m: "" if m.group() in gone else m.group(), content))
+        exact.append(exact_jaccard(shingles(content), shingles(variants[-1])))
+    out = []
+    for scheme in ("oph", "permutations"):
+        hasher = MinHasher(NUM_PERM, 1, 1, scheme)
+        estimate = (hasher.signatures(files) == hasher.signatures(variants)).mean(axis=1)
+        out.append(f"{scheme} {np.sqrt(np.mean((estimate - np.array(exact)) ** 2)):.4f}")
+    return f"Jaccard estimate RMSE over {len(files)} real pairs (J 0.5-1): " + ", ".join(out)
 
 
 def main() -> int:
@@ -165,6 +243,7 @@ def main() -> int:
     p.add_argument("--raw", default="work/tiny/raw", help="a directory of export shards")
     p.add_argument("--max-mb", type=float, default=40.0, help="MB of file content to benchmark on")
     p.add_argument("--no-prepare", action="store_true", help="skip timing the whole prepare stage")
+    p.add_argument("--before", default=BEFORE, help="git commit of the stage as it was, timed as the baseline")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cores = os.cpu_count() or 1
@@ -181,6 +260,7 @@ def main() -> int:
         read_s = time_read(shards)
         sig1, lsh1, signatures, clusters = time_ours(shards, 1)
         sigN, lshN, signatures_n, _ = time_ours(shards, cores)
+        sigP, lshP, _, _ = time_ours(shards, 1, "permutations")
         assert np.array_equal(signatures, signatures_n), "signatures differ between 1 and N processes"
         ref_s = time_reference(shards)
         print("load average after:  %.2f %.2f %.2f" % os.getloadavg())
@@ -188,6 +268,7 @@ def main() -> int:
         rows = [("read only (gzip+JSON)", read_s, 1),
                 ("ours, 1 process", sig1 + lsh1, 1),
                 (f"ours, {cores} processes", sigN + lshN, cores),
+                ("ours, classic permutations, 1 proc.", sigP + lshP, 1),
                 ("reference datasketch, 1 process", ref_s, 1)]
         ref_per_core = mb / ref_s
         print(f"\n{'':34}{'seconds':>9}{'MB/s':>9}{'MB/s/core':>11}{'x ref/core':>12}")
@@ -206,8 +287,10 @@ def main() -> int:
         print(f"near_duplicate_clusters memory (numpy, tracemalloc peak): {per_file:.0f} bytes/file = "
               f"{per_file * 1e6 / 1e9:.3f} GB per million files (signatures, 1024 B/file, not included)")
 
+        print(jaccard_errors([r["content"] for f in shards[:1] for _, r in iter_shard(f, BadRecords())]))
         if not args.no_prepare:
-            stage_table(shard_dir, Path(tmp), mb, cores, ref_per_core)
+            stage_table(shard_dir, Path(tmp), mb, cores, ref_per_core, args.before)
+            overhead_and_resume(shard_dir, Path(tmp), cores)
     return 0
 
 

@@ -270,6 +270,7 @@ def test_choices_are_declared_for_the_closed_string_fields():
         "sft.method": ("full", "lora"),
         "sft.lr_schedule": ("constant", "cosine"),
         "corpus.quality_signal": ("copies", "heuristics", "none"),
+        "corpus.minhash_scheme": ("oph", "permutations"),
         "generate.quality": ("", "low", "medium", "high"),
         "humaneval.quality": ("", "low", "medium", "high"),
         "humaneval.task": ("completion", "infill-single-line", "infill-multi-line"),
@@ -288,6 +289,9 @@ def test_quality_choices_are_the_buckets_prepare_writes():
     from codeparrot.infilling import TASKS
 
     assert CHOICES["humaneval.task"] == TASKS
+    from codeparrot.corpus.minhash import SCHEMES
+
+    assert CHOICES["corpus.minhash_scheme"] == SCHEMES
 
 
 @pytest.mark.parametrize("dotted", sorted(CHOICES))

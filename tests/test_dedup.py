@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from codeparrot.config import load_config
-from codeparrot.corpus.dedup import (LSHBands, MinHasher, duplicates_to_drop, estimated_jaccard, exact_jaccard,
-                                     lsh_params, near_duplicate_clusters, shingles)
+from codeparrot.corpus.dedup import (LSHBands, duplicates_to_drop, estimated_jaccard, exact_jaccard, lsh_params,
+                                     near_duplicate_clusters)
+from codeparrot.corpus.minhash import SCHEMES, MinHasher, _shingle_bytes, shingle_hash, shingles
 from codeparrot.corpus.filters import FilterSettings
 from codeparrot.corpus.shards import KEEP, Settings, init_worker, scan_shard
 from codeparrot.procs import WorkerPool
@@ -66,18 +67,54 @@ def test_shingles_are_codeparrot_tokens_and_bigcode_ngrams(pool):
     assert shingles(odd) == {"h", "llo", "w", "rld_2", "x"} == set(reference_tokens(odd))
 
 
-def test_signatures_are_deterministic_and_batch_independent(pool):
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_signatures_are_deterministic_and_batch_independent(pool, scheme):
     contents = [pool[1], "", "\n".join(pool[5:15]), "  ", pool[3][:200], pool[4]]  # empties; a file over many blocks
-    one, two = MinHasher(seed=1), MinHasher(seed=1)
+    one, two = MinHasher(seed=1, scheme=scheme), MinHasher(seed=1, scheme=scheme)
     batch = one.signatures(contents)
     assert batch.shape == (6, 256) and batch.dtype == np.uint32
     assert np.array_equal(batch, two.signatures(contents))
     assert np.array_equal(batch, np.stack([two.signature(c) for c in contents]))  # block boundaries don't matter
     assert (batch[1] == 0xFFFFFFFF).all() and (batch[3] == 0xFFFFFFFF).all()  # empty -> fixed all-max signature
     assert (batch[0] != 0xFFFFFFFF).all() and len(shingles(contents[2])) > 4 * 256
-    assert np.mean(MinHasher(seed=2).signature(pool[1]) == batch[0]) < 0.05  # another seed, other permutations
-    assert np.array_equal(MinHasher(num_perm=64).signature(pool[1]), batch[0][:64])  # permutations are a prefix
-    assert MinHasher(num_perm=64, ngram=5).signature(pool[1]).shape == (64,)
+    assert np.mean(MinHasher(seed=2, scheme=scheme).signature(pool[1]) == batch[0]) < 0.05  # another seed
+    if scheme == "permutations":  # permutations are a prefix
+        assert np.array_equal(MinHasher(num_perm=64, scheme=scheme).signature(pool[1]), batch[0][:64])
+    assert MinHasher(num_perm=64, ngram=5, scheme=scheme).signature(pool[1]).shape == (64,)
+
+
+def test_base_hashes_are_the_plain_shingle_hash(pool):
+    contents = [pool[2], "", pool[6], "x" * 3000 + " y", "héllo wörld_2 \ud800x"]  # a 3000-byte token
+    for ngram in (1, 5):
+        hashes, counts = MinHasher(ngram=ngram).base_hashes(contents)
+        plain = [shingle_hash(s) for c in contents for s in _shingle_bytes(c, ngram)]
+        assert counts.tolist() == [len(_shingle_bytes(c, ngram)) for c in contents]
+        assert hashes.dtype == np.uint32 and hashes.tolist() == plain
+    assert len({shingle_hash(s) for s in _shingle_bytes(pool[6])}) == len(_shingle_bytes(pool[6]))  # no collision
+
+
+def test_one_permutation_signature_is_bin_minima_then_probed(pool):
+    """The vectorised OPH signature against the definition, written plainly for one file at a time."""
+    hasher = MinHasher(num_perm=64, seed=3)
+    a, b, mask = int(hasher.a[0]), int(hasher.b[0]), (1 << 64) - 1
+    files = [pool[7], "def f(x): return x", "one", "a b c d e f g h"]  # dense, and files of 1-8 shingles
+    for content, got in zip(files, hasher.signatures(files)):
+        bins: dict[int, int] = {}
+        for s in _shingle_bytes(content):
+            z = (shingle_hash(s) * a + b) & mask
+            z ^= z >> 33
+            z = z * 0xFF51AFD7ED558CCD & mask
+            z ^= z >> 33
+            z = z * 0xC4CEB9FE1A85EC53 & mask
+            z ^= z >> 33
+            j = ((z >> 32) * 64) >> 32
+            bins[j] = min(bins.get(j, 1 << 32), z & 0xFFFFFFFF)
+        want = []
+        for j in range(64):
+            probed = [int(k) for k in hasher.probes[:, j] if int(k) in bins]
+            nxt = next(k % 64 for k in range(j + 1, j + 65) if k % 64 in bins)
+            want.append(bins[j] if j in bins else bins[probed[0] if probed else nxt])
+        assert got.tolist() == want
 
 
 def test_signatures_match_across_processes(tmp_path, pool):
@@ -100,8 +137,9 @@ def test_signatures_match_across_processes(tmp_path, pool):
         assert np.array_equal(np.concatenate([s.signatures for s in scans]), in_process)
 
 
-def test_estimated_jaccard_tracks_exact_jaccard(pool):
-    hasher = MinHasher()
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_estimated_jaccard_tracks_exact_jaccard(pool, scheme):
+    hasher = MinHasher(scheme=scheme)
     pairs = []
     for i in range(4):  # a file vs the file with a growing share of its lines removed, then two unrelated files
         lines = pool[10 + i].splitlines()
@@ -145,13 +183,14 @@ def mutate(content: str, target: float, rng: np.random.Generator) -> str:
     return TOKEN.sub(lambda m: table.get(m.group(), m.group()), content)
 
 
-def test_recall_and_false_positives_against_exact_jaccard(pool):
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_recall_and_false_positives_against_exact_jaccard(pool, scheme):
     """Recall >= 0.95 for pairs with true Jaccard >= 0.9; <= 1% of pairs below 0.7 flagged (thresholds at 0.85)."""
     rng = np.random.default_rng(4)
     targets = np.concatenate([rng.uniform(0.9, 1.0, 240), rng.uniform(0.5, 0.7, 240), rng.uniform(0.7, 0.9, 60)])
     originals = {i: pool[i % len(pool)] for i in range(len(targets))}
     variants = [mutate(originals[i], t, rng) for i, t in enumerate(targets)]
-    hasher = MinHasher()
+    hasher = MinHasher(scheme=scheme)
     sig_pool, sig_var = hasher.signatures(pool), hasher.signatures(variants)
     exact, flagged = [], []
     for i in range(len(targets)):

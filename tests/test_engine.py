@@ -17,8 +17,9 @@ import pytest
 
 from codeparrot.corpus.engine import work_dir
 from codeparrot.corpus.prepare import run_prepare
-from codeparrot.corpus.source import BadRecords, iter_shard, list_shards
-from codeparrot.corpus.tasks import DUPS_DTYPE, band_runs
+from codeparrot.corpus.source import BadRecords, iter_shard, list_shards, shard_size
+from codeparrot.corpus.tasks import (DUPS_DTYPE, BucketsTask, WorkDir, _sorted_band_records, band_runs,
+                                    largest_first)
 
 from conftest import SUBPROCESS_ENV, write_jsonl
 
@@ -60,6 +61,14 @@ def golden(raw_with_near_copies, make_config, tmp_path_factory):
     result = run_prepare(cfg)
     assert result["near_duplicates"] >= 2 and result["exact_duplicates"] >= 1
     return cfg.paths.resolve("clean")
+
+
+def test_tasks_run_largest_shard_first(raw_with_near_copies):
+    assert largest_first([3, 9, 3, 5]) == [1, 3, 0, 2]  # ties keep input order
+    sizes = [shard_size(f) for f in list_shards(raw_with_near_copies)]
+    order = largest_first(sizes)
+    assert order != list(range(len(sizes)))  # the golden tests below do run ranks on other shards than their own
+    assert [sizes[i] for i in order] == sorted(sizes, reverse=True)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -141,6 +150,38 @@ def test_band_runs_rebuild_runs_from_datatrove_pairs_and_drop_exact_duplicates()
     assert members.tolist() == [0, 3, 1, 2] and runs.tolist() == [0, 0, 1, 1]
     empty = band_runs(np.zeros(0, DUPS_DTYPE), survivor_of, first)
     assert [len(a) for a in empty] == [0, 0]
+
+
+@pytest.mark.parametrize("ranges", [1, 3])
+def test_buckets_task_writes_the_pairs_datatrove_writes(tmp_path, ranges):
+    """Our numpy merge of a band's sorted keys against datatrove's MinhashDedupBuckets on the same files: the same
+    pairs, in the same order (split into key ranges or not), shard 2 holding no candidate of band 1."""
+    from types import SimpleNamespace
+
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
+    from datatrove.utils.hashing import HashConfig
+
+    rng = np.random.default_rng(0)
+    work = WorkDir(tmp_path / "work")
+    sizes = [(40, 25), (1, 30), (17, 0), (60, 8)]  # per shard: candidates of band 0, band 1
+    for shard, per_band in enumerate(sizes):
+        for band, n in enumerate(per_band):
+            # keys drawn from 30 values spread over the key space: runs of equal keys within and across shards
+            keys = rng.choice(np.arange(30, dtype=np.uint64) << np.uint64(55), size=n)  # keys < 2**60
+            path = work.bucket_sig(band, shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_sorted_band_records(keys))
+    task = BucketsTask(work, [f"shard-{i}" for i in range(len(sizes))], SimpleNamespace(bucket_tasks_per_band=ranges))
+    for rank in range(2 * ranges):
+        task(None, rank, 2 * ranges)
+    config = MinhashConfig(num_buckets=2, hashes_per_bucket=1, hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    for rank in range(2):
+        MinhashDedupBuckets(str(work.root / "sigs"), str(tmp_path / "datatrove"), config=config).run(None, rank, 2)
+    for band in range(2):
+        ours = b"".join(f.read_bytes() for f in sorted((work.root / "dups").glob(f"{band:05d}_*.dups")))
+        theirs = (tmp_path / "datatrove" / f"{band:05d}_00.dups").read_bytes()
+        assert len(ours) > 30 * DUPS_DTYPE.itemsize and ours == theirs
+    assert len(list((work.root / "dups").glob("00000_*.dups"))) == ranges
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from codeparrot.corpus.export import export_local
-from codeparrot.corpus.source import RAW_FIELDS, BadRecords, TooManyBadRecords, iter_records, iter_shard, list_shards
+from codeparrot.corpus.source import (RAW_FIELDS, BadRecords, ShardWriter, TooManyBadRecords, iter_records,
+                                      iter_shard, list_shards, parse_record, record_line)
 from codeparrot.pipeline import run_export_local
 
 from conftest import EXPORT_SHARD_RECORDS, ROOT_NAME, read_all, top_of, write_jsonl
@@ -189,8 +190,14 @@ def test_truncated_gzip_keeps_records_before_the_cut(tmp_path, stdlib_root, stdl
     bad = BadRecords()
     got = list(iter_records([cut, after], bad))
     assert bad.counts == {"truncated_or_corrupt_file": 1}
-    # a prefix of the records survives, then the next file is read as usual
+    # a prefix of the records survives, then the next file is read as usual: every line the gzip module decodes
+    # before the cut (ISA-L's reader, which decompresses ahead in blocks, hands over to it at the damage)
     assert 0 < len(got) - 1 < len(records)
+    before_cut = []
+    with pytest.raises(EOFError):
+        with gzip.open(cut, "rb") as fh:
+            before_cut.extend(fh)
+    assert len(got) - 1 == len(before_cut)
     assert got[:-1] == records[: len(got) - 1]
     assert got[-1]["content"] == _good(9)["content"]
 
@@ -281,3 +288,61 @@ def test_urls_are_read_through_fsspec_with_the_same_rules(tmp_path, stdlib_root,
     assert 0 < len(records) < EXPORT_SHARD_RECORDS and bad.counts == {"truncated_or_corrupt_file": 1}
     with pytest.raises(FileNotFoundError, match="no shards found"):
         list_shards(f"file://{tmp_path}/nothing/*.json.gz")
+
+
+# ------------------------------------------------------------ fast JSON lines
+
+
+TRICKY_LINES = [
+    b'{"content": "x", "size": 123456789012345678901234567890}',  # past 64 bits: orjson would read a float
+    b'{"content": "x", "copies": 1.5e300, "flag": true, "none": null}',
+    b'{"content": "x", "v": NaN, "w": -Infinity}',  # json-module extensions, kept as they were read
+    b'{"content": "a\\ud800b"}',  # an escaped lone surrogate: valid JSON, no UTF-8 writer takes it
+    b'{"content": "\xc3\xa9t\xc3\xa9", "nested": {"n": [1, 2, 99999999999999999999]}}',
+    b'{"content": "dup", "content": "last wins"}',
+    b'["not", "a", "record"]',
+]
+
+
+@pytest.mark.parametrize("line", TRICKY_LINES)
+def test_records_read_as_the_json_module_reads_them(line):
+    assert repr(parse_record(line)) == repr(json.loads(line.decode("utf-8")))  # repr: NaN != NaN
+
+
+@pytest.mark.parametrize("line", [b'{"content": "x", "v": 1e400', b"\xff\xfe", b'{"a": 1} trailing'])
+def test_broken_lines_raise_what_the_json_module_raises(line):
+    with pytest.raises(ValueError) as ours:  # UnicodeDecodeError is a ValueError too; iter_shard tells them apart
+        parse_record(line)
+    with pytest.raises(ValueError) as theirs:
+        json.loads(line.decode("utf-8"))
+    assert type(ours.value) is type(theirs.value) or isinstance(ours.value, json.JSONDecodeError)
+
+
+@pytest.mark.parametrize("line", [l for l in TRICKY_LINES if b"ud800" not in l and l.startswith(b"{")])
+def test_record_lines_round_trip_exactly(line):
+    record = json.loads(line.decode("utf-8"))
+    written = record_line(record)
+    assert written.endswith(b"\n") and written.count(b"\n") == 1
+    assert repr(json.loads(written)) == repr(record)
+
+
+def test_a_lone_surrogate_is_refused_when_written():
+    with pytest.raises(UnicodeEncodeError):
+        record_line({"content": "a\ud800b"})
+
+
+@pytest.mark.parametrize("level", [1, 6])
+def test_shard_bytes_depend_on_the_lines_alone(tmp_path, stdlib_root, stdlib_files, level):
+    """Records written whole or as their lines (how the pool and the datatrove tasks write) give the same files;
+    levels 0-3 use ISA-L, 4-9 zlib, and the gzip module reads both."""
+    records = [{"path": rel, "content": (stdlib_root / rel).read_text()} for rel in stdlib_files]
+    per_shard = -(-len(records) // 3)
+    with ShardWriter(tmp_path / "a", per_shard, level) as a, ShardWriter(tmp_path / "b", per_shard, level) as b:
+        for record in records:
+            a.write(record)
+            b.write_line(record_line(record))
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) == 3 and files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    back = [json.loads(line) for f in files for line in gzip.open(tmp_path / "a" / f)]
+    assert back == records

@@ -146,14 +146,14 @@ class Decontaminator:
     def __bool__(self) -> bool:
         return bool(self.needles)
 
-    def find(self, content: str, normalized: str | None = None) -> list[Needle]:
+    def find(self, content: str, normalized: bytes | None = None) -> list[Needle]:
         """The needles contained in `content` (whitespace ignored on both sides).
 
-        `normalized` is `normalize(content)` when the caller has it already.
+        `normalized` is `normalize(content)` in UTF-8 when the caller has it already.
         """
         if not self.needles:
             return []
-        text = (normalize(content) if normalized is None else normalized).encode("utf-8")
+        text = normalize(content).encode("utf-8") if normalized is None else normalized
         if len(text) < self._min_len:
             return []
         # The text's 8-byte windows at offsets 0, 8, 16, ... as uint64 (no copy), looked up in the sorted anchors.

@@ -1,97 +1,21 @@
-"""Near-deduplication: MinHash signatures (vectorised), LSH banding and duplicate clusters.
+"""Near-deduplication: LSH banding of MinHash signatures (minhash.py) and duplicate clusters.
 
-Shingles are CodeParrot's set of alphanumeric tokens (or BigCode's token n-grams). A file's signature holds, for
-each of `num_perm` hash functions, the minimum over its shingles; the share of equal entries between two signatures
-estimates their Jaccard similarity. LSH bands the signatures so that only files sharing a band are compared, and
-union-find joins the verified pairs into clusters, of which the first file in input order is kept. Clustering runs
+The share of equal entries between two signatures estimates their files' Jaccard similarity. LSH bands the
+signatures so that only files sharing a band are compared, and union-find joins the verified pairs into clusters, of which the first file in input order is kept. Clustering runs
 on numpy arrays, band by band (~50-100 bytes per file beyond the signatures). `prepare` computes the signatures in
 its scan workers (corpus/shards.py) and clusters them here.
 """
 from __future__ import annotations
 
-import hashlib
-import string
 from functools import lru_cache
 from typing import Iterable, Iterator
 
 import numpy as np
 
-# Every byte that is not [A-Za-z_0-9] becomes a space. On UTF-8 bytes this splits exactly like CodeParrot's
-# re.split(r"[^A-Za-z_0-9]+", content) on str (non-ASCII characters are all bytes >= 0x80: separators), ~2x faster.
-_TOKEN_BYTES = frozenset((string.ascii_letters + string.digits + "_").encode())
-_SEPARATE = bytes(c if c in _TOKEN_BYTES else 0x20 for c in range(256))
-EMPTY_VALUE = np.uint32(0xFFFFFFFF)  # every entry of the signature of a file without shingles
-BLOCK = 256  # shingles per [BLOCK, num_perm] uint64 work array (512 KiB at 256 perms): stays in L2 cache
+from .minhash import random_words
+
 VERIFIED_FN_WEIGHT = 0.9  # with verification an LSH false positive costs one signature comparison: favour recall
 MAX_BUCKET = 8  # a file is paired with the first 8 files of its band key: bounds candidates when thousands collide
-
-
-def _shingle_bytes(content: str, ngram: int = 1) -> set[bytes]:
-    """The shingles as ASCII bytes (what gets hashed)."""
-    tokens = content.encode("utf-8", "surrogatepass").translate(_SEPARATE).split()
-    if ngram <= 1 or len(tokens) < ngram:
-        return set(tokens)  # a file shorter than one n-gram is represented by its tokens
-    return {b" ".join(tokens[i:i + ngram]) for i in range(len(tokens) - ngram + 1)}
-
-
-def shingles(content: str, ngram: int = 1) -> set[str]:
-    """The set of alphanumeric tokens (ngram=1) or space-joined token n-grams (fewer tokens than n: the tokens)."""
-    return {s.decode("ascii") for s in _shingle_bytes(content, ngram)}
-
-
-def _random_words(label: str, n: int) -> np.ndarray:
-    """[n] uint64 pseudo-random words from blake2b: stable across machines and numpy versions."""
-    raw = b"".join(hashlib.blake2b(f"{label}:{i}".encode(), digest_size=8).digest() for i in range(n))
-    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-
-
-class MinHasher:
-    """MinHash signatures of files: `num_perm` hash functions applied to the shingles' 32-bit base hashes.
-
-    Hash function i is multiply-add-shift, h_i(x) = ((a_i*x + b_i) mod 2**64) >> 32 with random 64-bit a_i, b_i and
-    32-bit x: strongly universal (Dietzfelbinger 1996) and exact in uint64 wrap-around, so it needs no modulus and no
-    big ints. (The prime-field form (a*x + b) mod 2**61-1 with a, b, x < 2**32 would not do: a*x < 2**64 wraps the
-    prime at most 8 times, so each h_i is increasing in x on <= 8 pieces and the permutations pick correlated minima;
-    measured on stdlib files: 131 distinct argmins of 256 vs 178 for independent ones, 2.4x the Jaccard error.)
-    The minimum of the top 32 bits is the top 32 bits of the minimum, so signatures are uint32: 4 bytes
-    per permutation, 1 KiB per file at 256.
-    """
-
-    def __init__(self, num_perm: int = 256, ngram: int = 1, seed: int = 1):
-        self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
-        self.a = _random_words(f"minhash-a:{seed}", num_perm)  # [P] uint64
-        self.b = _random_words(f"minhash-b:{seed}", num_perm)  # [P] uint64
-
-    def base_hashes(self, content: str) -> np.ndarray:
-        """[S] uint32: the first 4 bytes of blake2b of each distinct shingle (stable across processes and runs)."""
-        blake2b = hashlib.blake2b
-        digests = b"".join([blake2b(s, digest_size=4).digest() for s in _shingle_bytes(content, self.ngram)])
-        return np.frombuffer(digests, dtype="<u4")
-
-    def signature(self, content: str) -> np.ndarray:
-        """[num_perm] uint32; a file without shingles gets all EMPTY_VALUE."""
-        return self.signatures([content])[0]
-
-    def signatures(self, contents: list[str]) -> np.ndarray:
-        """[N, num_perm] uint32, computed over the concatenated shingles of all files in cache-sized blocks."""
-        hashes = [self.base_hashes(c) for c in contents]
-        n, lengths = len(hashes), np.array([len(h) for h in hashes], dtype=np.int64)
-        out = np.full((n, self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)  # [N, P]
-        if lengths.sum() == 0:
-            return (out >> np.uint64(32)).astype(np.uint32)
-        flat = np.concatenate(hashes).astype(np.uint64)  # [T] all shingles of all files, file after file
-        owner = np.repeat(np.arange(n), lengths)  # [T] the file each shingle belongs to
-        work = np.empty((BLOCK, self.num_perm), dtype=np.uint64)
-        for start in range(0, len(flat), BLOCK):
-            x, doc = flat[start:start + BLOCK], owner[start:start + BLOCK]
-            values = work[:len(x)]  # [B, P]
-            np.multiply(x[:, None], self.a[None, :], out=values)  # mod 2**64 by wrap-around, on purpose
-            values += self.b[None, :]
-            # A block holds whole runs of consecutive files (and parts of the first/last): min per run.
-            runs = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
-            rows = doc[runs]
-            out[rows] = np.minimum(out[rows], np.minimum.reduceat(values, runs, axis=0))
-        return (out >> np.uint64(32)).astype(np.uint32)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
@@ -138,7 +62,7 @@ class LSHBands:
     def __init__(self, threshold: float = 0.85, num_perm: int = 256, fp_weight: float = 0.5, fn_weight: float = 0.5):
         self.threshold, self.num_perm = threshold, num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm, fp_weight, fn_weight)
-        self._mult = _random_words("lsh-band", self.rows) | np.uint64(1)  # [rows] odd multipliers
+        self._mult = random_words("lsh-band", self.rows) | np.uint64(1)  # [rows] odd multipliers
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """[N, num_perm] signatures -> [N, bands] uint64 keys < 2**60 (a universal multiply-sum hash per band)."""

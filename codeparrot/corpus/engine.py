@@ -73,17 +73,27 @@ def _manager_servers_die_with_parent() -> None:
     BaseManager._run_server = classmethod(run_server)
 
 
+def start_local_workers(cfg: Config, workers: int, preload: str = "codeparrot.corpus.tasks") -> None:
+    """Start the server that local workers fork from, if there will be any: it imports `preload` (our tasks,
+    numpy, datatrove) once, on another core while this process does its own start, and each stage's pool then
+    starts in milliseconds instead of re-importing them in every worker. Idempotent."""
+    if cfg.corpus.executor != "local" or workers < 2:
+        return
+    import multiprocess
+    from multiprocess import forkserver
+
+    multiprocess.get_context("forkserver").set_forkserver_preload([preload])
+    forkserver.ensure_running()  # returns at once: the server imports while we go on
+
+
 def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int, workers: int, depends=None,
                   job: str = "prepare", preload: str = "codeparrot.corpus.tasks"):
     """The datatrove executor of one stage of `job` on corpus.executor; `preload` is the module of its task."""
     c, logs = cfg.corpus, str(work.root / "logs" / stage)
     if c.executor == "local":
-        import multiprocess
         from datatrove.executor import LocalPipelineExecutor
 
-        # Workers fork from a server that has imported our tasks (and numpy, datatrove) once: each stage's pool
-        # then starts in milliseconds instead of re-importing them in every worker (a no-op once it runs).
-        multiprocess.get_context("forkserver").set_forkserver_preload([preload])
+        start_local_workers(cfg, workers, preload)
         _manager_servers_die_with_parent()
         return LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=max(1, min(workers, tasks)),
                                      logging_dir=logs)
@@ -109,13 +119,17 @@ def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int,
 
 def stage_steps(cfg: Config, work: WorkDir, files: list[str], settings: Settings) -> list[tuple[str, Any, int]]:
     """(stage, its pipeline step, its task count), in order; no buckets without near-dedup."""
-    from .tasks import BucketsTask, ClusterTask, ScanTask, WriteTask, bucket_config
+    from .source import shard_size
+    from .tasks import BucketsTask, ClusterTask, ScanTask, WriteTask, band_count, bucket_tasks_per_band, largest_first
 
-    steps = [("scan", ScanTask(work, files, settings), len(files))]
-    if cfg.corpus.near_dedup:  # datatrove wants one task per band (or a multiple)
-        steps.append(("buckets", BucketsTask(work, files, settings.corpus), bucket_config(cfg.corpus).num_buckets))
+    # Sizes are part of the inputs' fingerprint, so a resumed run (same identity) maps ranks to the same shards.
+    order = largest_first([shard_size(f) for f in files])
+    steps = [("scan", ScanTask(work, files, settings, order), len(files))]
+    if cfg.corpus.near_dedup:  # a task per band and key range
+        tasks = band_count(cfg.corpus) * bucket_tasks_per_band(cfg.corpus)
+        steps.append(("buckets", BucketsTask(work, files, settings.corpus), tasks))
     steps.append(("cluster", ClusterTask(work, files, settings, cfg.corpus.max_bad_ratio), 1))
-    steps.append(("write", WriteTask(work, files, settings), len(files)))
+    steps.append(("write", WriteTask(work, files, settings, order), len(files)))
     return steps
 
 

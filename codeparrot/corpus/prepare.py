@@ -109,8 +109,9 @@ def _run_pool(files: list, settings: Settings, tmp: Path, raw, num_proc: int) ->
 def _run_tasks(cfg: Config, files: list, settings: Settings, tmp: Path, num_proc: int
                ) -> tuple[Survey, NearDups, Written]:
     """datatrove tasks on corpus.executor, resuming in the work dir; its outputs moved into `tmp`, then removed."""
-    from .engine import open_work_dir, run_stages, work_dir
+    from .engine import open_work_dir, run_stages, start_local_workers, work_dir
 
+    start_local_workers(cfg, num_proc)  # first: its imports overlap ours
     stage_identity = {"config": identity(cfg, PREPARE.keys), "inputs": PREPARE.input_fingerprints(cfg),
                       "files": [str(f) for f in files]}  # as Stage.run's: another one wipes the work dir
     work = open_work_dir(work_dir(cfg), stage_identity)

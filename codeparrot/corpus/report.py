@@ -108,15 +108,31 @@ def plot_lengths(hist: dict[str, Any], path: Path, quality: dict[str, Any] | Non
     filled = np.flatnonzero(np.add(hist["before"], hist["after"]))
     if len(filled):  # zoom on the occupied bins, with one empty bin either side
         ax.set_xlim(edges[max(filled[0] - 1, 0)], edges[min(filled[-1] + 2, len(edges) - 1)])
+    _byte_ticks(ax, edges)
     ax.set_ylabel("files")
     ax.set_title("prepare: file lengths before and after cleaning")
     ax.legend()
     if by_quality:
         _quality_panel(axes[1], edges, by_quality, quality or {})
     axes[-1].set_xlabel("file length (bytes)")
-    fig.tight_layout()
+    # fixed margins: tight_layout measured every text box, a tenth of a small prepare's wall time
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.94 if by_quality else 0.9, bottom=0.08 if by_quality else 0.13,
+                        hspace=0.3)
     fig.savefig(path)
     return True
+
+
+def _byte_ticks(ax: Any, edges: np.ndarray) -> None:
+    """Powers of ten labelled "1 kB", "10 kB", ..., without minor ticks: easier to read than 10^3, and the log
+    scale's default mathtext labels and minor ticks were most of the plot's cost (~1 s of a small prepare)."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    powers = np.arange(np.floor(np.log10(max(edges[0], 1))), np.ceil(np.log10(edges[-1])) + 1)
+    units = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+    labels = [next(f"{10 ** k / scale:g} {unit}" for scale, unit in units if 10 ** k >= scale) for k in powers]
+    ax.xaxis.set_major_locator(FixedLocator(10.0 ** powers))
+    ax.xaxis.set_major_formatter(FixedFormatter(labels))
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _quality_panel(ax: Any, edges: np.ndarray, by_quality: dict[str, list], quality: dict[str, Any]) -> None:

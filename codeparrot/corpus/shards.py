@@ -1,26 +1,26 @@
 """Per-shard work of `prepare`, run in worker processes, one input shard per task.
 
 scan (phase 1) = read + columns + filters + decontamination + quality bucket + MinHash, returning compact
-per-record metadata; write (phase 3) = re-read the shard and write its survivors into train/ and valid/ shards, with
-the scan's columns (the datatrove tasks keep them) or, in the worker pool, the same columns computed again.
+per-record metadata, and (datatrove tasks) each candidate's output line; write (phase 3) = the survivors into train/
+and valid/ shards, copied from those lines (write_candidates) or, in the worker pool, read again from the shard with
+the same columns computed again (write_shard). Both write the same bytes.
 Workers are spawned (procs.WorkerPool): they receive Settings pickled once each, and these functions pickled by name
 (module path). Sizes are UTF-8 bytes of `content`, the unit of every `bytes` count in the report.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..config import CorpusConfig
 from .decontaminate import Decontaminator
-from .filters import FILTERS, FilterSettings, QualityFilter, Signals, compute_columns, strip_whitespace
+from .filters import FILTERS, FilterSettings, QualityFilter, Signals, compute_columns, stripped_utf8
 from .quality import QUALITY_BUCKETS, UNKNOWN_QUALITY, QualityRule
-from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, utf8_len
+from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, parse_record, record_line, utf8_len
 
 KEEP, DUP_IN_SHARD, DECONTAMINATED, FILTERED = 0, 1, 2, 10  # scan verdicts; FILTERED + FILTERS.index(name)
 SIGNATURE_BATCH_CHARS = 8_000_000  # text MinHashed together in a scan task (bounds a task's memory on huge shards)
@@ -81,9 +81,10 @@ def init_worker(settings: Settings) -> None:
         tokenizer = Tokenizer.from_file(c.filter_tokenizer)
     hasher = None
     if c.near_dedup:
-        from .dedup import MinHasher
+        from .minhash import MinHasher
 
-        hasher = MinHasher(num_perm=c.minhash_num_perm, ngram=c.minhash_ngram, seed=c.minhash_seed)
+        hasher = MinHasher(num_perm=c.minhash_num_perm, ngram=c.minhash_ngram, seed=c.minhash_seed,
+                           scheme=c.minhash_scheme)
     _worker.clear()
     _worker.update(settings=settings, filter=QualityFilter(settings.filters, tokenizer), hasher=hasher)
 
@@ -100,7 +101,6 @@ class Scan:
     signatures: np.ndarray | None  # one row per KEEP verdict, in order
     decontaminated: dict[int, dict[str, Any]]  # line -> repo_name, path and the matched needles
     bad: QuietBad
-    columns: dict[int, dict[str, Any]] = field(default_factory=dict)  # line -> columns, KEEP lines, when asked
     # one entry per KEEP verdict, in order (as `signatures`): its quality bucket index (UNKNOWN_QUALITY without a
     # signal), whether the signal's value was unknown (bad copies), its split (True: valid)
     quality: list[int] = field(default_factory=list)
@@ -146,9 +146,9 @@ def _grade(scan: Scan, s: Settings, record: dict[str, Any], columns: dict[str, A
         columns["quality"] = QUALITY_BUCKETS[bucket]
 
 
-def scan_shard(task: tuple[int, str], keep_columns: bool = False) -> Scan:
+def scan_shard(task: tuple[int, str], candidate_line: Callable[[bytes], None] | None = None) -> Scan:
     """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, quality bucket,
-    MinHash; with keep_columns, the candidates' columns too (the write phase then need not compute them again)."""
+    MinHash; `candidate_line` receives each candidate's output line (record + columns), in order."""
     index, path = task
     s: Settings = _worker["settings"]
     filters: QualityFilter = _worker["filter"]
@@ -157,14 +157,14 @@ def scan_shard(task: tuple[int, str], keep_columns: bool = False) -> Scan:
     seen_here: set[bytes] = set()
     for line, record in iter_shard(path, scan.bad):
         content = record["content"]
-        stripped = strip_whitespace(content)
         try:  # JSON can escape lone surrogates ("\ud800"), which no UTF-8 writer accepts
-            columns = compute_columns(content, stripped)
-            json.dumps({k: v for k, v in record.items() if k != "content"}, ensure_ascii=False).encode("utf-8")
+            stripped = stripped_utf8(content)
+            record_line({k: v for k, v in record.items() if k != "content"})
         except UnicodeEncodeError as e:
             scan.bad.good -= 1
             scan.bad.add("invalid_utf8", f"{path}:{line + 1}", str(e)[:80])
             continue
+        columns = compute_columns(content, stripped)
         digest = bytes.fromhex(columns["hash"])
         scan.lines.append(line)
         scan.digests.append(digest)
@@ -187,8 +187,8 @@ def scan_shard(task: tuple[int, str], keep_columns: bool = False) -> Scan:
             continue
         scan.verdicts.append(KEEP)
         _grade(scan, s, record, columns, signals)
-        if keep_columns:
-            scan.columns[line] = columns
+        if candidate_line is not None:
+            candidate_line(record_line({**record, **columns}))
         signer.add(content)
     scan.signatures = signer.signatures()
     return scan
@@ -202,17 +202,49 @@ def _columns(s: Settings, record: dict[str, Any], content: str) -> dict[str, Any
     return columns
 
 
-def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
-                columns: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Phase 3 for one shard: write its kept lines to train/ or valid/ (with the scan's `columns` when given, else
-    computed again); the counts, and the cluster members' names."""
-    # The result: index, the SPLIT_KEYS counts, missing (kept lines not found on re-reading), names (line -> where).
+class SplitWriters:
+    """One input shard's survivors into out/train and out/valid, as file-<shard>-<k>.json.gz, with their counts."""
+
+    def __init__(self, out: str | Path, index: int, corpus: CorpusConfig) -> None:
+        self.out, self.index, self.corpus = Path(out), index, corpus
+        self.writers: dict[str, ShardWriter] = {}
+        self.counts = dict.fromkeys(SPLIT_KEYS, 0)
+
+    def write(self, valid: bool, line: bytes, size: int) -> None:
+        """One record's JSON line (record_line's bytes); `size` is its content's UTF-8 bytes."""
+        side = "valid" if valid else "train"
+        if side not in self.writers:
+            # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
+            self.writers[side] = ShardWriter(self.out / side / f".part-{self.index:012d}",
+                                             self.corpus.output_shard_records, self.corpus.output_compresslevel)
+        self.writers[side].write_line(line)
+        self.counts[f"{side}_files"] += 1
+        self.counts[f"{side}_bytes"] += size
+
+    def close(self) -> dict[str, int]:
+        """Close and name the files; the SPLIT_KEYS counts."""
+        for writer in self.writers.values():
+            writer.close()
+            for k, part in enumerate(sorted(writer.directory.iterdir())):
+                part.rename(writer.directory.parent / f"file-{self.index:012d}-{k:06d}.json.gz")
+            writer.directory.rmdir()
+        return self.counts
+
+
+def _result(index: int, counts: dict[str, int], keep: set[int], names: dict[int, dict[str, str]]) -> dict[str, Any]:
+    # index, the SPLIT_KEYS counts, missing (kept lines not found), names (cluster member's line -> where)
+    missing = len(keep) - counts["train_files"] - counts["valid_files"]
+    return {"index": index, **counts, "missing": missing, "names": names}
+
+
+def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[str, Any]:
+    """Phase 3 for one shard, re-reading it: its kept lines, with their columns computed again, to train/ or
+    valid/; the counts, and the cluster members' names."""
     index, path, keep_lines, members, out = task
     s: Settings = _worker["settings"]
     c = s.corpus
     keep = set(keep_lines.tolist())
-    writers: dict[str, ShardWriter] = {}
-    counts = dict.fromkeys(SPLIT_KEYS, 0)
+    split = SplitWriters(out, index, c)
     names: dict[int, dict[str, str]] = {}  # line -> repo_name/path of the cluster members, for the clusters file
     for line, record in iter_shard(path, QuietBad()):
         if line in members:
@@ -220,18 +252,23 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str],
         if line not in keep:
             continue
         content = record["content"]
-        side = "valid" if is_valid_repo(str(record.get("repo_name", "")), c.valid_fraction, c.split_seed) else "train"
-        if side not in writers:
-            # ShardWriter numbers its files from 0 in its own directory; renamed below to carry the input shard.
-            writers[side] = ShardWriter(Path(out) / side / f".part-{index:012d}", c.output_shard_records,
-                                        c.output_compresslevel)
-        writers[side].write({**record, **(columns[line] if columns is not None else _columns(s, record, content))})
-        counts[f"{side}_files"] += 1
-        counts[f"{side}_bytes"] += utf8_len(content)
-    for side, writer in writers.items():
-        writer.close()
-        for k, part in enumerate(sorted(writer.directory.iterdir())):
-            part.rename(writer.directory.parent / f"file-{index:012d}-{k:06d}.json.gz")
-        writer.directory.rmdir()
-    missing = len(keep) - counts["train_files"] - counts["valid_files"]
-    return {"index": index, **counts, "missing": missing, "names": names}
+        valid = is_valid_repo(str(record.get("repo_name", "")), c.valid_fraction, c.split_seed)
+        split.write(valid, record_line({**record, **_columns(s, record, content)}), utf8_len(content))
+    return _result(index, split.close(), keep, names)
+
+
+def write_candidates(scan: Scan, candidate_lines: Iterable[bytes], keep_lines: np.ndarray, members: frozenset[int],
+                     out: str, corpus: CorpusConfig) -> dict[str, Any]:
+    """Phase 3 for one shard from its scan: the kept ones of the candidates' output lines (in the scan's order) to
+    train/ or valid/, nothing parsed or serialised again; the counts, and the cluster members' names."""
+    candidates = [i for i, verdict in enumerate(scan.verdicts) if verdict == KEEP]  # indices into scan.lines
+    keep = set(keep_lines.tolist())
+    split = SplitWriters(out, scan.index, corpus)
+    names: dict[int, dict[str, str]] = {}
+    for k, (i, line_bytes) in enumerate(zip(candidates, candidate_lines)):
+        line = scan.lines[i]
+        if line in members:
+            names[line] = _where(parse_record(line_bytes))
+        if line in keep:
+            split.write(scan.valid[k], line_bytes, scan.sizes[i])
+    return _result(scan.index, split.close(), keep, names)

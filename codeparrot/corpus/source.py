@@ -6,10 +6,14 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+import orjson
+from isal import igzip, isal_zlib
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +22,10 @@ RAW_FIELDS = ("repo_name", "path", "copies", "size", "content", "license")
 # Artifact metadata that sits beside the shards.
 NOT_SHARDS = {"manifest.json", "report.json", "near_duplicate_clusters.jsonl"}
 LOGGED_BAD_RECORDS = 20  # log this many bad records per stream one line each, then only count
+WRITE_CHUNK = 1 << 20  # ShardWriter hands the compressor this much at a time (few calls; the bytes are the lines')
+# gzip levels that ISA-L's igzip writes (0-3: ~4x faster than zlib's level 1, and as small); 4-9 go to zlib
+ISAL_LEVELS = range(0, 4)
+_EXACT_TYPES = (str, int, bool, type(None))  # values orjson reads and writes exactly as the json module does
 
 
 class TooManyBadRecords(RuntimeError):
@@ -134,16 +142,45 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _open_lines(path: str | Path):
-    # Binary lines: decoding per line lets one bad byte sequence cost one record, not the file.
+def parse_record(raw: bytes) -> Any:
+    """One JSON line, as `json.loads` reads it: orjson (2x faster) where it agrees, the json module where not."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # NaN, lone surrogates, bad UTF-8...: the json module decides (and names it)
+        return json.loads(raw.decode("utf-8"))
+    if isinstance(record, dict) and not all(type(v) in _EXACT_TYPES for v in record.values()):
+        # orjson reads integers past 64 bits as floats; floats and nested values are rare in exports, so those
+        # records are read again by the json module, which keeps every number whole
+        return json.loads(raw.decode("utf-8"))
+    return record
+
+
+def record_line(record: dict[str, Any]) -> bytes:
+    """A record as one JSON line in UTF-8 (what every shard holds); raises UnicodeEncodeError on lone surrogates."""
+    if all(type(v) in _EXACT_TYPES or (type(v) is float and math.isfinite(v)) for v in record.values()):
+        try:
+            return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)  # ~5x faster than json.dumps
+        except TypeError:  # an int past 64 bits, or a lone surrogate: the json module writes (or refuses) it
+            pass
+    # orjson would write NaN as null: non-finite floats and nested values go through the json module
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _open_lines(path: str | Path, fast: bool = True):
+    # Binary lines: decoding per line lets one bad byte sequence cost one record, not the file. ISA-L's igzip
+    # decompresses ~3x faster than gzip; the stdlib's reader, which yields every line before a cut, recovers a
+    # damaged file's tail (iter_shard).
+    opener = igzip.IGzipFile if fast else gzip.GzipFile
     if is_url(path):
         import fsspec
 
-        return fsspec.open(path, "rb", compression="gzip" if path.endswith(".gz") else None).open()
-    return gzip.open(path, "rb") if Path(path).name.endswith(".gz") else open(path, "rb")
+        raw = fsspec.open(path, "rb").open()
+        return opener(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+    return opener(path, "rb") if Path(path).name.endswith(".gz") else open(path, "rb")
 
 
-def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0, fast: bool = True
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, record) from one shard, skipping and counting bad input.
 
     Lines before `start_line` are read and discarded (gzip cannot seek), which is how a reader resumes.
@@ -151,13 +188,13 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0) -> Iterat
     path = path if is_url(path) else Path(path)
     line_no = -1
     try:
-        with _open_lines(path) as fh:
+        with _open_lines(path, fast) as fh:
             for line_no, raw in enumerate(fh):
                 if line_no < start_line or not raw.strip():
                     continue
                 where = f"{path}:{line_no + 1}"
                 try:
-                    record = json.loads(raw.decode("utf-8"))
+                    record = parse_record(raw)
                 except UnicodeDecodeError as e:
                     bad.add("invalid_utf8", where, str(e)[:80])
                     continue
@@ -169,7 +206,10 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0) -> Iterat
                     continue
                 bad.good += 1
                 yield line_no, record
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error) as e:
+        if fast:  # igzip decompresses ahead in large blocks: the stdlib's reader yields the lines it held back
+            yield from iter_shard(path, bad, max(start_line, line_no + 1), fast=False)
+            return
         bad.add("truncated_or_corrupt_file", f"{path}:{line_no + 2}", str(e)[:80])
     except OSError as e:
         bad.add("unreadable_file", str(path), str(e)[:80])
@@ -187,7 +227,11 @@ def iter_records(files: Iterable[str | Path], bad: BadRecords) -> Iterator[dict[
 
 
 class ShardWriter:
-    """Writes records as numbered `file-000000000000.json.gz` shards, a new shard every `shard_records`."""
+    """Writes records as numbered `file-000000000000.json.gz` shards, a new shard every `shard_records`.
+
+    The bytes depend only on the lines written and the level (lines are buffered into WRITE_CHUNK writes), so two
+    writers given the same lines write the same files, whichever path made the lines.
+    """
 
     def __init__(self, directory: str | Path, shard_records: int, compresslevel: int = 6):
         self.directory = Path(directory)
@@ -198,27 +242,38 @@ class ShardWriter:
         self.n_records = 0
         self._fh = None
         self._in_shard = 0
+        self._buffer = bytearray()
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record, starting a new shard every `shard_records`."""
+        self.write_line(record_line(record))
+
+    def write_line(self, line: bytes) -> None:
+        """Append one record already written as a JSON line (record_line's bytes)."""
         if self._fh is None or self._in_shard >= self.shard_records:
             self._roll()
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        self._fh.write(line.encode("utf-8"))
+        self._buffer += line
+        if len(self._buffer) >= WRITE_CHUNK:
+            self._flush()
         self._in_shard += 1
         self.n_records += 1
 
+    def _flush(self) -> None:
+        self._fh.write(self._buffer)
+        self._buffer.clear()
+
     def _roll(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
+        self.close()
         name = f"file-{self.n_shards:012d}.json.gz"
         # mtime=0: the gzip header otherwise stamps the current time, and equal exports would differ in bytes.
-        self._fh = gzip.GzipFile(self.directory / name, "wb", compresslevel=self.compresslevel, mtime=0)
+        opener = igzip.IGzipFile if self.compresslevel in ISAL_LEVELS else gzip.GzipFile
+        self._fh = opener(self.directory / name, "wb", compresslevel=self.compresslevel, mtime=0)
         self.n_shards += 1
         self._in_shard = 0
 
     def close(self) -> None:
         if self._fh is not None:
+            self._flush()
             self._fh.close()
             self._fh = None
 
