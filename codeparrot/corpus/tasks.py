@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from isal import igzip
@@ -37,7 +37,7 @@ from isal import igzip
 from ..procs import die_with_parent
 from .dedup import clusters_from_runs, duplicates_to_drop, verified_bands
 from .shards import KEEP, SPLIT_KEYS, Settings, init_worker, scan_shard, worker_settings, write_candidates
-from .source import shard_name
+from .source import WRITE_CHUNK, shard_name
 from .survey import NearDups, Survey, Written
 
 STAGES = ("scan", "buckets", "cluster", "write")
@@ -135,7 +135,7 @@ class GzipAtomic:
 
     def write(self, line: bytes) -> None:
         self.buffer += line
-        if len(self.buffer) >= 1 << 20:
+        if len(self.buffer) >= WRITE_CHUNK:
             self.file.write(self.buffer)
             self.buffer.clear()
 
@@ -171,6 +171,7 @@ class Task:
 
     files: list[str]
     work: WorkDir
+    order: Sequence[int] = ()  # rank -> shard (largest_first) in the stages over shards; empty: the rank itself
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.files)} shards)"
@@ -189,8 +190,7 @@ class Task:
     def shard_of(self, rank: int) -> int:
         """The shard that a rank works on (its outputs keep the shard's index): with `order` from largest_first,
         a pool starts the biggest shards first and ends on small ones, instead of waiting on one big last shard."""
-        order = getattr(self, "order", ())
-        return order[rank] if order else rank
+        return self.order[rank] if self.order else rank
 
 
 def largest_first(sizes: list[int]) -> list[int]:
