@@ -32,7 +32,8 @@ from .artifacts import read_json_lines
 from .config import Config, HumanEvalConfig, canonical_json, section_dict
 from .corpus.decontaminate import humaneval_path
 from .infilling import COMPLETION, infilling_tasks
-from .sandbox import SandboxLimits, SandboxUnavailable, check_program, detect_mechanism, run_program, self_test
+from .sandbox import (INSTALL_HINT, SandboxLimits, SandboxUnavailable, check_program, detect_mechanism, run_program,
+                      self_test)
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,8 @@ def sandbox_mechanism(h: HumanEvalConfig) -> str:
     mechanism = detect_mechanism()
     try:
         if mechanism == "none":
-            raise SandboxUnavailable("no sandbox here: it needs root with util-linux's unshare, setpriv and prlimit, "
-                                     "or bubblewrap (bwrap) for a non-root user")
+            raise SandboxUnavailable(f"no sandbox here: it needs bubblewrap (bwrap) and util-linux's prlimit and "
+                                     f"setpriv; {INSTALL_HINT}")
         self_test(mechanism)
         return mechanism
     except SandboxUnavailable as e:

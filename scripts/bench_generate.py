@@ -158,8 +158,11 @@ def main() -> None:
     parser.add_argument("--programs", type=int, default=80, help="sandbox programs (half canonical, half `pass`)")
     parser.add_argument("--threads", type=int, default=0, help="sandbox threads (0: cpu count)")
     parser.add_argument("--skip-sandbox", action="store_true")
+    parser.add_argument("--sandbox-only", action="store_true", help="time the sandbox alone (no model)")
     parser.add_argument("--sharpen", type=float, default=8.0, help="LM-head scale of the peaked random model")
     args = parser.parse_args()
+    if args.sandbox_only:
+        return bench_sandbox(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args, device)
     print(f"device {device}, {torch.get_num_threads()} threads, model {model.num_parameters() / 1e6:.0f}M params, "

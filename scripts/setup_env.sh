@@ -23,5 +23,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$PY" -m pip install -q -e "$ROOT[dev]"
   echo "$WANT" > "$STAMP"
 fi
+# bubblewrap isolates model-written code (humaneval, the sandbox); installed where this user can, else said once
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing bubblewrap (the sandbox for generated code)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } >/dev/null 2>&1 || \
+      echo "setup: could not install bubblewrap; humaneval refuses to run generated code until it is installed"
+  else
+    echo "setup: bubblewrap (bwrap) is missing; humaneval needs it: sudo apt-get install bubblewrap (or dnf, pacman)"
+  fi
+fi
 export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"

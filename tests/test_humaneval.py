@@ -179,7 +179,7 @@ def test_humaneval_end_to_end_then_resume(tmp_path, checkpoint):
         assert not any(stop in s["completion"] for stop in ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"))
     report = json.loads((out / "pass_at_k.json").read_text())
     assert set(report) >= {"pass@1", "problems", "samples", "sandbox", "settings", "sampling_seconds"}
-    assert "pass@10" not in report and report["samples"] == 8 and report["sandbox"] == "namespaces"
+    assert "pass@10" not in report and report["samples"] == 8 and report["sandbox"] == "bubblewrap"
     # The rerun with one more problem samples only that problem's two batches.
     p = humaneval_cli(checkpoint, problems, "humaneval.limit=3")
     assert "4 of 6 sample batches done before; this process samples 2" in p.stderr

@@ -1,9 +1,13 @@
 """The sandbox against real programs, correct and hostile: each hostile one must fail and leave no trace."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +62,7 @@ def sandbox_processes(token: str = "") -> list[str]:
     return found
 
 
-def run(source: str, limits: SandboxLimits = LIMITS, mechanism: str = "namespaces") -> tuple[Result, str]:
+def run(source: str, limits: SandboxLimits = LIMITS, mechanism: str = "bubblewrap") -> tuple[Result, str]:
     """Run `source` + a marker line; return the result and the marker."""
     marker = secrets.token_hex(16)
     return run_program(source + f"\nprint({marker!r})\n", limits, mechanism, marker), marker
@@ -131,8 +135,8 @@ def test_ctypes_shell_cannot_write_outside(mechanism: str, outside: Path) -> Non
 
 
 def test_secrets_are_unreadable(mechanism: str) -> None:
-    result, _ = run("open('/etc/shadow').read()\n", mechanism=mechanism)
-    assert not result.passed and "PermissionError" in result.detail, result
+    result, _ = run("open('/etc/shadow').read()\n", mechanism=mechanism)  # not in the sandbox's root at all
+    assert not result.passed and "FileNotFoundError" in result.detail, result
 
 
 def test_fork_bomb_is_bounded(mechanism: str) -> None:
@@ -191,3 +195,64 @@ def test_cpu_limit(mechanism: str) -> None:
 def test_no_mechanism_refuses() -> None:
     with pytest.raises(SandboxUnavailable, match="no sandbox mechanism"):
         run_program("print(1)\n", LIMITS, "none")
+
+
+def test_world_writable_mount_and_host_socket_are_out_of_reach(mechanism: str) -> None:
+    # A 1777 tmpfs at /srv with a 0777 Unix socket on it, in a mount namespace of the test's own (the host's /srv is
+    # untouched): the old `remount,bind,ro /` sandbox wrote the file and connected, and its self-test passed.
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          str(Path(__file__).with_name("sandbox_escape.py")), "/srv"],
+                         capture_output=True, text=True, timeout=120, cwd=PROJECT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report == {"mechanism": mechanism, "status": "passed", "wrote": False, "connected": False,
+                      "self_test": "passed"}, report
+    assert_no_trace()
+
+
+NONROOT_PROGRAM = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox"] = sandbox
+spec.loader.exec_module(sandbox)
+forks = ("import os, time\\nkids = []\\nfor _ in range(8):\\n    kids.append(os.fork())\\n    if kids[-1] == 0:\\n"
+         "        time.sleep(0.2)\\n        os._exit(0)\\nassert all(os.waitpid(k, 0)[1] == 0 for k in kids)\\n"
+         "print('forked')\\n")
+mechanism = sandbox.detect_mechanism()
+result = sandbox.run_program(forks, sandbox.SandboxLimits(processes=64), mechanism, "forked")
+print(json.dumps({"mechanism": mechanism, "status": result.status, "detail": result.detail}))
+"""
+
+
+def test_non_root_process_limit_counts_only_the_sandbox(tmp_path: Path) -> None:
+    # A user already running 80 processes (training, DataLoader workers) must still get the sandbox's own 64: bwrap's
+    # user namespace and a limit set inside it, not a user-wide --nproc 64 that fails every fork
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("needs /usr/bin/python3: this interpreter lives where a non-root uid may not enter")
+    uid = 100000 + secrets.randbelow(90000)
+    code = Path(tempfile.mkdtemp(prefix="sandbox-nonroot-"))
+    os.chmod(code, 0o755)
+    shutil.copy(PROJECT / "codeparrot" / "sandbox.py", code / "sandbox.py")
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+    busy = [subprocess.Popen(as_user + ["sleep", "60"]) for _ in range(80)]
+    try:
+        out = subprocess.run(as_user + [python, "-I", "-c", NONROOT_PROGRAM, str(code / "sandbox.py")], cwd="/",
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        shutil.rmtree(code)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"mechanism": "bubblewrap", "status": "passed", "detail": ""}, out.stdout
+
+
+def test_self_test_catches_a_run_without_isolation() -> None:
+    # the probe itself must be able to fail: unisolated, it writes to the host's dirs and reaches both sockets
+    with pytest.raises(SandboxUnavailable) as failed:
+        self_test("unsandboxed")
+    assert "host saw a connection on a Unix socket" in str(failed.value)
+    assert "a file landed in " in str(failed.value)
+    assert list(Path(tempfile.gettempdir()).glob("codeparrot-selftest-*")) == []
