@@ -14,6 +14,7 @@ from .config import SECTIONS, ConfigError, describe_config, load_config, section
 from .corpus.engine import SubmittedToSlurm
 from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
+from .divergence import TrainingDiverged
 from .hub import HubError
 from .logs import setup_logging
 from .pipeline import STEPS, Step, run_pipeline
@@ -246,7 +247,7 @@ def _run(args: argparse.Namespace) -> None:
 
 # Expected failures (bad config or input, refused resume, damaged checkpoint) get a message, not a trace.
 EXPECTED_ERRORS = (ConfigError, TooManyBadRecords, FileNotFoundError, ValueError, CheckpointError, SandboxUnavailable,
-                   HubError)
+                   HubError, TrainingDiverged)
 
 
 def error_message(e: BaseException) -> str | None:

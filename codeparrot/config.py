@@ -237,6 +237,10 @@ class TrainConfig:
     tf32: bool = setting(True, "TF32 for fp32 matmuls on CUDA")
     record_batch_digests: bool = setting(False, "log a sha1 of each step's token ids as data/batch_sha1 (resume "
                                                 "checks)")
+    skip_spikes: bool = setting(False, "skip the update of a step whose loss or grad norm passes the rolling mean + "
+                                       "spike_sigma x std (OLMo-core's SkipStepAdamW); non-finite steps always stop")
+    spike_sigma: float = setting(6.0, "how many standard deviations above the rolling mean make a spike")
+    spike_window: int = setting(128, "optimizer steps in the rolling mean and std of skip_spikes")
 
 
 QUALITY_CHOICES = ("", "low", "medium", "high")  # "" + corpus/quality.py's QUALITY_BUCKETS (a test keeps them equal)
@@ -440,6 +444,10 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
     "hub.final_wait", "hub.license", "hub.datasets",
     # Not here: data.num_workers, because it changes which DataLoader worker reads which files, hence the batches.
 })
+
+# Keys added after runs existed: part of a run's identity only when set away from their default, so that a run
+# saved before they existed still resumes.
+IDENTITY_WHEN_SET: frozenset[str] = frozenset({"train.skip_spikes", "train.spike_sigma", "train.spike_window"})
 
 # YAML's null spellings plus "none" (what a Python user types); bools also take YAML 1.1's words, in any case.
 _NULL_WORDS = ("", "null", "~", "none")
@@ -705,9 +713,13 @@ def identity(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
             _field_type(section, key, "identity")
         elif section not in SECTIONS:
             raise ConfigError(f"identity: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        default = type(getattr(cfg, section))()
         for name in [key] if key else list(_FIELDS[section]):
-            if f"{section}.{name}" not in RUNTIME_KEYS:
-                out.setdefault(section, {})[name] = copy.deepcopy(getattr(getattr(cfg, section), name))
+            value = getattr(getattr(cfg, section), name)
+            if f"{section}.{name}" in RUNTIME_KEYS or (f"{section}.{name}" in IDENTITY_WHEN_SET
+                                                      and value == getattr(default, name)):
+                continue
+            out.setdefault(section, {})[name] = copy.deepcopy(value)
     return out
 
 

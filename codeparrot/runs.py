@@ -18,7 +18,7 @@ import yaml
 
 from .artifacts import CheckpointError
 from .config import Config, ConfigError, canonical_json, config_from_dict, identity, load_config
-from .hub import HUB_PREFIX, fetch_checkpoint
+from .hub import HUB_PREFIX, fetch_checkpoint_once
 from .model import save_hf
 from .tokenizer import TOKENIZER_FILE, set_model_max_length
 
@@ -38,6 +38,7 @@ class TrainerState:
     best_val_loss: float = float("inf")
     config_fingerprint: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)  # eval results so far
+    spikes: dict[str, Any] = field(default_factory=dict)  # divergence.SpikeGuard's rolling statistics and count
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -79,13 +80,9 @@ def training_fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
     return canonical_json({**identity(cfg, ("model", "data", "train")), "inputs": inputs})
 
 
-def fetch_on_main_first(spec: str, cfg: Config, into: Path) -> Path:
-    """Download a `hub:` checkpoint once: the main process first, the others then find it in place."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).main_process_first():
-        return fetch_checkpoint(spec, cfg.hub, into)
+def fetch_on_main_first(spec: str, cfg: Config, into: Path, training_state: bool = False) -> Path:
+    """Download a `hub:` checkpoint once per node (the weights; with `training_state`, all an exact resume needs)."""
+    return fetch_checkpoint_once(spec, cfg.hub, into, training_state)
 
 
 def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, TrainerState | None]:
@@ -97,7 +94,7 @@ def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, 
     if resume == "none":
         return None, None
     if resume.startswith(HUB_PREFIX):
-        ckpt = fetch_on_main_first(resume, cfg, out / "hub")
+        ckpt = fetch_on_main_first(resume, cfg, out / "hub", training_state=True)
         if not (ckpt / "accelerate").is_dir():  # pushed without hub.include_training_state
             log.warning("train: %s holds the weights only, not the optimizer and data state: starting a new run "
                         "from its weights (push with hub.include_training_state=true to resume exactly)", resume)

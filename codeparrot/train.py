@@ -26,6 +26,7 @@ from .config import Config, ConfigError, TrainConfig, accumulation_steps
 from .data.packing import make_dataloader
 from .data.splits import split_dataset
 from .data.pretokenize import check_tokenizer
+from .divergence import SpikeGuard, TrainingDiverged, check_step, diverged_message
 from .evaluate import evaluate_loss
 from .hub import start_pusher
 from .metrics import MetricsLogger
@@ -180,8 +181,10 @@ def micro_weights(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator
 
 
 def train_step(model, optimizer, batches: Iterator, accelerator: Accelerator, accumulation: int,
-               max_grad_norm: float, lr: float) -> StepResult:
-    """One optimizer step over `accumulation` micro-batches, at learning rate `lr`."""
+               max_grad_norm: float, lr: float,
+               approve: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None) -> StepResult:
+    """One optimizer step over `accumulation` micro-batches, at learning rate `lr`; `approve(loss, grad_norm)`
+    may skip the update (False) or stop the run (raise) first."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     start = time.perf_counter()
@@ -198,7 +201,8 @@ def train_step(model, optimizer, batches: Iterator, accelerator: Accelerator, ac
             accelerator.backward(loss)
         step_loss += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    if approve is None or approve(step_loss, grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(step_loss, grad_norm, micro, wait, tokens)
 
@@ -298,6 +302,41 @@ class Loop:
     tokens_per_step: int  # of fixed-size blocks; batches that carry targets count their own
     evaluate: Optional[Callable[[int, TrainerState], None]] = None  # at step 0, every eval_interval, at the end
     after_step: Optional[Callable[[int, TrainerState], None]] = None  # e.g. fine-tuning's epoch-end sample
+    section: str = "train"  # the config section a user edits for this loop's settings (errors name its keys)
+
+
+def step_approver(loop: Loop) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+    """The check before each optimizer step: stop on a non-finite loss or grad norm (any rank), skip a spike."""
+    t, acc, state = loop.cfg.train, loop.accelerator, loop.state
+    guard = SpikeGuard(t.spike_sigma if t.skip_spikes else 0.0, t.spike_window)
+    guard.load_state_dict(state.spikes)
+
+    def approve(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        check = check_step(loss, grad_norm, acc.process_index, acc.num_processes, acc.reduce)
+        if not check.finite:
+            last = latest_checkpoint(loop.checkpointer.directory)
+            raise TrainingDiverged(diverged_message(state.step + 1, check, str(last or ""), loop.section))
+        why = guard.spike(check.loss, check.grad_norm)
+        if why:
+            guard.skipped += 1
+            log.warning("train: step %d skipped (%s); %d skipped so far", state.step + 1, why, guard.skipped)
+            loop.metrics.record({"train/skipped_steps": guard.skipped}, state.step + 1)
+        else:
+            guard.record(check.loss, check.grad_norm)
+        state.spikes = guard.state_dict()
+        return not why
+
+    return approve
+
+
+def _check_eval(loop: Loop) -> None:
+    """A non-finite validation loss stops the run before that step's checkpoint could become the latest."""
+    result = loop.state.history[-1] if loop.state.history else {}
+    if "loss" in result and not math.isfinite(result["loss"]):
+        last = latest_checkpoint(loop.checkpointer.directory)
+        raise TrainingDiverged(f"evaluation at step {result['step']} gave loss {result['loss']}; stopped before "
+                               f"saving it; last good checkpoint: {last or 'none'}. Lower "
+                               f"{loop.section}.learning_rate (or lengthen the warmup) and resume from it")
 
 
 def fit(loop: Loop) -> dict[str, Any]:
@@ -309,10 +348,12 @@ def fit(loop: Loop) -> dict[str, Any]:
             loop.evaluate(0, state)
     loop.model.train()
     batches, start_step, first_digest = iter(loop.train_loader), state.step, ""
+    approve = step_approver(loop)
     start = time.perf_counter()
     while state.step < t.max_steps:
         lr = lr_at(state.step)
-        result = train_step(loop.model, loop.optimizer, batches, acc, loop.accumulation, t.max_grad_norm, lr)
+        result = train_step(loop.model, loop.optimizer, batches, acc, loop.accumulation, t.max_grad_norm, lr,
+                            approve)
         state.step += 1
         tokens = loop.tokens_per_step if result.tokens is None else int(result.tokens)
         state.tokens_seen += tokens
@@ -330,6 +371,7 @@ def fit(loop: Loop) -> dict[str, Any]:
             with metrics.paused():  # left out of the throughput window
                 if do_eval:
                     loop.evaluate(state.step, state)
+                    _check_eval(loop)
                 if loop.after_step is not None:
                     loop.after_step(state.step, state)
                 if save or end:

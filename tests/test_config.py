@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from codeparrot.config import (
-    CHOICES, RUNTIME_KEYS, SECTIONS, Config, ConfigError, TrainConfig, accumulation_steps, config_from_dict,
+    CHOICES, IDENTITY_WHEN_SET, RUNTIME_KEYS, SECTIONS, Config, ConfigError, TrainConfig, accumulation_steps, config_from_dict,
     describe_config, identity, load_config, parse_override, section_summary,
 )
 
@@ -437,10 +437,18 @@ def test_identity_of_sections_leaves_runtime_keys_out():
         for key in values:
             assert f"{section}.{key}" not in RUNTIME_KEYS
         expected = {f.name for f in dataclasses.fields(SECTIONS[section])} - {
-            k.split(".")[1] for k in RUNTIME_KEYS if k.startswith(section + ".")}
+            k.split(".")[1] for k in RUNTIME_KEYS | IDENTITY_WHEN_SET if k.startswith(section + ".")}
         assert set(values) == expected
     assert ident["train"]["learning_rate"] == cfg.train.learning_rate
     assert ident["data"]["num_workers"] == 0
+
+
+def test_keys_added_later_join_the_identity_only_when_set():
+    # a run saved before train.skip_spikes existed keeps its fingerprint (and resumes); turning it on changes it
+    plain, on = Config(), load_config(None, ["train.skip_spikes=true"])
+    assert "skip_spikes" not in identity(plain, ["train"])["train"]
+    assert identity(on, ["train"])["train"]["skip_spikes"] is True
+    assert identity(load_config(None, ["train.spike_sigma=3"]), ["train"])["train"]["spike_sigma"] == 3.0
 
 
 def test_identity_changes_with_results_not_with_runtime_keys():

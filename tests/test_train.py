@@ -1,6 +1,7 @@
 """Training loop: schedule, perplexity, checkpoints, exact resume, and two real CPU processes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -261,3 +262,73 @@ def test_fsdp2_builds_on_meta_shards_trains_every_weight_and_saves_a_transformer
     ours = load_hf(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-4)
+
+
+def _finite_checkpoints(run: Path) -> dict[int, str]:
+    """step -> sha1 of model.safetensors of every complete checkpoint, each checked to hold finite weights."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for ckpt in sorted(run.glob("step-*")):
+        weights = load_file(ckpt / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), ckpt
+        assert all(math.isfinite(h["loss"]) for h in read_trainer_state(ckpt).history), ckpt
+        found[int(ckpt.name.split("-")[1])] = hashlib.sha1((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    return found
+
+
+def _run_worker(workdir: Path, kind: str, rank: int, first: int, *overrides: str, two: bool = False):
+    """tests/nan_worker.py: `codeparrot train` with the loss poisoned on one rank from step `first` on."""
+    launcher = [sys.executable]
+    env = SUBPROCESS_ENV
+    if two:
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+        env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
+    cmd = launcher + [str(Path(__file__).with_name("nan_worker.py")), kind, str(rank), str(first),
+                      f"paths.workdir={workdir}", "corpus.valid_fraction=0.3", *TINY, *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(workdir):
+    """lr 1000 (the issue's run): exit 2 with one message; no checkpoint at or after that step; those before it
+    hold finite weights and losses."""
+    cmd = [sys.executable, "-m", "codeparrot", "train", f"paths.workdir={workdir}", "corpus.valid_fraction=0.3",
+           *TINY, "train.run_name=diverge", "train.max_steps=30", "train.learning_rate=1000", "train.save_interval=1",
+           "train.eval_interval=100"]
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "training diverged at step" in message and "nothing saved after it" in message, message
+    assert "train.learning_rate" in message and "Traceback" not in proc.stderr
+    step = int(message.split("at step ")[1].split(":")[0])
+    saved = _finite_checkpoints(workdir / "runs" / "diverge")
+    assert step > 1 and sorted(saved) == list(range(1, step)), (step, sorted(saved))
+    assert f"last good checkpoint: {workdir / 'runs' / 'diverge' / f'step-{step - 1}'}" in message
+
+
+@pytest.mark.slow
+def test_nan_on_rank_1_only_stops_both_ranks_before_the_step(workdir):
+    """Two gloo processes; rank 1's loss is nan from step 5: both stop there, step-3 is untouched, no step-6."""
+    proc = _run_worker(workdir, "nan", 1, 5, "train.run_name=nan2", "train.max_steps=9", two=True)
+    assert proc.returncode != 0
+    assert "training diverged at step 5" in proc.stderr and "on rank 1 (losses by rank:" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "last good checkpoint:" in proc.stderr and "nan2/step-3" in proc.stderr
+    by_rank = proc.stderr.split("losses by rank: ")[1].split(")")[0].split(", ")
+    assert len(by_rank) == 2 and math.isfinite(float(by_rank[0])) and by_rank[1] == "nan"  # a world of 2
+    assert sorted(_finite_checkpoints(workdir / "runs" / "nan2")) == [3]
+
+
+def test_skip_spikes_skips_an_injected_spike_and_trains_on(workdir):
+    """A x50 loss at step 25 after 24 calm steps: skipped (weights kept), counted, logged; the run finishes."""
+    common = ["train.max_steps=27", "train.save_interval=100", "train.eval_interval=100", "train.warmup_steps=1",
+              "train.learning_rate=0.0003"]
+    proc = _run_worker(workdir, "spike", 0, 25, "train.run_name=spiky", "train.skip_spikes=true",
+                       "train.spike_sigma=6", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: step 25 skipped (loss" in proc.stderr and "1 skipped so far" in proc.stderr
+    state = read_trainer_state(workdir / "runs" / "spiky" / "step-27")
+    assert state.spikes["skipped"] == 1 and len(state.spikes["losses"]) == 26
+    plain = _run_worker(workdir, "spike", 0, 25, "train.run_name=unguarded", *common)
+    assert plain.returncode == 0 and "skipped" not in plain.stderr  # off by default: the spike trains

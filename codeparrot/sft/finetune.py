@@ -221,7 +221,7 @@ def build_loop(run_cfg: Config, acc, r: Records, rows: list, out: Path, fp: str,
                             out / "logs" / "samples.jsonl")
     evaluator = SFTEvaluator(model, acc, batches["train"], batches["valid"], metrics, writer, per_epoch)
     return Loop(run_cfg, acc, model, optimizer, train_loader, checkpointer, metrics, state, r.base, r.eos_id,
-                s.gradient_accumulation_steps, 0, evaluator, evaluator.after_step)
+                s.gradient_accumulation_steps, 0, evaluator, evaluator.after_step, section="sft")
 
 
 def run_sft(cfg: Config) -> dict[str, Any]:
