@@ -76,15 +76,27 @@ def nucleus_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> Option
     """The kept tokens of filter_logits, found among the top candidates instead of sorting the whole vocabulary.
 
     Returns (logits [B, K] of the candidates with the dropped ones at -inf, their token ids [B, K]), or None when
-    some row's nucleus is larger than the candidates (the caller then sorts everything).
+    the candidates cannot be shown to hold all that filter_logits keeps (the caller then sorts everything).
     """
-    k = min(logits.size(-1), top_k if top_k > 0 else NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES)
-    values, ids = logits.topk(k, dim=-1)  # [B, K], most likely first
+    V = logits.size(-1)
+    top_k = top_k if 0 < top_k < V else 0  # top-k of the whole vocabulary keeps everything, as in filter_logits
+    if top_k > NUCLEUS_CANDIDATES or (not top_k and top_p >= 1.0):
+        # the nucleus is normalised over all top_k tokens, more than the candidates hold; or nothing is filtered
+        return None
+    # one extra candidate shows whether a tie at the k-th logit makes filter_logits keep more than top_k tokens
+    values, ids = logits.topk(min(V, top_k + 1 if top_k else NUCLEUS_CANDIDATES), dim=-1)  # [B, K], most likely first
+    if top_k:
+        if top_k < values.size(-1) and bool((values[:, top_k] == values[:, top_k - 1]).any()):
+            return None
+        values, ids = values[:, :top_k], ids[:, :top_k]
+    if top_p >= 1.0:
+        return values, ids  # top-k only (filter_logits skips the nucleus, so must we: rounding could drop a token)
     # probabilities over what top-k keeps (the whole vocabulary when top_k is off), as filter_logits computes them
-    total = values.logsumexp(-1, keepdim=True) if 0 < top_k <= k else logits.logsumexp(-1, keepdim=True)
+    total = values.logsumexp(-1, keepdim=True) if top_k else logits.logsumexp(-1, keepdim=True)
     probs = (values - total).exp()
     mass_before = probs.cumsum(dim=-1) - probs  # [B, K]: mass of the tokens ranked above each
-    if top_p < 1.0 and bool((mass_before[:, -1] + probs[:, -1] < top_p).any()):
+    # with top-k off, a token past the candidates is kept when the candidates hold less than top_p
+    if not top_k and values.size(-1) < V and bool((mass_before[:, -1] + probs[:, -1] < top_p).any()):
         return None
     return values.masked_fill(mass_before >= top_p, float("-inf")), ids
 
@@ -119,6 +131,11 @@ def first_stop(text: str, stop: Sequence[str]) -> int:
 
 OnToken = Callable[[int, list[int]], None]  # (sample index, its generated tokens so far): called after each token
 
+# Finished rows stay in the batch, masked, until this fraction of the cache's rows is finished: compacting copies
+# every layer's whole max_len cache (~21 GB at batch 100 on a large model), while a masked row costs only its
+# share of one decode step.
+COMPACT_FINISHED = 0.5
+
 
 @torch.no_grad()
 def sample_prompt(model: GPT, prompt: list[int], cfg: SamplingConfig, gen: Optional[torch.Generator],
@@ -133,21 +150,25 @@ def sample_prompt(model: GPT, prompt: list[int], cfg: SamplingConfig, gen: Optio
     logits = logits.expand(cfg.n, -1)  # [n, V]
     tokens: list[list[int]] = [[] for _ in range(cfg.n)]
     done: list[Optional[Completion]] = [None] * cfg.n
-    active = list(range(cfg.n))  # sample index of each row still in the batch
+    rows = list(range(cfg.n))  # sample index of each cache row
+    live = list(range(cfg.n))  # the cache rows whose samples are not finished
     for step in range(cfg.max_new_tokens):
-        picked = next_tokens(logits, cfg, gen).tolist()
-        keep = [r for r, (i, tok) in enumerate(zip(active, picked))
-                if not finish_row(i, tok, tokens, done, cfg, decode)]
+        # only live rows draw, so that the random stream (one uniform per row) is that of a fully compacted batch
+        live_logits = logits if len(live) == len(rows) else logits[torch.tensor(live, device=device)]
+        picked = dict(zip(live, next_tokens(live_logits, cfg, gen).tolist()))
+        live = [r for r in live if not finish_row(rows[r], picked[r], tokens, done, cfg, decode)]
         if on_token is not None:
-            for i in (i for i in active if done[i] is None):  # a finished sample's text is its Completion's
-                on_token(i, tokens[i])
-        if not keep or step == cfg.max_new_tokens - 1:
+            for r in live:  # a finished sample's text is its Completion's
+                on_token(rows[r], tokens[rows[r]])
+        if not live or step == cfg.max_new_tokens - 1:
             break
-        if len(keep) < len(active):  # finished rows leave the batch, so they cost nothing further
-            rows = torch.tensor(keep, device=device)
-            cache.keep_rows(rows)
-            active = [active[r] for r in keep]
-        ids = torch.tensor([[picked[r]] for r in keep], device=device)  # [B', 1]
+        finished = len(rows) - len(live)
+        if finished and finished >= COMPACT_FINISHED * len(rows):
+            cache.keep_rows(torch.tensor(live, device=device))
+            picked = {new: picked[old] for new, old in enumerate(live)}
+            rows, live = [rows[r] for r in live], list(range(len(live)))
+        # a finished row feeds any token (0): its cache and logits are never read again
+        ids = torch.tensor([[picked.get(r, 0)] for r in range(len(rows))], device=device)  # [B, 1]
         logits = model(ids, kv_cache=cache, start_pos=T + step).logits[:, -1]
     return [d if d is not None else completion(tokens[i], "length", decode) for i, d in enumerate(done)]
 
@@ -157,6 +178,22 @@ def completion(tokens: list[int], finish: str, decode: Optional[Callable[[list[i
     return Completion(tokens, decode(tokens) if decode is not None else "", finish)
 
 
+STOP_WINDOW_MARGIN = 4  # more tokens searched: a decoder may drop a token's text (a skipped special token)
+
+
+def tail_has_stop(tokens: list[int], stop: Sequence[str], decode: Callable[[list[int]], str]) -> bool:
+    """Whether a stop string occurs in the text of the last few tokens, enough to hold any it can have completed.
+
+    A stop string new in the whole text ends in the last token's bytes (the text before it decodes as it did a
+    step earlier) and starts at most its UTF-8 length in bytes before; every token decodes to at least one byte,
+    so that many tokens before the last one cover it. A character cut at the window's start decodes to U+FFFD
+    and UTF-8 resynchronises at the next character, so the text after it is the whole text's.
+    """
+    window = max(len(s.encode("utf-8")) for s in stop) + 1 + STOP_WINDOW_MARGIN
+    tail = decode(tokens[-window:])
+    return any(s in tail for s in stop if s)
+
+
 def finish_row(i: int, tok: int, tokens: list[list[int]], done: list[Optional[Completion]], cfg: SamplingConfig,
                decode: Optional[Callable[[list[int]], str]]) -> bool:
     """Append tok to sample i; record its Completion and return True when EOS or a stop string ends it."""
@@ -164,12 +201,13 @@ def finish_row(i: int, tok: int, tokens: list[list[int]], done: list[Optional[Co
         done[i] = completion(tokens[i], "eos", decode)
         return True
     tokens[i].append(tok)
-    if not cfg.stop:
+    # decoding the whole output at every step would cost quadratic time: look in its tail, cut in the whole once
+    if not cfg.stop or not tail_has_stop(tokens[i], cfg.stop, decode):
         return False
     text = decode(tokens[i])  # generated tokens only: a stop string inside the prompt must not end the sample
     cut = first_stop(text, cfg.stop)
     if cut < 0:
-        return False
+        return False  # the window's text differs from the whole text's only at a character cut at its start
     done[i] = Completion(tokens[i], text[:cut], "stop")
     return True
 

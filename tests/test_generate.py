@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from codeparrot.generate import Infill, SamplingConfig, filter_logits, prompt_ids, sample
+import codeparrot.generate as gen_mod
+from codeparrot.generate import (Completion, Infill, SamplingConfig, filter_logits, first_stop, nucleus_candidates,
+                                  prompt_ids, sample)
 from codeparrot.model import GPT, GPTConfig, KVCache, generate, save_hf
 from codeparrot.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, quality_token, train_on
 
@@ -122,6 +124,108 @@ def test_filter_logits():
     # probs ~ [0.09, 0.64, 0.24, 0.03]: 0.64 < 0.7 so the second-ranked token stays, the rest go
     assert filter_logits(logits, 0, 0.7).tolist() == [[inf, 3.0, 2.0, inf]]
     assert filter_logits(logits, 0, 0.5).tolist() == [[inf, 3.0, inf, inf]]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1000, 1.0), (300, 0.5), (300, 1.0), (256, 0.99), (0, 0.95), (0, 0.5),
+                                         (50, 0.9), (10, 0.3), (5000, 1.0)])
+def test_nucleus_fast_path_equals_filter_logits(top_k, top_p):
+    """Where the fast path answers, its kept tokens and probabilities are filter_logits' + softmax, for any top_k."""
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 4.0):  # flat logits: nuclei of hundreds of tokens; peaked: a handful
+        logits = torch.randn(4, 2000, generator=gen) * scale  # [B, V]
+        ref = filter_logits(logits, top_k, top_p).softmax(dim=-1)  # [B, V]
+        found = nucleus_candidates(logits, top_k, top_p)
+        if found is None:  # the caller falls back to filter_logits itself
+            assert top_k > gen_mod.NUCLEUS_CANDIDATES or scale == 1.0, "the fast path should answer here"
+            continue
+        kept, ids = found
+        fast = torch.zeros_like(ref).scatter(1, ids, kept.softmax(dim=-1))
+        kept_fast, kept_ref = int((fast > 0).sum()), int((ref > 0).sum())
+        assert torch.equal(fast > 0, ref > 0), f"fast path kept {kept_fast} tokens, filter_logits {kept_ref}"
+        torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+
+
+def keep_rows_counter(monkeypatch) -> list[int]:
+    """Count KVCache.keep_rows calls (each one compacts every layer's cache)."""
+    calls: list[int] = []
+    original = KVCache.keep_rows
+
+    def counted(self, rows):
+        calls.append(len(rows))
+        original(self, rows)
+
+    monkeypatch.setattr(KVCache, "keep_rows", counted)
+    return calls
+
+
+def test_finished_rows_are_masked_until_half_are_done(model, tok, monkeypatch):
+    """Finished rows ride along masked; the cache is compacted only when half of its rows are done, and the
+    completions are those of compacting after every finish."""
+    prompt = encode(tok, PROMPTS[0])
+    free = sample(model, [prompt], SamplingConfig(n=16, max_new_tokens=30, temperature=1.0, top_k=5, seed=0))[0]
+    eos_id = free[0].tokens[3]  # a token that really occurs, so that rows end at many different steps
+    cfg = SamplingConfig(n=16, max_new_tokens=30, temperature=1.0, top_k=5, eos_id=eos_id, seed=0)
+    calls = keep_rows_counter(monkeypatch)
+    monkeypatch.setattr(gen_mod, "COMPACT_FINISHED", 0.0, raising=False)  # compact after every finish (the old way)
+    every = sample(model, [prompt], cfg)[0]
+    n_every = len(calls)
+    monkeypatch.setattr(gen_mod, "COMPACT_FINISHED", 0.5, raising=False)
+    masked = sample(model, [prompt], cfg)[0]
+    n_masked = len(calls) - n_every
+    ends = sorted({len(c.tokens) for c in every if c.finish == "eos"})
+    assert len(ends) >= 6, "rows should finish at many different steps"
+    assert [(c.tokens, c.finish) for c in masked] == [(c.tokens, c.finish) for c in every]
+    assert n_every >= len(ends) - 1 and n_masked < n_every
+
+
+def full_decode_finish_row(i, tok, tokens, done, cfg, decode) -> bool:
+    """The reference: decode the sample's whole output after every token and look for the stop strings in it."""
+    if cfg.eos_id is not None and tok == cfg.eos_id:
+        done[i] = Completion(tokens[i], decode(tokens[i]), "eos")
+        return True
+    tokens[i].append(tok)
+    if not cfg.stop:
+        return False
+    text = decode(tokens[i])
+    cut = first_stop(text, cfg.stop)
+    if cut < 0:
+        return False
+    done[i] = Completion(tokens[i], text[:cut], "stop")
+    return True
+
+
+def test_stop_window_equals_full_decode(model, tok, monkeypatch):
+    """Searching the last few tokens finds every stop string that decoding the whole output finds, at the same
+    token, and cuts the text at the same place; random byte tokens give split (multi-byte) characters too."""
+    decode = decoder(tok)
+    prompts = [encode(tok, t) for t in PROMPTS]
+    free = sample(model, prompts, SamplingConfig(n=4, max_new_tokens=30, temperature=1.5, seed=1), decode)
+    texts = [c.text for rows in free for c in rows]
+    stops = [texts[0][10:13], texts[5][4:6], texts[9][12:20], "\n", "):"]
+    cfg = SamplingConfig(n=4, max_new_tokens=30, temperature=1.5, seed=1, stop=stops)
+    ours = sample(model, prompts, cfg, decode)
+    monkeypatch.setattr(gen_mod, "finish_row", full_decode_finish_row)
+    ref = sample(model, prompts, cfg, decode)
+    assert ours == ref
+    assert sum(c.finish == "stop" for rows in ref for c in rows) >= 4
+
+
+def test_stop_search_work_is_linear(model, tok):
+    """Each step decodes a bounded tail of its row, not the whole output: decoded tokens grow linearly."""
+    decode = decoder(tok)
+    prompt = encode(tok, PROMPTS[3])
+
+    def decoded_tokens(max_new_tokens: int) -> int:
+        seen: list[int] = []
+        counting = lambda ids: (seen.append(len(ids)), decode(ids))[1]  # noqa: E731
+        [[c]] = sample(model, [prompt], SamplingConfig(max_new_tokens=max_new_tokens, stop=["@@@"]), counting)
+        assert c.finish == "length"
+        return sum(seen)
+
+    short, long = decoded_tokens(20), decoded_tokens(60)
+    # a window of a few tokens per step, one whole decode for the Completion; the whole-output search decodes
+    # 1 + 2 + ... + 60 tokens, and each step past the 20th costs it 21 to 60
+    assert long <= 60 * 10 + 60 and long - short <= 40 * (10 + 1)
 
 
 def test_sampled_rows_follow_their_own_prefix(model, tok):
