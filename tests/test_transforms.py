@@ -246,3 +246,47 @@ def test_split_dataset_applies_fim_to_train_only_and_refuses_an_old_tokenizer(to
     with pytest.raises(ValueError, match="train-tokenizer"):
         split_dataset(cfg, "train", old, 0, 1, infinite=False)
     assert split_dataset(off, "train", old, 0, 1, infinite=False).transforms is None  # transforms off: no need
+
+
+# --- token shards cut at characters ---------------------------------------------------------------
+
+def test_shard_fim_decodes_and_cuts_like_the_streaming_path(tok, ids, texts):
+    """With the tokenizer as codec, a fragment of token ids is FIM'd exactly as its text is when streaming."""
+    t = Transforms(ids, quality_tokens=True, fim_rate=0.7, fim_spm_rate=0.5, codec=tok)
+    n_fim = 0
+    for i, text in enumerate(texts):
+        key = document_key(5, 0, i)
+        cut, streamed = text_document(tok, t, text, key, bucket=i % 3)
+        assert t.tokens(encode(tok, text), key, i % 3) == streamed
+        n_fim += cut is not None
+    assert 15 < n_fim < len(texts)
+
+
+def test_shard_prefixes_end_in_a_bare_newline_before_indented_lines(tok, ids):
+    """The shape of every infilling prompt: `):\\n` then an indented middle. Cut at tokens, no prefix ever ends so
+    (`\\n    ` is one token); cut at characters, about one prefix in 10 here does."""
+    code = "".join(f"def f{i}(x):\n    y = x + {i}\n    if y:\n        return y\n    return 0\n\n" for i in range(8))
+    doc = encode(tok, code)
+
+    def bare_newline_prefixes(t: Transforms) -> int:
+        found = 0
+        for k in range(400):
+            out = t.tokens(doc, document_key(9, k), UNKNOWN_QUALITY)
+            prefix = out[1:out.index(ids.suffix)]
+            middle = out[out.index(ids.middle) + 1:]
+            found += tok.decode(prefix).endswith("\n") and tok.decode(middle).startswith(" ")
+        return found
+
+    assert bare_newline_prefixes(Transforms(ids, fim_rate=1.0, fim_spm_rate=0.0)) == 0  # token cut (old shards)
+    assert bare_newline_prefixes(Transforms(ids, fim_rate=1.0, fim_spm_rate=0.0, codec=tok)) >= 10
+
+
+def test_a_fragment_cut_inside_a_character_falls_back_to_a_token_cut(tok, ids):
+    # a block boundary may fall inside a multi-byte character: such a fragment decodes to U+FFFD somewhere
+    byte_tokens = [tok.token_to_id(c) for c in ("æ", "Ĺ", "¥")]  # the bytes of 日 (E6 97 A5), one token each
+    assert None not in byte_tokens
+    frag = byte_tokens[1:] + encode(tok, "x = 1\n" * 5)
+    assert "\ufffd" in tok.decode(frag)
+    t = Transforms(ids, fim_rate=1.0, fim_spm_rate=0.0, codec=tok)
+    out = t.tokens(frag, document_key(1), UNKNOWN_QUALITY)
+    assert untransform(out, ids) == (UNKNOWN_QUALITY, frag)  # the ids kept exactly, cut between tokens

@@ -31,7 +31,8 @@ def split_dataset(cfg: Config, split: str, tokenizer, rank: int, world_size: int
     quality_tokens = d.quality_tokens or condition is not None
     transforms = None
     if quality_tokens or fim_rate > 0:
-        transforms = Transforms(SpecialIds.from_tokenizer(tokenizer), quality_tokens, fim_rate, d.fim_spm_rate)
+        transforms = Transforms(SpecialIds.from_tokenizer(tokenizer), quality_tokens, fim_rate, d.fim_spm_rate,
+                                codec=tokenizer)
     if d.pretokenized and only is None and condition is None:
         # token shards: blocks read by memmap, train order shuffled by (train.seed, epoch)
         return TokenShardDataset(cfg.paths.resolve("tokens"), split, seq_length, infinite=infinite,

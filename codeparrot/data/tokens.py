@@ -5,8 +5,8 @@ re-exported here for the callers that read tokens/.
 
 `TokenShardDataset` treats a split as one stream, the concatenation of its files in `meta.json` order, cut into
 `seq_length` blocks: a block may span two files, and only the final partial block of the split is dropped. With
-transforms (data/transforms.py), each block's documents get their quality token and their FIM form, cut at token
-level, as bigcode's Megatron-LM does per sample: see `transform_block`.
+transforms (data/transforms.py), each block's documents get their quality token and their FIM form, each fragment
+decoded and cut at characters, as bigcode's Megatron-LM does per sample: see `transform_block`.
 """
 from __future__ import annotations
 

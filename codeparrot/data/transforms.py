@@ -6,16 +6,18 @@ A transformed document is (a contract shared with generation, which builds its p
 - SPM (StarCoder's, as bigcode's Megatron-LM writes it): `[<fim_prefix>, <fim_suffix>] + S + [<fim_middle>] + P + M`;
 - both: the quality token first, then the FIM form. The data paths add EOS after each document, as without transforms.
 
-A FIM document is cut at two uniform points, sorted, into prefix P, middle M and suffix S: at character level in
-the streaming path (data/packing.py tokenizes the three pieces apart) and at token level in the token-shard path
-(data/tokens.py, `transform_block`). Every random choice is a function of a document key, (seed, epoch, document),
+A FIM document is cut at two uniform character positions, sorted, into prefix P, middle M and suffix S, and the
+three pieces are tokenized apart: in the streaming path (data/packing.py) from the text, in the token-shard path
+(data/tokens.py, `transform_block`) from the fragment decoded back to text, as bigcode's Megatron-LM does. A cut at
+token boundaries only would never end a prefix in a bare newline before an indented line (`\n   ` is one token),
+the very shape of an infilling prompt. The same key gives the same cut in both paths. Every random choice is a function of a document key, (seed, epoch, document),
 never of a running RNG: a resumed or differently sharded run transforms each document as an uninterrupted one does.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence, TypeVar
+from typing import Any, NamedTuple, Sequence, TypeVar
 
 from ..corpus.quality import QUALITY_BUCKETS, UNKNOWN_QUALITY
 from ..tokenizer import FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, quality_token
@@ -123,6 +125,7 @@ class Transforms:
     quality_tokens: bool = False
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
+    codec: Any = None  # the tokenizers.Tokenizer of token shards: FIM decodes a fragment, cuts text, encodes pieces
 
     def __post_init__(self) -> None:
         for name in ("fim_rate", "fim_spm_rate"):
@@ -151,9 +154,16 @@ class Transforms:
         return out + fim_join(*pieces, cut.spm, self.ids)
 
     def tokens(self, doc: Sequence[int], key: bytes, bucket: int) -> list[int]:
-        """A document given as token ids, transformed (token-level cut points)."""
-        cut = self.cut(key, len(doc))
-        return self.assemble((doc,) if cut is None else split_at(doc, cut), cut, bucket)
+        """A document given as token ids, transformed: cut at characters when there is a codec, else at tokens."""
+        text = self.codec.decode(list(doc), skip_special_tokens=False) if self.codec and self.fim_rate else None
+        if text is None or "\ufffd" in text:  # no codec, or a fragment cut inside a UTF-8 character: token cut
+            cut = self.cut(key, len(doc))
+            return self.assemble((doc,) if cut is None else split_at(doc, cut), cut, bucket)
+        cut = self.cut(key, len(text))
+        if cut is None:
+            return self.assemble((doc,), None, bucket)
+        pieces = self.codec.encode_batch_fast(list(split_at(text, cut)), add_special_tokens=False)
+        return self.assemble([p.ids for p in pieces], cut, bucket)
 
 
 def transform_block(block: Sequence[int], eos: int, doc_starts: dict[int, int], transforms: Transforms,
