@@ -207,25 +207,57 @@ def parse_hub_spec(spec: str) -> tuple[str, str]:
     return repo_id, revision or "main"
 
 
-def fetch_checkpoint(spec: str, h: HubConfig, into: Path) -> Path:
-    """Download the checkpoint `hub:<repo_id>@<revision>` names into `into/<repo>@<revision>/`; its local path."""
+def checkpoint_dir(spec: str, into: Path) -> Path:
+    """Where the checkpoint `hub:<repo_id>@<revision>` is fetched to: `into/<namespace>--<name>@<revision>/`."""
+    repo_id, revision = parse_hub_spec(spec)
+    return into / f"{repo_id.replace('/', '--')}@{revision.replace('/', '--')}"
+
+
+def fetch_checkpoint(spec: str, h: HubConfig, into: Path, training_state: bool = False) -> Path:
+    """Download the checkpoint `spec` names into checkpoint_dir: weights, config and tokenizer, and with
+    `training_state` also the optimizer, RNG and data state (TRAINING_STATE) an exact resume needs; its local path."""
     from huggingface_hub import snapshot_download
 
     repo_id, revision = parse_hub_spec(spec)
     api = hub_api(h)
-    local = into / f"{repo_id.replace('/', '--')}@{revision.replace('/', '--')}"
+    local = checkpoint_dir(spec, into)
     try:
-        snapshot_download(repo_id, revision=revision, local_dir=str(local), endpoint=endpoint(h), token=api.token)
+        snapshot_download(repo_id, revision=revision, local_dir=str(local), endpoint=endpoint(h), token=api.token,
+                          ignore_patterns=None if training_state else TRAINING_STATE)
     except Exception as e:
         raise HubError(f"cannot fetch {spec} from {endpoint(h)}: {scrub(f'{type(e).__name__}: {e}', api)}") from None
     log.info("hub: fetched %s into %s", spec, local)
     return local
 
 
-def resolve_checkpoint(checkpoint: str, h: HubConfig, into: Path) -> str:
-    """A local checkpoint directory for `checkpoint`: itself, or the download of a `hub:` one."""
-    return str(fetch_checkpoint(checkpoint, h, into)) if checkpoint.startswith(HUB_PREFIX) else checkpoint
+def fetch_checkpoint_once(spec: str, h: HubConfig, into: Path, training_state: bool = False) -> Path:
+    """fetch_checkpoint on the main process of each node only: the others wait for it, then take its directory
+    without asking the Hub. A failure stops every process (none waits for a download that never comes)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
 
+    local = checkpoint_dir(spec, into)  # a bad spec fails on every process alike, before any collective
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # what Accelerator() reads
+    failure: Optional[Exception] = None
+    if state.is_local_main_process:
+        try:
+            fetch_checkpoint(spec, h, into, training_state)
+        except Exception as e:  # held until every process knows, or the others would wait at the gather forever
+            failure = e
+    # a collective, so also the barrier: no process reads the directory before its node's download is done
+    errors = [e for e in gather_object([None if failure is None else str(failure)]) if e]
+    if failure is not None:
+        raise failure
+    if errors:
+        raise HubError(f"{errors[0]} (on the main process of a node)")
+    return local
+
+
+def resolve_checkpoint(checkpoint: str, h: HubConfig, into: Path) -> str:
+    """A local checkpoint directory for `checkpoint`: itself, or the weights-only download of a `hub:` one."""
+    if not checkpoint.startswith(HUB_PREFIX):
+        return checkpoint
+    return str(fetch_checkpoint_once(checkpoint, h, into))
 
 
 def dataset_card(clean: Path) -> str:
@@ -299,8 +331,18 @@ def list_runs(cfg: Config, branch: str = "") -> dict[str, list[dict[str, Any]]]:
     return {name: step_commits(api, cfg.hub.repo_id, name) for name in names}
 
 
+def repo_tree(api: Any, repo_id: str, revision: str) -> dict[str, str]:
+    """path -> blob id of every file at a revision but .gitattributes (main keeps its own): what a checkpoint holds."""
+    from huggingface_hub import RepoFile
+
+    return {f.path: f.blob_id for f in api.list_repo_tree(repo_id, revision=revision, recursive=True)
+            if isinstance(f, RepoFile) and f.path != ".gitattributes"}
+
+
 def promote(cfg: Config, branch: str, step: Optional[int] = None) -> dict[str, Any]:
-    """Make `main` hold a run's checkpoint (its latest step, or `step`), and tag it `<branch>-step-<N>`."""
+    """Make `main` hold a run's checkpoint (its latest step, or `step`), and tag it `<branch>-step-<N>`.
+
+    Idempotent: promoting a step again commits only if main moved on since, and keeps its tag."""
     from huggingface_hub import CommitOperationCopy, CommitOperationDelete
 
     api, repo_id = hub_api(cfg.hub), cfg.hub.repo_id
@@ -309,15 +351,26 @@ def promote(cfg: Config, branch: str, step: Optional[int] = None) -> dict[str, A
     if chosen is None:
         raise ValueError(f"{repo_id}@{branch} has no commit 'step {step}'" if step is not None
                          else f"{repo_id}@{branch} has no step commits")
-    source = set(api.list_repo_files(repo_id, revision=chosen["commit"]))
-    stale = set(api.list_repo_files(repo_id, revision="main")) - source - {".gitattributes"}
-    # the Hub has no server-side merge: a commit on main that copies the checkpoint's files (and drops the rest)
-    ops = [CommitOperationDelete(path) for path in sorted(stale)] + [
-        CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=chosen["commit"])
-        for path in sorted(source)]
-    info = api.create_commit(repo_id, ops, commit_message=f"promote {branch} step {chosen['step']}",
-                             revision="main")
     tag = f"{branch}-step-{chosen['step']}"
-    api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=f"{branch} at step {chosen['step']}")
+    refs = api.list_repo_refs(repo_id)
+    tagged = next((t.target_commit for t in refs.tags if t.name == tag), None)
+    head = next(b.target_commit for b in refs.branches if b.name == "main")
+    source = repo_tree(api, repo_id, chosen["commit"])
+    # checked before main is touched: a refusal after the commit would leave main promoted but untagged
+    if tagged is not None and repo_tree(api, repo_id, tagged) != source:
+        raise HubError(f"tag {tag} of {repo_id} holds another checkpoint than {branch} step {chosen['step']} "
+                       f"(commit {chosen['commit'][:12]}), e.g. of an earlier run of that branch; main is unchanged. "
+                       f"Delete the tag to promote this one: hf repos tag delete {repo_id} {tag}")
+    commit, on_main = head, repo_tree(api, repo_id, head)
+    if on_main != source:
+        # the Hub has no server-side merge: a commit on main that copies the checkpoint's files (and drops the rest)
+        ops = [CommitOperationDelete(path) for path in sorted(set(on_main) - set(source))] + [
+            CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=chosen["commit"])
+            for path in sorted(source)]
+        commit = api.create_commit(repo_id, ops, commit_message=f"promote {branch} step {chosen['step']}",
+                                   revision="main", parent_commit=head).oid  # fails if main moved since read
+    if tagged is None:
+        api.create_tag(repo_id, tag=tag, revision=commit, tag_message=f"{branch} at step {chosen['step']}")
     log.info("hub: promoted %s step %d onto main of %s (tag %s)", branch, chosen["step"], repo_id, tag)
-    return {"repo": repo_id, "branch": branch, "step": chosen["step"], "commit": info.oid, "tag": tag}
+    return {"repo": repo_id, "branch": branch, "step": chosen["step"], "commit": commit, "tag": tag,
+            "tag_commit": tagged or commit}

@@ -119,6 +119,19 @@ def read_parts(parts: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return done
 
 
+def drop_cut_line(file: Path) -> None:
+    """Truncate a part file back to its last complete line, before a rerun appends to it.
+
+    A crash can leave the last line without its newline; appended after it, the next unit would share its line
+    and be dropped with it by read_parts, and the merge would find that unit missing."""
+    if not file.is_file():
+        return
+    with open(file, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def settings(cfg: Config, checkpoint: str) -> dict[str, Any]:
     """What decides the samples: the checkpoint and the humaneval keys other than how the work is run."""
     h = section_dict(cfg, "humaneval")["humaneval"]
@@ -170,6 +183,8 @@ def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems:
 
     h = cfg.humaneval
     done = read_parts(parts)
+    # every process must split the same todo list: none appends a unit before all have read the parts
+    accelerator.wait_for_everyone()
     todo = [u for u in units if (u.task_id, u.first) not in done]
     mine = todo[accelerator.process_index::accelerator.num_processes]
     log.info("humaneval: %d of %d sample batches done before; this process samples %d", len(units) - len(todo),
@@ -179,7 +194,9 @@ def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems:
     model, tokenizer = load_checkpoint(checkpoint, accelerator.device)
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
-    with open(parts / f"rank-{accelerator.process_index}.jsonl", "a", encoding="utf-8") as out:
+    file = parts / f"rank-{accelerator.process_index}.jsonl"
+    drop_cut_line(file)
+    with open(file, "a", encoding="utf-8") as out:
         for unit in tqdm(mine, desc="humaneval: sampling", unit="batch", disable=not accelerator.is_local_main_process):
             prompt = task_prompt(tokenizer, problems[unit.task_id], h, eos_id)
             row = {"task_id": unit.task_id, "first": unit.first, "completions": [""] * unit.count}

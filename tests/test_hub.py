@@ -211,3 +211,137 @@ def test_an_unreachable_hub_stops_training_before_it_starts(workdir, tmp_path):
     assert proc.returncode == 2 and "hub: cannot create" in proc.stderr and "Traceback" not in proc.stderr
     assert TOKEN not in proc.stderr
     assert not (workdir / "runs" / "nohub" / "step-2").exists()
+
+
+def step_commit(api, branch: str, step: int, weights: bytes) -> str:
+    """A `step N` commit on `branch` as a push makes it (a stand-in checkpoint); its id."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = {"model.safetensors": weights, "trainer_state.json": json.dumps({"step": step}).encode()}
+    info = api.create_commit(REPO, [CommitOperationAdd(p, data) for p, data in files.items()],
+                             commit_message=f"step {step}", commit_description=f"step: {step}", revision=branch)
+    return info.oid
+
+
+@pytest.fixture
+def run_branch(hub, monkeypatch):
+    """REPO with a branch `run` holding steps 2 and 4, and the config whose hub.* reaches it."""
+    from huggingface_hub import HfApi
+
+    from codeparrot.config import load_config
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo(REPO)
+    api.create_branch(REPO, branch="run")
+    step_commit(api, "run", 2, b"weights of step 2")
+    step_commit(api, "run", 4, b"weights of step 4")
+    return api, load_config(None, [f"hub.repo_id={REPO}", f"hub.endpoint={hub.endpoint}"])
+
+
+def test_promoting_the_same_step_again_succeeds_without_a_new_commit(hub, run_branch):
+    from codeparrot.hub import promote
+
+    _, cfg = run_branch
+    first = promote(cfg, "run", 2)
+    main = hub.commit_ids(REPO, "main")
+    again = promote(cfg, "run", 2)
+    assert again["commit"] == first["commit"] and again["tag"] == first["tag"] == "run-step-2"
+    assert hub.commit_ids(REPO, "main") == main  # main already held step 2: nothing committed
+    # after another step was promoted, step 2 comes back onto main; its tag stays where it was
+    promote(cfg, "run", 4)
+    promote(cfg, "run", 2)
+    assert hub.files(REPO, "main")["model.safetensors"] == b"weights of step 2"
+    assert hub.commit_ids(REPO, "run-step-2")[0][0] == first["commit"]
+
+
+def test_promote_refuses_a_tag_of_another_checkpoint_before_touching_main(hub, run_branch):
+    from codeparrot.hub import HubError, promote
+
+    api, cfg = run_branch
+    promote(cfg, "run", 2)
+    step_commit(api, "run", 2, b"a restarted run's step 2")  # the branch pushed again under the same name
+    main = hub.commit_ids(REPO, "main")
+    with pytest.raises(HubError, match=r"tag run-step-2 .* another checkpoint.*hf repos tag delete parrot/tiny-code "
+                                       r"run-step-2"):
+        promote(cfg, "run", 2)
+    assert hub.commit_ids(REPO, "main") == main
+
+
+@pytest.fixture(scope="module")
+def pushed_with_state(workdir) -> Path:
+    """A tiny run's step-2 checkpoint, everything in it: weights, tokenizer, optimizer, RNG and data state."""
+    from conftest import run_cli
+
+    run_cli("train", f"paths.workdir={workdir}", *TINY, "train.run_name=local", "train.max_steps=2")
+    return workdir / "runs" / "local" / "step-2"
+
+
+def test_consumers_fetch_the_weights_without_the_training_state(tmp_path, hub, run_branch, pushed_with_state):
+    """generate, humaneval, evaluate and sft get weights, config and tokenizer; a training resume gets it all."""
+    from codeparrot.generate import load_checkpoint
+    from codeparrot.hub import resolve_checkpoint
+
+    api, cfg = run_branch
+    api.upload_folder(repo_id=REPO, folder_path=str(pushed_with_state), revision="run", commit_message="step 2")
+    assert "accelerate/optimizer.bin" in hub.files(REPO, "run")
+    hub.requests.clear()
+    local = Path(resolve_checkpoint(f"hub:{REPO}@run", cfg.hub, tmp_path / "hub"))
+    got = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    assert not any(name.startswith(("accelerate/", "data_state")) for name in got), got
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "config.yaml"} <= got
+    load_checkpoint(local)  # the model and tokenizer load
+    assert not any("optimizer" in path for _, path in hub.requests)
+
+
+# Two processes resolve a hub: checkpoint as `humaneval` and `evaluate` under `accelerate launch` do.
+FETCH_WORKER = """
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from codeparrot.config import load_config
+from codeparrot.hub import HubError, resolve_checkpoint
+
+endpoint, repo, into = sys.argv[1:4]
+h = load_config(None, [f"hub.endpoint={endpoint}"]).hub
+local = Path(resolve_checkpoint(f"hub:{repo}@run", h, Path(into)))
+rank = int(os.environ["RANK"])
+report = [str(local), str((local / "model.safetensors").is_file())]
+try:
+    resolve_checkpoint(f"hub:{repo}@no-such-branch", h, Path(into))
+except HubError as e:  # on every rank: none waits for a download that failed
+    report.append(str(e))
+Path(into, f"rank{rank}.json").write_text(json.dumps(report))
+if dist.is_initialized():  # as the CLI ends: a process group left open can abort the exit
+    dist.destroy_process_group()
+"""
+
+
+def test_only_the_main_process_asks_the_hub_for_a_checkpoint(tmp_path, hub, run_branch):
+    """Under a 2-process launch rank 0 downloads and rank 1 takes the same directory without a Hub request; a
+    failed download stops both ranks with the error instead of leaving rank 1 waiting."""
+    from conftest import free_port
+
+    from codeparrot.hub import resolve_checkpoint
+
+    _, cfg = run_branch
+    hub.requests.clear()
+    resolve_checkpoint(f"hub:{REPO}@run", cfg.hub, tmp_path / "one")
+    one_process = len(hub.requests)
+    hub.requests.clear()
+    script = tmp_path / "fetch_worker.py"
+    script.write_text(FETCH_WORKER)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(script), hub.endpoint, REPO, str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env={**HUB_ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len([r for r in hub.requests if "no-such-branch" not in r[1]]) == one_process, hub.requests
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0][:2] == ranks[1][:2] == [str(tmp_path / "two" / f"{REPO.replace('/', '--')}@run"), "True"]
+    assert all(len(r) == 3 and "cannot fetch hub:parrot/tiny-code@no-such-branch" in r[2] for r in ranks), ranks

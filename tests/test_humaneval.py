@@ -227,3 +227,21 @@ def test_single_line_infilling_end_to_end(tmp_path, checkpoint):
     assert not (checkpoint.parent / "humaneval" / checkpoint.name / "samples.jsonl").exists() or \
         read_rows(checkpoint.parent / "humaneval" / checkpoint.name / "samples.jsonl")[0]["task_id"] == "Small/0"
     shutil.rmtree(checkpoint.parent / "humaneval")
+
+
+def test_a_rerun_after_a_crash_mid_line_redoes_the_cut_unit_and_merges(tmp_path, checkpoint):
+    """A crash cut the last unit's line off: the rerun redoes that unit (its line must not join the fragment) and
+    merges every unit, with the samples an uninterrupted run gives."""
+    problems = write_jsonl(tmp_path / "p.jsonl", SMALL_PROBLEMS)
+    ckpt = tmp_path / "run" / "step-3"
+    shutil.copytree(checkpoint, ckpt)
+    humaneval_cli(ckpt, problems, "humaneval.limit=1")
+    out = ckpt.parent / "humaneval" / ckpt.name
+    whole = read_rows(out / "samples.jsonl")
+    part = out / "parts" / "rank-0.jsonl"
+    first, last = part.read_text().splitlines()
+    part.write_text(first + "\n" + last[:len(last) // 2])  # the crash: no newline, half a JSON object
+    p = humaneval_cli(ckpt, problems, "humaneval.limit=1")
+    assert "1 of 2 sample batches done before; this process samples 1" in p.stderr
+    assert read_rows(out / "samples.jsonl") == whole
+    assert part.read_text().splitlines() == [first, last]  # the fragment is gone, the unit redone in its place
