@@ -32,7 +32,7 @@ class MetricsLogger:
     """Accumulates per-step numbers on the device and reports a window every `log_interval` steps.
 
     Time spent in `paused()` (evaluation, checkpoints) is left out of the window, so tokens/s, MFU and the
-    data-wait share describe training steps only.
+    data-wait share describe training steps only. Tokens are real tokens: fine-tuning's padding is not counted.
     """
 
     def __init__(self, accelerator, path: Path, tokens_per_step: int, flops_per_token: float, peak_flops: float,

@@ -345,6 +345,16 @@ def count_targets(inputs: dict[str, torch.Tensor]) -> int | torch.Tensor:
     return (inputs["targets"] != -100).sum()
 
 
+def count_real_tokens(inputs: dict[str, torch.Tensor]) -> int | torch.Tensor:
+    """Input tokens that are not padding (what tokens/s and MFU count): all of a token block; in a fine-tuning
+    batch, each row up to its last supervised position (sft/collate.py pads after it, with targets -100)."""
+    if "targets" not in inputs:
+        return inputs["input_ids"].numel()
+    targets = inputs["targets"]  # [B, T]
+    positions = torch.arange(1, targets.size(1) + 1, device=targets.device)
+    return torch.where(targets != -100, positions, 0).amax(dim=1).sum()  # sum over rows of (last target + 1)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's parameters (of its local shard under FSDP): where its inputs must be made."""
     return next(model.parameters()).device

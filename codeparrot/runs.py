@@ -85,7 +85,8 @@ def fetch_on_main_first(spec: str, cfg: Config, into: Path, training_state: bool
     return fetch_checkpoint_once(spec, cfg.hub, into, training_state)
 
 
-def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, TrainerState | None]:
+def find_resume(cfg: Config, out: Path, fingerprint: str, run_key: str = "train.run_name"
+                ) -> tuple[Path | None, TrainerState | None]:
     """The checkpoint `train.resume` names (auto: the run's latest), checked to belong to this run.
 
     (checkpoint, None) means: start a new run from that checkpoint's weights (a `hub:` one without training state).
@@ -109,7 +110,7 @@ def find_resume(cfg: Config, out: Path, fingerprint: str) -> tuple[Path | None, 
     prior = read_trainer_state(ckpt)
     if prior.config_fingerprint != fingerprint:
         raise ValueError(f"cannot resume from {ckpt}: it was trained with another config or other inputs; "
-                         f"use another train.run_name or train.resume=none")
+                         f"use another {run_key} or train.resume=none")
     return ckpt, prior
 
 

@@ -32,6 +32,7 @@ class Stage:
     keys: tuple[str, ...]  # config sections ("corpus") or keys ("data.seq_length") that shape the artifact
     build: Callable[[Config, Path], dict[str, Any]]  # writes into the staged directory; returns the counts
     inputs: tuple[str, ...] = ()  # paths keys of the upstream artifacts it reads
+    needs: Callable[[Config], tuple[str, ...]] | None = None  # the inputs this config reads, when fewer than all
     extra_inputs: Callable[[Config], dict[str, str]] | None = None  # other inputs' identities (file hashes)
     help: str = ""
     save_config: bool = True  # write the whole config.yaml beside the manifest
@@ -39,7 +40,7 @@ class Stage:
     def input_fingerprints(self, cfg: Config) -> dict[str, str]:
         """Upstream fingerprints plus the extra inputs: the `inputs` of the manifest."""
         found = {}
-        for key in self.inputs:
+        for key in self.needs(cfg) if self.needs else self.inputs:
             if key == "raw" and cfg.paths.raw_url():  # a remote export: its shard names and sizes
                 from .corpus.source import remote_fingerprint
 

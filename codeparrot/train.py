@@ -30,7 +30,7 @@ from .divergence import SpikeGuard, TrainingDiverged, check_step, diverged_messa
 from .evaluate import evaluate_loss
 from .hub import start_pusher
 from .metrics import MetricsLogger
-from .model import GPT, batch_inputs, count_targets, load_hf, resolve_model_config
+from .model import GPT, batch_inputs, count_real_tokens, count_targets, load_hf, resolve_model_config
 from .runs import (Checkpointer, TrainerState, find_resume, latest_checkpoint, read_trainer_state,  # noqa: F401
                    resolve_mixed_precision, run_dir, training_fingerprint)
 from .tokenizer import load_tokenizer
@@ -162,7 +162,7 @@ class StepResult(NamedTuple):
 
 def micro_weights(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator
                   ) -> tuple[list[float] | torch.Tensor, Optional[torch.Tensor]]:
-    """Each micro-batch's share of the step's loss, and the step's input tokens over every rank.
+    """Each micro-batch's share of the step's loss, and the step's real (non-padding) input tokens over every rank.
 
     The share is its target tokens over the step's, across micro-batches and ranks, so that accumulation and the
     process count never change the result (a per-micro-batch mean would). DDP averages gradients over ranks, hence
@@ -172,8 +172,8 @@ def micro_weights(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator
     if all("targets" not in m for m in micro):
         return [1.0 / G] * G, None
     counts = torch.stack([count_targets(m) for m in micro]).float()  # [G]
-    tokens = sum(m["input_ids"].numel() for m in micro)
-    totals = accelerator.reduce(torch.stack([counts.sum(), counts.new_tensor(float(tokens))]), reduction="sum")
+    tokens = torch.stack([count_real_tokens(m) for m in micro]).float().sum()  # padding left out
+    totals = accelerator.reduce(torch.stack([counts.sum(), tokens]), reduction="sum")
     if totals[0].item() == 0:  # a host sync per step, which fine-tuning batches can afford
         raise ValueError("a training step has no target token on any rank: every row was masked (mask_prompt with "
                          "prompts longer than allowed_max_length?)")

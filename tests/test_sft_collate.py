@@ -58,3 +58,17 @@ def test_literal_endoftext_in_user_text_never_becomes_the_eos_id():
     batch = collate([(ids, n_prompt)], eos, allowed_max_length=4096)
     assert (batch.targets == eos).sum() == 1 and batch.targets[0, len(ids) - 1] == eos  # the one appended EOS
     assert torch.equal(batch.inputs[0, :len(ids)], torch.tensor(ids))
+
+
+def test_real_tokens_leave_padding_out():
+    # tokens/s and MFU count these: a padded or packed batch's padding is not work the user asked for
+    from codeparrot.model import count_real_tokens
+    from codeparrot.sft.collate import collate_packed, make_example, pad_examples
+
+    examples = [make_example(list(range(10, 10 + n)), 2, 0, 64, mask_prompt=True) for n in (5, 3, 7)]
+    padded = pad_examples(examples, eos_id=0)
+    assert padded.inputs.numel() == 21 and int(count_real_tokens(padded.model_inputs())) == 15
+    packed = collate_packed([[examples[0], examples[1]], [examples[2]]], eos_id=0)
+    assert packed.inputs.numel() == 16 and int(count_real_tokens(packed.model_inputs())) == 15
+    block = torch.zeros(2, 8, dtype=torch.long)
+    assert count_real_tokens({"input_ids": block, "labels": block}) == 16

@@ -128,6 +128,20 @@ def test_sft_data_stage_mines_train_from_train_and_held_out_from_valid(trained_t
     assert SFT_DATA.run(cfg)["skipped"] is True
 
 
+def test_sft_data_from_a_file_needs_no_clean_corpus(trained_tokenizer, tmp_path):
+    cfg, _ = trained_tokenizer
+    cfg = copy.deepcopy(cfg)
+    source = tmp_path / "alpaca.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Add {i}.", "input": "", "output": f"x + {i}"}) + "\n"
+                              for i in range(20)))
+    cfg.paths.sft, cfg.paths.clean, cfg.sft.source = str(tmp_path / "sft"), str(tmp_path / "no-clean"), str(source)
+    assert SFT_DATA.run(cfg)["skipped"] is False  # clean/ is read for docstrings only
+    assert len((tmp_path / "sft" / "train.jsonl").read_text().splitlines()) == 17
+    cfg.sft.source = "docstrings"
+    with pytest.raises(FileNotFoundError, match="run `codeparrot prepare` first"):
+        SFT_DATA.run(cfg)
+
+
 def test_sft_data_refuses_a_missing_source_file(trained_tokenizer, tmp_path):
     cfg, _ = trained_tokenizer
     cfg = copy.deepcopy(cfg)

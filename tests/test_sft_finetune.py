@@ -73,6 +73,9 @@ def test_full_fine_tuning_learns_and_writes_what_transformers_loads(sft_config):
     assert (out / "loss.png").is_file() and (cfg.paths.resolve("sft") / "lengths.png").is_file()
     ax = loss_figure(read_metrics(out), "t").axes[0]
     assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "loss"
+    # another recipe under the same name is refused, naming the key that picks another run: sft's, not train's
+    with pytest.raises(ValueError, match=r"use another sft\.run_name or train\.resume=none"):
+        run_sft(sft_config("sft.run_name=full", "sft.learning_rate=0.001"))
     assert [line.get_label() for line in ax.get_lines()] == ["train", "validation"]
     assert any(a.get_xlabel() == "tokens seen" for a in ax.child_axes)
     samples = [json.loads(line) for line in (out / "logs" / "samples.jsonl").read_text().splitlines()]

@@ -300,5 +300,6 @@ DATA_KEYS = ("sft.source", "sft.min_docstring_chars", "sft.min_body_lines", "sft
              "sft.max_record_tokens")
 SFT_DATA = Stage(name="sft-data", output="sft", keys=(*DATA_KEYS, "tokenizer.eos_token", "corpus.max_bad_ratio"),
                  inputs=("clean", "tokenizer"), extra_inputs=_extra_inputs, build=_build,
+                 needs=lambda cfg: ("clean", "tokenizer") if cfg.sft.source == "docstrings" else ("tokenizer",),
                  help="instruction records for fine-tuning: docstring pairs from clean/, an Alpaca file or a "
                       "hub: dataset")

@@ -200,7 +200,7 @@ def already_done(out: Path, fingerprint: str) -> dict[str, Any] | None:
 def build_loop(run_cfg: Config, acc, r: Records, rows: list, out: Path, fp: str, per_epoch: int) -> Loop:
     """The model (LoRA-adapted if asked), optimizer, batches, checkpointer, metrics and evaluator of the run."""
     s, t = run_cfg.sft, run_cfg.train
-    resume_from, prior = find_resume(run_cfg, out, fp)
+    resume_from, prior = find_resume(run_cfg, out, fp, run_key="sft.run_name")
     set_seed(t.seed)
     if s.method == "lora":
         adapted = apply_lora(r.gpt, s.lora_targets, s.lora_rank, s.lora_alpha, s.lora_dropout)
