@@ -84,7 +84,11 @@ class CorpusConfig:
     slurm_partition: str = setting("", "Slurm partition of prepare's jobs (executor slurm)")
     slurm_time: str = setting("24:00:00", "Slurm time limit per job")
     slurm_cpus_per_task: int = setting(1, "Slurm CPUs per task")
-    slurm_mem_per_cpu_gb: int = setting(4, "Slurm memory per CPU, GB (the cluster task holds the clusters)")
+    slurm_mem_per_cpu_gb: int = setting(4, "Slurm memory per CPU, GB, of every task but the cluster task")
+    slurm_cluster_mem_gb: Optional[int] = setting(None, "Slurm memory, GB, of prepare's one cluster task (it holds "
+                                                        "every file's digest and the clusters); null = 2 x 124 B "
+                                                        "per file (the scan's counts once scanned, else 1 file per "
+                                                        "KB of gzip'd input), at least 4 GB")
     ray_address: str = setting("", 'Ray cluster to join (executor ray); "" = start a local one')
     # Quality filters (CodeParrot's, published thresholds).
     filters: list[str] = setting(
@@ -425,7 +429,7 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
     "corpus.num_proc", "data.pretokenize_num_proc", "data.pretokenize_work_dir",
     # Where prepare's tasks run: the output is byte-identical on every executor.
     "corpus.executor", "corpus.work_dir", "corpus.slurm_partition", "corpus.slurm_time", "corpus.slurm_cpus_per_task",
-    "corpus.slurm_mem_per_cpu_gb", "corpus.ray_address",
+    "corpus.slurm_mem_per_cpu_gb", "corpus.slurm_cluster_mem_gb", "corpus.ray_address",
     # The same math, computed with another kernel, precision mode or memory trade-off.
     "model.loss_chunk_size", "model.gradient_checkpointing", "model.attention_backend",
     "train.compile", "train.fused_adamw", "train.tf32",
@@ -713,11 +717,10 @@ def identity(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
             _field_type(section, key, "identity")
         elif section not in SECTIONS:
             raise ConfigError(f"identity: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
-        default = type(getattr(cfg, section))()
         for name in [key] if key else list(_FIELDS[section]):
             value = getattr(getattr(cfg, section), name)
             if f"{section}.{name}" in RUNTIME_KEYS or (f"{section}.{name}" in IDENTITY_WHEN_SET
-                                                      and value == getattr(default, name)):
+                                                      and value == getattr(SECTIONS[section](), name)):
                 continue
             out.setdefault(section, {})[name] = copy.deepcopy(value)
     return out

@@ -3,7 +3,7 @@
 A batch names each position's document (`document_ids` [B, T], equal ids in one contiguous run). The attention is
 causal inside a document and blind across documents (block-diagonal causal). On CUDA under half precision that is
 torch's variable-length (flash) attention over the flattened batch, which skips the masked blocks; elsewhere it is
-SDPA with an explicit boolean mask (CPU, fp32, dropout).
+SDPA with an explicit boolean mask (CPU, GPUs before Ampere, fp32, dropout).
 """
 from __future__ import annotations
 
@@ -28,9 +28,15 @@ class Documents:
     max_len: int = 0  # longest document (varlen wants it on the host)
 
 
+VARLEN_MIN_CAPABILITY = (8, 0)  # flash attention's kernels run on Ampere (sm80) and newer only
+
+
 def use_varlen(input_ids: torch.Tensor, dtype: torch.dtype, dropout: float) -> bool:
-    """Whether the flash variable-length kernel can run: CUDA, half precision (autocast or weights), no dropout."""
+    """Whether the flash variable-length kernel can run: CUDA from sm80 on, half precision (autocast or weights),
+    no dropout."""
     if varlen_attn is None or not input_ids.is_cuda or dropout > 0:
+        return False
+    if torch.cuda.get_device_capability(input_ids.device) < VARLEN_MIN_CAPABILITY:  # a T4 or V100: the mask
         return False
     if torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")

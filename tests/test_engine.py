@@ -207,10 +207,9 @@ def test_kill_9_mid_scan_then_rerun_gives_the_same_clean(golden, raw_with_near_c
 
 
 
-def test_slurm_submits_the_chain_of_dependent_job_arrays(raw_with_near_copies, make_config, tmp_path, monkeypatch):
-    """The real SlurmPipelineExecutor against a stand-in `sbatch` that records each script and answers a job id."""
-    from codeparrot.corpus.engine import SubmittedToSlurm
-
+def fake_sbatch(tmp_path: Path, monkeypatch) -> Path:
+    """A stand-in `sbatch` on PATH that records each call (its arguments, then its script) and answers a job id;
+    the folder of the records."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(
@@ -218,12 +217,25 @@ def test_slurm_submits_the_chain_of_dependent_job_arrays(raw_with_near_copies, m
         f'{{ echo "$@"; cat "$(eval echo \\${{$#}})"; }} > {calls}/$((n + 1))\necho "Submitted batch job $((1000 + n))"\n')
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+def submitted(calls: Path) -> list[str]:
+    """The sbatch calls fake_sbatch recorded, in order."""
+    return [p.read_text() for p in sorted(calls.iterdir(), key=lambda p: int(p.name))]
+
+
+def test_slurm_submits_the_chain_of_dependent_job_arrays(raw_with_near_copies, make_config, tmp_path, monkeypatch):
+    """The real SlurmPipelineExecutor against a stand-in `sbatch` that records each script and answers a job id."""
+    from codeparrot.corpus.engine import SubmittedToSlurm
+
+    calls = fake_sbatch(tmp_path, monkeypatch)
     cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.executor=slurm",
                       "corpus.slurm_partition=cpu", "corpus.slurm_time=01:00:00", "corpus.num_proc=3")
     with pytest.raises(SubmittedToSlurm, match="run the same `codeparrot prepare` again"):
         run_prepare(cfg)
     assert not cfg.paths.resolve("clean").exists()
-    scripts = [p.read_text() for p in sorted(calls.iterdir(), key=lambda p: int(p.name))]
+    scripts = submitted(calls)
     arrays = [s for s in scripts if "RUN_OFFSET" in s.splitlines()[0]]  # each stage's tasks (others merge stats)
     names = [re.search(r"--job-name=(\S+)", s).group(1) for s in arrays]
     assert names == ["prepare-scan", "prepare-buckets", "prepare-cluster", "prepare-write"]
@@ -233,6 +245,50 @@ def test_slurm_submits_the_chain_of_dependent_job_arrays(raw_with_near_copies, m
     ids = {s: 1000 + i for i, s in enumerate(scripts)}
     for before, after in zip(arrays, arrays[1:]):  # each stage waits for the one before it to succeed
         assert f"--dependency=afterok:{ids[before]}" in after.splitlines()[0]
+
+
+def test_slurm_cluster_task_gets_its_memory_and_dependents_die_with_a_failed_dependency(
+        raw_with_near_copies, make_config, tmp_path, monkeypatch):
+    """The cluster task asks for corpus.slurm_cluster_mem_gb (spread over its CPUs), the other stages for
+    slurm_mem_per_cpu_gb; and every job is killed, not left pending forever, when a job it waits for fails."""
+    from codeparrot.corpus.engine import SubmittedToSlurm
+
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.executor=slurm",
+                      "corpus.slurm_partition=cpu", "corpus.slurm_cpus_per_task=2", "corpus.slurm_mem_per_cpu_gb=3",
+                      "corpus.slurm_cluster_mem_gb=64")
+    with pytest.raises(SubmittedToSlurm):
+        run_prepare(cfg)
+    scripts = submitted(calls)
+    arrays = [s for s in scripts if "RUN_OFFSET" in s.splitlines()[0]]
+    memory = {re.search(r"--job-name=(\S+)", s).group(1): re.search(r"--mem-per-cpu=(\S+)", s).group(1)
+              for s in arrays}
+    assert memory == {"prepare-scan": "3G", "prepare-buckets": "3G", "prepare-cluster": "32G", "prepare-write": "3G"}
+    dependent = [s for s in scripts if "--dependency" in s]  # all but the scan: later stages, merge-stats jobs
+    assert len(dependent) == len(scripts) - 1
+    assert all("#SBATCH --kill-on-invalid-dep=yes" in s for s in dependent)
+
+
+def test_cluster_task_memory_follows_the_file_count(make_config, tmp_path):
+    """Derived: 124 B/file (the measured peak) x 2, at least 4 GB; files counted from the scan's digests where a
+    shard is scanned, else guessed from the listing's compressed bytes."""
+    from codeparrot.corpus.engine import GUESSED_INPUT_BYTES_PER_FILE, cluster_mem_gb, count_files
+
+    cfg = make_config(tmp_path)
+    assert cluster_mem_gb(cfg, 70_000_000) == 17  # 124 x 70M x 2 B = 16.2 GiB: the scan's 4 GB would not do
+    assert cluster_mem_gb(cfg, 1000) == 4
+    cfg.corpus.slurm_mem_per_cpu_gb, cfg.corpus.slurm_cpus_per_task = 8, 2
+    assert cluster_mem_gb(cfg, 1000) == 16  # never less than the other stages' tasks get
+    cfg.corpus.slurm_cluster_mem_gb = 6
+    assert cluster_mem_gb(cfg, 70_000_000) == 6  # set: taken as it is
+    work = WorkDir(tmp_path / "work")
+    sizes = [10 * GUESSED_INPUT_BYTES_PER_FILE, 20 * GUESSED_INPUT_BYTES_PER_FILE]
+    assert count_files(work, sizes) == 30  # nothing scanned yet
+    (work.root / "digests").mkdir(parents=True)
+    np.save(work.shard("digests", 1, ".npy"), np.zeros((7, 2), "<u8"))
+    assert count_files(work, sizes) == 10 + 7  # shard 1 scanned: its records, counted
+    np.save(work.shard("digests", 0, ".npy"), np.zeros((0, 2), "<u8"))
+    assert count_files(work, sizes) == 7  # shard 0 scanned too: every record bad
 
 
 @pytest.mark.slow

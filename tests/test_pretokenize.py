@@ -2,9 +2,12 @@
 failed task, and the Slurm job it submits."""
 from __future__ import annotations
 
+import ast
 import copy
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from codeparrot.data.pretokenize import DOCS_DTYPE, load_meta, run_pretokenize
 from codeparrot.data.pretokenize_task import work_dir
 from codeparrot.tokenizer import load_tokenizer
 
-from conftest import read_all
+from conftest import SUBPROCESS_ENV, read_all
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -100,3 +103,66 @@ def test_slurm_submits_one_job_array_and_writes_nothing(local, tmp_path, monkeyp
     assert not cfg.paths.resolve("tokens").exists()
     n = sum(len(s["files"]) for s in load_meta(local.paths.resolve("tokens"))["splits"].values())
     assert "--job-name=pretokenize-tokenize" in script.read_text() and f"--array=0-{n - 1}" in script.read_text()
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """`codeparrot.*` module -> the package modules it imports, at any depth (function-level imports included)."""
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: up level - 1 packages from this module's own
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets.update([base, *(f"{base}.{a.name}" for a in node.names)])  # `from pkg import module`
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of the graph (its modules, the first repeated at the end), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return []
+
+
+def test_the_package_has_no_import_cycles():
+    """Every module imports in a fresh interpreter, and no codeparrot module imports itself through others (a
+    function-level import closes a cycle as much as a top-level one: it only fails later)."""
+    import codeparrot
+
+    root = Path(codeparrot.__file__).parent
+    graph = import_graph(root)
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]  # the check works
+    assert "codeparrot.config" in graph["codeparrot.data.pretokenize"]  # `from ..config import`, resolved
+    assert "codeparrot.documents" in graph["codeparrot.model"]  # `from codeparrot.documents import`
+    cycle = find_cycle(graph)
+    assert not cycle, " -> ".join(cycle)
+    names = sorted(n for n in graph if not n.endswith("__main__"))  # __main__ runs the command line
+    script = f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
+    done = subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -27,6 +28,10 @@ if TYPE_CHECKING:  # tasks.py imports datatrove, which the command line need not
 
 log = logging.getLogger(__name__)
 IDENTITY = "identity.json"
+CLUSTER_BYTES_PER_FILE = 124  # the cluster task's peak per input file (tests/test_engine.py, README's Limits)
+CLUSTER_MEM_SAFETY = 2  # what the measurement leaves out: allocator slack, a corpus unlike the test's
+GUESSED_INPUT_BYTES_PER_FILE = 1024  # gzip'd JSON per file before the scan counts them: ~2 KB measured, erring large
+MIN_CLUSTER_MEM_GB = 4  # what every task got before: a small corpus asks no less
 
 
 def work_dir(cfg: Config) -> Path:
@@ -87,8 +92,9 @@ def start_local_workers(cfg: Config, workers: int, preload: str = "codeparrot.co
 
 
 def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int, workers: int, depends=None,
-                  job: str = "prepare", preload: str = "codeparrot.corpus.tasks"):
-    """The datatrove executor of one stage of `job` on corpus.executor; `preload` is the module of its task."""
+                  job: str = "prepare", preload: str = "codeparrot.corpus.tasks", mem_gb: int | None = None):
+    """The datatrove executor of one stage of `job` on corpus.executor; `preload` is the module of its task;
+    `mem_gb`: each task's memory on Slurm (None: corpus.slurm_mem_per_cpu_gb per CPU)."""
     c, logs = cfg.corpus, str(work.root / "logs" / stage)
     if c.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
@@ -110,20 +116,26 @@ def make_executor(cfg: Config, work: WorkDir, stage: str, step: Any, tasks: int,
 
         if not c.slurm_partition:
             raise ConfigError(f"corpus.executor=slurm needs corpus.slurm_partition (for {job})")
+        cpus = c.slurm_cpus_per_task
+        mem_per_cpu = c.slurm_mem_per_cpu_gb if mem_gb is None else math.ceil(mem_gb / cpus)  # sbatch: per CPU only
+        # A job whose dependency failed would otherwise pend forever (DependencyNeverSatisfied): kill it instead.
         return SlurmPipelineExecutor(pipeline=[step], tasks=tasks, time=c.slurm_time, partition=c.slurm_partition,
-                                     cpus_per_task=c.slurm_cpus_per_task, mem_per_cpu_gb=c.slurm_mem_per_cpu_gb,
+                                     cpus_per_task=cpus, mem_per_cpu_gb=mem_per_cpu,
+                                     sbatch_args={"kill-on-invalid-dep": "yes"},
                                      job_name=f"{job}-{stage}", logging_dir=logs, depends=depends,
                                      venv_path=os.path.join(sys.prefix, "bin", "activate"))
     raise ConfigError(f"corpus.executor={c.executor!r} has no datatrove executor")
 
 
-def stage_steps(cfg: Config, work: WorkDir, files: list[str], settings: Settings) -> list[tuple[str, Any, int]]:
-    """(stage, its pipeline step, its task count), in order; no buckets without near-dedup."""
+def stage_steps(cfg: Config, work: WorkDir, files: list[str], settings: Settings, sizes: list[int] | None = None
+                ) -> list[tuple[str, Any, int]]:
+    """(stage, its pipeline step, its task count), in order; no buckets without near-dedup. `sizes`: the files'
+    bytes, when the caller has them."""
     from .source import shard_size
     from .tasks import BucketsTask, ClusterTask, ScanTask, WriteTask, band_count, bucket_tasks_per_band, largest_first
 
     # Sizes are part of the inputs' fingerprint, so a resumed run (same identity) maps ranks to the same shards.
-    order = largest_first([shard_size(f) for f in files])
+    order = largest_first([shard_size(f) for f in files] if sizes is None else sizes)
     steps = [("scan", ScanTask(work, files, settings, order), len(files))]
     if cfg.corpus.near_dedup:  # a task per band and key range
         tasks = band_count(cfg.corpus) * bucket_tasks_per_band(cfg.corpus)
@@ -131,6 +143,42 @@ def stage_steps(cfg: Config, work: WorkDir, files: list[str], settings: Settings
     steps.append(("cluster", ClusterTask(work, files, settings, cfg.corpus.max_bad_ratio), 1))
     steps.append(("write", WriteTask(work, files, settings, order), len(files)))
     return steps
+
+
+def count_files(work: WorkDir, sizes: list[int]) -> int:
+    """Files in the input: a scanned shard's counted (its digests' rows), another's guessed from its bytes."""
+    import numpy as np
+
+    total = 0
+    for index, size in enumerate(sizes):
+        digests = work.shard("digests", index, ".npy")
+        if digests.is_file():  # written whole (atomic_write): reading its header is enough
+            total += np.load(digests, mmap_mode="r").shape[0]
+        else:
+            total += math.ceil(size / GUESSED_INPUT_BYTES_PER_FILE)
+    return total
+
+
+def cluster_mem_gb(cfg: Config, files: int) -> int:
+    """The cluster task's memory on Slurm: corpus.slurm_cluster_mem_gb, or derived from the input's file count."""
+    c = cfg.corpus
+    if c.slurm_cluster_mem_gb is not None:
+        if c.slurm_cluster_mem_gb < 1:
+            raise ConfigError(f"corpus.slurm_cluster_mem_gb={c.slurm_cluster_mem_gb}: give at least 1 (GB), or null")
+        return c.slurm_cluster_mem_gb
+    need = math.ceil(CLUSTER_MEM_SAFETY * CLUSTER_BYTES_PER_FILE * files / 2 ** 30)  # Slurm's G is GiB
+    return max(MIN_CLUSTER_MEM_GB, need, c.slurm_cpus_per_task * c.slurm_mem_per_cpu_gb)
+
+
+def stage_mem_gb(cfg: Config, work: WorkDir, stage: str, sizes: list[int]) -> int | None:
+    """Each task's memory of `stage` on Slurm; None: corpus.slurm_mem_per_cpu_gb per CPU, which the one task that
+    holds the whole corpus (cluster) outgrows: killed there, after the whole scan, the chain could not finish."""
+    if cfg.corpus.executor != "slurm" or stage != "cluster":
+        return None
+    files = count_files(work, sizes)
+    mem = cluster_mem_gb(cfg, files)
+    log.info("prepare: the cluster task asks Slurm for %d GB (%d input files, counted or guessed)", mem, files)
+    return mem
 
 
 @contextlib.contextmanager
@@ -180,10 +228,14 @@ def run_stage(cfg: Config, work: WorkDir, stage: str, executor, tasks: int, job:
 def run_stages(cfg: Config, work: WorkDir, files: list[str], settings: Settings, workers: int
                ) -> tuple[Survey, NearDups, Written, dict[str, float]]:
     """Every stage in order, each resuming at its unfinished tasks; what the tasks found, and seconds per stage."""
+    from .source import shard_size
+
     seconds: dict[str, float] = {}
     submitted = None  # on Slurm: the last stage queued, which the next one depends on
-    for stage, step, tasks in stage_steps(cfg, work, files, settings):
-        executor = make_executor(cfg, work, stage, step, tasks, workers, depends=submitted)
+    sizes = [shard_size(f) for f in files]  # once: a remote shard's size is a request
+    for stage, step, tasks in stage_steps(cfg, work, files, settings, sizes):
+        executor = make_executor(cfg, work, stage, step, tasks, workers, depends=submitted,
+                                 mem_gb=stage_mem_gb(cfg, work, stage, sizes))
         start = time.perf_counter()
         if run_stage(cfg, work, stage, executor, tasks):
             submitted = executor

@@ -27,21 +27,18 @@ import numpy as np
 
 from ..artifacts import fingerprint
 from ..config import Config, ConfigError, identity
-from ..corpus.quality import QUALITY_BUCKETS, UNKNOWN_QUALITY
-from ..corpus.source import SHARD_SUFFIXES, BadRecords, iter_shard, list_shards, utf8_len
+from ..corpus.source import SHARD_SUFFIXES, BadRecords, list_shards
 from ..logs import progress_bar
 from ..procs import WorkerPool
 from ..stage import Stage
+from .encode_shard import DOCS_DTYPE, _get_tokenizer, docs_path, tokenize_shard  # noqa: F401 (DOCS_DTYPE: the format's)
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 FORMAT = "codeparrot-tokens"
 FORMAT_VERSION = 2  # 2: the .docs files; EOS only between documents
-DOCS_DTYPE = np.dtype([("start", "<u8"), ("quality", "u1")])
-_BUCKET_INDEX = {name: i for i, name in enumerate(QUALITY_BUCKETS)}
 SPLITS = ("train", "valid")
-BATCH_CHARS = 1 << 20  # characters handed to encode_batch at once: large enough to amortise the call
 
 
 class TokenizerMismatch(ConfigError):
@@ -74,75 +71,6 @@ def check_tokenizer(directory: str | Path, tokenizer_fingerprint: str, meta: dic
             f"token shards at {directory} were made by tokenizer {meta['tokenizer_fingerprint']}, but this run's "
             f"tokenizer is {tokenizer_fingerprint}; rerun `codeparrot pretokenize` with this tokenizer (or point "
             f"paths.tokens / paths.tokenizer at a matching pair)")
-
-
-# --- the worker ---------------------------------------------------------------------------------
-
-_worker_tokenizer: dict[str, Any] = {}  # per process: tokenizer.json path -> loaded Tokenizer
-
-
-def _get_tokenizer(path: str):
-    from tokenizers import Tokenizer
-
-    from ..tokenizer import text_encoder
-
-    if path not in _worker_tokenizer:
-        _worker_tokenizer.clear()
-        _worker_tokenizer[path] = text_encoder(Tokenizer.from_file(path))
-    return _worker_tokenizer[path]
-
-
-def docs_path(bin_path: str | Path) -> Path:
-    """The `.docs` file beside a `.bin`."""
-    return Path(bin_path).with_suffix(".docs")
-
-
-def tokenize_shard(task: tuple[str, str, str, int, str]) -> dict[str, Any]:
-    """Encode every good record of one clean shard into `dest`: ids of each document, then EOS; and `dest`'s
-    `.docs`: each document's start and quality bucket.
-
-    `task` is (source shard, dest .bin, tokenizer.json, EOS id, dtype name).
-    """
-    source, dest, tokenizer_file, eos_id, dtype = task
-    tok = _get_tokenizer(tokenizer_file)
-    np_dtype = np.dtype(dtype)
-    limit = np.iinfo(np_dtype).max
-    bad = BadRecords()  # judged over the whole stage by the caller
-    counts = {"tokens": 0, "documents": 0, "bytes": 0}
-
-    def flush(texts: list[str], buckets: list[int], fh, docs_fh) -> None:
-        ids: list[int] = []
-        docs = np.empty(len(texts), DOCS_DTYPE)
-        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use: about 1.3x faster.
-        for j, enc in enumerate(tok.encode_batch_fast(texts, add_special_tokens=False)):
-            docs[j]["start"] = counts["tokens"] + len(ids)
-            ids.extend(enc.ids)
-            ids.append(eos_id)
-        docs["quality"] = buckets
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.max() > limit or arr.min() < 0):
-            raise ValueError(f"token id {arr.max()} does not fit {dtype}")
-        arr.astype(np_dtype).tofile(fh)
-        docs.tofile(docs_fh)
-        counts["tokens"] += arr.size
-        counts["documents"] += len(texts)
-
-    with open(dest, "wb") as fh, open(docs_path(dest), "wb") as docs_fh:
-        texts: list[str] = []
-        buckets: list[int] = []
-        size = 0
-        for _, record in iter_shard(source, bad):
-            text = record["content"]
-            texts.append(text)
-            buckets.append(_BUCKET_INDEX.get(record.get("quality"), UNKNOWN_QUALITY))
-            size += len(text)
-            counts["bytes"] += utf8_len(text)
-            if size >= BATCH_CHARS:
-                flush(texts, buckets, fh, docs_fh)
-                texts, buckets, size = [], [], 0
-        if texts:
-            flush(texts, buckets, fh, docs_fh)
-    return {**counts, "bad": {"good": bad.good, "counts": dict(bad.counts)}}
 
 
 def _bin_name(source: Path, index: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from ..config import Config
 from ..corpus.engine import SubmittedToSlurm, make_executor, open_work_dir, run_stage
 from ..corpus.tasks import Task, WorkDir, atomic_write
-from .pretokenize import docs_path, tokenize_shard
+from .encode_shard import docs_path, tokenize_shard
 
 
 @dataclass(repr=False)

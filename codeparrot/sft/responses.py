@@ -44,7 +44,10 @@ def respond(model, tokenizer, record: dict[str, str], eos_id: int, max_new_token
     if room < 1:
         return "", "no_room"
     cfg = SamplingConfig(n=1, max_new_tokens=room, temperature=0.0, eos_id=eos_id)
-    done = sample(model, [ids], cfg, functools.partial(tokenizer.decode, skip_special_tokens=False))[0][0]
+    # Eagerly, past the blocks prepare_model compiled in place for training: through them the KV-cache path traces
+    # graphs with breaks and recompiles per prompt length (measured: 3.4 s against 0.02 s eager).
+    with torch.compiler.set_stance("force_eager"):
+        done = sample(model, [ids], cfg, functools.partial(tokenizer.decode, skip_special_tokens=False))[0][0]
     return extract_response(done.text), done.finish
 
 
