@@ -14,6 +14,7 @@ import torch
 from .config import Config
 from .data.transforms import SpecialIds
 from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
+from .results import FINGERPRINT, checkpoint_fingerprint, move_aside, result_for, same_weights, write_json
 from .model import batch_inputs, count_targets, model_device
 from .runs import require_latest_checkpoint, resolve_mixed_precision
 
@@ -105,8 +106,22 @@ def eval_suffix(cfg: Config) -> str:
     return "".join("." + p for p in parts)
 
 
-def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """Evaluate a `step-N` checkpoint on the valid split; write `runs/<run>/eval/step-N.json`."""
+def result_path(cfg: Config, checkpoint: Path) -> Path:
+    """runs/<run>/eval/step-N[.quality-<b>][.token-<t>].json"""
+    return checkpoint.parent / "eval" / f"{checkpoint.name}{eval_suffix(cfg)}.json"
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """Write an evaluation; one of other weights found there (a retrain under the same name) is moved aside."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and not same_weights(json.loads(out.read_text()).get(FINGERPRINT), result[FINGERPRINT]):
+        move_aside(out, "holds the evaluation of other weights (retrained under the same name?)", log)
+    write_json(out, result)
+
+
+def run_evaluate(cfg: Config, checkpoint: str | Path, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a `step-N` checkpoint on the valid split; write `runs/<run>/eval/step-N.json` with the checkpoint's
+    fingerprint (`fingerprint`: when the caller has it)."""
     from accelerate import Accelerator
 
     from .data.packing import make_dataloader
@@ -130,9 +145,9 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
         if getattr(cfg.eval, key):
             result[key] = getattr(cfg.eval, key)
     if accelerator.is_main_process:
-        out = ckpt.parent / "eval" / f"{ckpt.name}{eval_suffix(cfg)}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        result[FINGERPRINT] = fingerprint or checkpoint_fingerprint(ckpt)
+        out = result_path(cfg, ckpt)
+        write_result(out, result)
         result["written"] = str(out)
     log.info("evaluate %s: loss %.4f, perplexity %.2f over %d tokens", ckpt, result["loss"], result["perplexity"],
              result["tokens"])
@@ -140,10 +155,11 @@ def run_evaluate(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
 
 
 def run_evaluate_latest(cfg: Config) -> dict[str, Any]:
-    """Evaluate the run's latest checkpoint (the pipeline's last stage); skipped when already evaluated."""
+    """Evaluate the run's latest checkpoint (the pipeline's step after train); skipped when its weights, as they
+    are now, were already evaluated (a retrain under the same step-N is evaluated again)."""
     ckpt = require_latest_checkpoint(cfg)
-    done = ckpt.parent / "eval" / f"{ckpt.name}{eval_suffix(cfg)}.json"
-    if done.is_file():
+    old, fingerprint = result_for(result_path(cfg, ckpt), ckpt)
+    if old is not None:
         log.info("evaluate: %s already evaluated, skipping", ckpt)
-        return {"skipped": True, **json.loads(done.read_text())}
-    return run_evaluate(cfg, ckpt)
+        return {"skipped": True, **old}
+    return run_evaluate(cfg, ckpt, fingerprint)

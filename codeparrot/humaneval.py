@@ -9,6 +9,9 @@ The work is (task, batch of samples) units, each sampled from its own seeded str
 on how many processes share them. Under `accelerate launch` each process takes every world-size-th unit and appends
 its finished units to `parts/rank-<r>.jsonl`; a rerun skips the units found there (resume). The main process merges
 the parts into `samples.jsonl`, runs every program in the sandbox and writes `results.jsonl` and `pass_at_k.json`.
+
+Results record the fingerprint of the checkpoint's weights (checkpoint_fingerprint), so that a checkpoint retrained
+under the same `step-N` name is scored again instead of skipped; `evaluate` keys its results the same way.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +35,14 @@ from .artifacts import read_json_lines
 from .config import Config, HumanEvalConfig, canonical_json, section_dict
 from .corpus.decontaminate import humaneval_path
 from .infilling import COMPLETION, infilling_tasks
+from .results import FINGERPRINT, checkpoint_fingerprint, move_aside, result_for
 from .sandbox import (INSTALL_HINT, SandboxLimits, SandboxUnavailable, check_program, detect_mechanism, run_program,
                       self_test)
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
+PASS_DIGITS, SHOWN_DIGITS = 6, 4  # pass@k as written to pass_at_k.json, and as shown in the summary
 
 
 def load_problems(path: str = "", limit: int = 0) -> list[dict[str, Any]]:
@@ -72,6 +77,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def samples_per_problem(results: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The fewest and the most samples any problem has (a samples file need not give each the same number)."""
+    counts = Counter(r["task_id"] for r in results).values()
+    return {"min": min(counts), "max": max(counts)}
+
+
+def not_reported(ks: Iterable[int], fewest: int) -> dict[str, str]:
+    """Why each k of humaneval.ks that pass_at_k_table leaves out has no pass@k."""
+    return {f"pass@{k}": "k must be at least 1" if k < 1 else f"needs {k} samples per problem; the fewest is {fewest}"
+            for k in sorted(set(ks)) if not 0 < k <= fewest}
 
 
 def pass_at_k_table(results: Iterable[dict[str, Any]], ks: Iterable[int]) -> dict[str, float]:
@@ -132,25 +149,25 @@ def drop_cut_line(file: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def settings(cfg: Config, checkpoint: str) -> dict[str, Any]:
-    """What decides the samples: the checkpoint and the humaneval keys other than how the work is run."""
+def settings(cfg: Config, checkpoint: str, weights_sha256: str) -> dict[str, Any]:
+    """What decides the samples: the checkpoint (where it is and its weights: a retrain keeps the name) and the
+    humaneval keys other than how the work is run."""
     h = section_dict(cfg, "humaneval")["humaneval"]
     # limit is left out: batches are keyed by problem, so a run with a larger limit reuses the problems done
     for key in ("workers", "timeout", "memory_mb", "allow_unsandboxed", "ks", "limit"):
         h.pop(key)
-    return {"checkpoint": str(Path(checkpoint).resolve()), **h}
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": weights_sha256, **h}
 
 
-def prepare_output(out: Path, wanted: dict[str, Any], is_main: bool) -> None:
+def prepare_output(out: Path, wanted: dict[str, Any]) -> None:
     """Make `out` hold work for `wanted` settings only: results for other settings are moved aside, not lost."""
     file = out / "settings.json"
-    if is_main and file.is_file() and json.loads(file.read_text()) != wanted:
-        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("humaneval: %s holds samples of other settings; moved to %s", out, aside)
-        shutil.move(out, aside)
-    if is_main:
-        (out / "parts").mkdir(parents=True, exist_ok=True)
-        file.write_text(canonical_json(wanted) + "\n")
+    old = json.loads(file.read_text()) if file.is_file() else wanted
+    if old != wanted:
+        changed = sorted(k for k in {*old, *wanted} if old.get(k) != wanted.get(k))
+        move_aside(out, f"holds samples of other settings or weights ({', '.join(changed)})")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    file.write_text(canonical_json(wanted) + "\n")
 
 
 def task_prompt(tokenizer, task: dict[str, Any], h: HumanEvalConfig, eos_id: int | None) -> list[int]:
@@ -272,6 +289,12 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def shown(report: dict[str, Any]) -> dict[str, Any]:
+    """A pass@k report as the summary shows it: pass@k to 4 decimals (the file keeps 6)."""
+    return {k: round(v, SHOWN_DIGITS) if k.startswith("pass@") and isinstance(v, float) else v
+            for k, v in report.items()}
+
+
 def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h: HumanEvalConfig, results: Path,
                      report: Path, about: dict[str, Any]) -> dict[str, Any]:
     """Run the samples, write results and the pass@k report (with `about`: what was scored and how)."""
@@ -280,10 +303,12 @@ def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h
     rows = score_samples(problems, samples, h, mechanism)
     seconds = time.perf_counter() - start
     write_jsonl(results, rows)
-    n_min = min(sum(1 for r in rows if r["task_id"] == t) for t in {r["task_id"] for r in rows})
-    summary = {**pass_at_k_table(rows, h.ks), "task": h.task, "quality": h.quality,
+    counts = samples_per_problem(rows)
+    unreported = not_reported(h.ks, counts["min"])
+    summary = {**{k: round(v, PASS_DIGITS) for k, v in pass_at_k_table(rows, h.ks).items()},
+               **({"not_reported": unreported} if unreported else {}), "task": h.task, "quality": h.quality,
                "problems": len({r["task_id"] for r in rows}), "samples": len(rows),
-               "samples_per_problem": n_min, "passed": sum(r["passed"] for r in rows),
+               "samples_per_problem": counts, "passed": sum(r["passed"] for r in rows),
                "problems_skipped": len({r["task_id"] for r in rows if "skipped" in r}), "sandbox": mechanism,
                "isolated": mechanism != "unsandboxed", "scoring_seconds": round(seconds, 2),
                "programs_per_s": round(len(rows) / max(seconds, 1e-9), 1), **about}
@@ -291,11 +316,12 @@ def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h
     log.info("humaneval %s: %s over %d %s (sandbox %s)", h.task,
              ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@")), summary["problems"],
              "problems" if h.task == COMPLETION else "tasks", mechanism)
-    return {**summary, "written": str(report)}
+    return shown({**summary, "written": [str(results), str(report)]})
 
 
-def run_humaneval(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """Sample, run and score HumanEval (or its infilling tasks) for a `step-N` checkpoint into results_dir."""
+def run_humaneval(cfg: Config, checkpoint: str | Path, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sample, run and score HumanEval (or its infilling tasks) for a `step-N` checkpoint into results_dir
+    (`fingerprint`: the checkpoint's, when the caller has it)."""
     from accelerate import Accelerator
 
     from .runs import resolve_mixed_precision
@@ -307,7 +333,10 @@ def run_humaneval(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     if accelerator.is_main_process:  # a machine that cannot score stops before hours of sampling
         sandbox_mechanism(h)
     out = results_dir(h, ckpt)
-    prepare_output(out, settings(cfg, str(ckpt)), accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every rank has read the old results (run_humaneval_latest) before any move
+    if accelerator.is_main_process:  # only the main process writes what the fingerprint goes into
+        fingerprint = fingerprint or checkpoint_fingerprint(ckpt, recorded_fingerprint(out / "pass_at_k.json"))
+        prepare_output(out, settings(cfg, str(ckpt), fingerprint["sha256"]))
     accelerator.wait_for_everyone()
     units = work_units(problems, h.n, h.batch_size)
     by_id = {p["task_id"]: p for p in problems}
@@ -319,9 +348,18 @@ def run_humaneval(cfg: Config, checkpoint: str | Path) -> dict[str, Any]:
     samples = merge_samples(units, out / "parts")
     sampling_seconds = round(time.perf_counter() - start, 2)
     write_jsonl(out / "samples.jsonl", samples)
-    about = {"checkpoint": str(ckpt), "processes": accelerator.num_processes, "sampling_seconds": sampling_seconds,
-             "settings": section_dict(cfg, "humaneval")["humaneval"]}
-    return score_and_report(by_id, samples, h, out / "results.jsonl", out / "pass_at_k.json", about)
+    about = {"checkpoint": str(ckpt), FINGERPRINT: fingerprint, "processes": accelerator.num_processes,
+             "sampling_seconds": sampling_seconds, "settings": section_dict(cfg, "humaneval")["humaneval"]}
+    result = score_and_report(by_id, samples, h, out / "results.jsonl", out / "pass_at_k.json", about)
+    return {**result, "written": [str(out / "samples.jsonl"), *result["written"]]}
+
+
+def recorded_fingerprint(report: Path) -> dict[str, Any] | None:
+    """The checkpoint fingerprint an earlier pass_at_k.json recorded (spares hashing weights that did not change)."""
+    try:
+        return json.loads(report.read_text()).get(FINGERPRINT)
+    except (OSError, ValueError, AttributeError):  # none yet, or cut off by a crash: hash instead
+        return None
 
 
 def read_samples(path: Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
@@ -347,19 +385,22 @@ def run_humaneval_samples(cfg: Config, samples_file: str | Path) -> dict[str, An
     problems = {p["task_id"]: p for p in load_tasks(cfg.humaneval)}
     samples = read_samples(path, problems)
     stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
-    about = {"samples_file": str(path), "settings": section_dict(cfg, "humaneval")["humaneval"]}
+    h = cfg.humaneval
+    # only the keys that apply to scoring a file: its sampling settings (n, temperature...) are not ours to know
+    about = {"samples_file": str(path), "scoring": {"problems": h.problems, "limit": h.limit, "timeout": h.timeout,
+                                                    "memory_mb": h.memory_mb}}
     return score_and_report(problems, samples, cfg.humaneval, path.with_name(f"{stem}.results.jsonl"),
                             path.with_name(f"{stem}.pass_at_k.json"), about)
 
 
 def run_humaneval_latest(cfg: Config) -> dict[str, Any]:
-    """Score the run's latest checkpoint (the pipeline's step after evaluate); skipped when already scored."""
+    """Score the run's latest checkpoint (the pipeline's step after evaluate); skipped when these weights were
+    already scored with these settings."""
     from .runs import require_latest_checkpoint
 
     ckpt = require_latest_checkpoint(cfg)
-    report = results_dir(cfg.humaneval, ckpt) / "pass_at_k.json"
-    if report.is_file() and json.loads(report.read_text()).get("settings") == section_dict(cfg, "humaneval")[
-            "humaneval"]:
+    old, fingerprint = result_for(results_dir(cfg.humaneval, ckpt) / "pass_at_k.json", ckpt)
+    if old is not None and old.get("settings") == section_dict(cfg, "humaneval")["humaneval"]:
         log.info("humaneval: %s already scored with these settings, skipping", ckpt)
-        return {"skipped": True, **json.loads(report.read_text())}
-    return run_humaneval(cfg, ckpt)
+        return {"skipped": True, **shown(old)}
+    return run_humaneval(cfg, ckpt, fingerprint)

@@ -1,8 +1,10 @@
 """`pipeline`: every step in order, each skipping itself when its output is up to date.
 
 The steps are declared once, in STEPS: the artifact stages (codeparrot/stage.py), then train and evaluate, which
-keep their own bookkeeping under runs/ (as do humaneval and sft). The command line takes each command's help from
-the same declarations.
+keep their own bookkeeping under runs/ (as do humaneval and sft). evaluate and humaneval skip the latest checkpoint
+only when their result records its weights' fingerprint: a run retrained to the same step (train.resume=none)
+leaves another model under the same step-N name. The command line takes each command's help from the same
+declarations.
 Under `accelerate launch`, rank 0 runs the artifact stages while the other ranks wait; they then find every stage
 up to date, and all ranks train together.
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 import subprocess
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from codeparrot.config import load_config
-from codeparrot.humaneval import (Unit, load_problems, merge_samples, pass_at_k, pass_at_k_table, read_parts,
-                                  run_humaneval_samples, work_units)
+from codeparrot.humaneval import (Unit, load_problems, merge_samples, not_reported, pass_at_k, pass_at_k_table,
+                                  read_parts, run_humaneval_samples, shown, work_units)
+from codeparrot.results import checkpoint_fingerprint, result_for
 
 from conftest import SUBPROCESS_ENV, build_training_corpus, free_port, run_cli, write_jsonl
 
@@ -107,9 +109,58 @@ def test_canonical_solutions_pass_and_pass_bodies_fail(tmp_path, limit):
     assert all(r["result"] == "passed" for r in rows[::2])
     assert result["pass@1"] == pytest.approx(0.5) and result["isolated"] is True
     report = json.loads((tmp_path / "mixed.pass_at_k.json").read_text())
-    assert report["samples_per_problem"] == 2 and report["problems"] == len(problems)
+    assert report["samples_per_problem"] == {"min": 2, "max": 2} and report["problems"] == len(problems)
     canonical = write_jsonl(tmp_path / "canon.jsonl", [r for r in rows[::2]])
     assert run_humaneval_samples(load_config(None, [f"humaneval.limit={limit}"]), canonical)["pass@1"] == 1.0
+
+
+def test_a_samples_files_summary_is_rounded_and_says_what_it_left_out(tmp_path):
+    """3, 2, 3 and 1 samples per problem, 2/3, 1/2, 1/3 and 0 passing: pass@1 was shown as 0.37499999999999994, the
+    counts as `samples_per_problem: 1` (the fewest, unlabelled), pass@2 and pass@3 went missing without a word, the
+    sampling settings (n 200, T 0.2) of a run that did not make the file were reported, and results.jsonl was not
+    listed among the files written."""
+    problems = load_problems("", 4)
+    plan = [(True, True, False), (True, False), (True, False, False), (False,)]
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"] if ok else "    pass\n"}
+            for p, oks in zip(problems, plan) for ok in oks]
+    samples = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    result = run_humaneval_samples(load_config(None, ["humaneval.limit=4", "humaneval.ks=1,2,3"]), samples)
+    report = json.loads((tmp_path / "uneven.pass_at_k.json").read_text())
+    assert result["pass@1"] == report["pass@1"] == 0.375 and set(k for k in report if k.startswith("pass@")) == \
+        {"pass@1"}
+    assert report["samples_per_problem"] == result["samples_per_problem"] == {"min": 1, "max": 3}
+    assert report["not_reported"] == {"pass@2": "needs 2 samples per problem; the fewest is 1",
+                                      "pass@3": "needs 3 samples per problem; the fewest is 1"}
+    assert "settings" not in report and "n" not in report["scoring"] and report["scoring"]["limit"] == 4
+    assert result["written"] == [str(tmp_path / "uneven.results.jsonl"), str(tmp_path / "uneven.pass_at_k.json")]
+
+
+def test_pass_at_k_is_shown_to_4_decimals_and_written_to_6():
+    assert shown({"pass@1": 2 / 3, "pass@10": 1.0, "problems": 3}) == {"pass@1": 0.6667, "pass@10": 1.0,
+                                                                      "problems": 3}
+    assert not_reported([1, 10, 0], 4) == {"pass@0": "k must be at least 1",
+                                           "pass@10": "needs 10 samples per problem; the fewest is 4"}
+
+
+def test_a_fingerprint_hashes_the_weights_only_when_their_file_changed(tmp_path):
+    """A recorded fingerprint whose size and mtime still match is trusted unread (a 6 GB hash at every pipeline
+    run is not cheap); a copy (new mtime, same bytes) is hashed once, still matches, and its record is updated."""
+    import os
+
+    ckpt = tmp_path / "step-1"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    fp = checkpoint_fingerprint(ckpt)
+    assert fp["sha256"] == hashlib.sha256(b"weights").hexdigest() and fp["size"] == 7
+    assert checkpoint_fingerprint(ckpt, {**fp, "sha256": "trusted"})["sha256"] == "trusted"  # not read again
+    result = tmp_path / "step-1.json"
+    result.write_text(json.dumps({"loss": 1.0, "checkpoint_fingerprint": fp}))
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))  # as a copy without its times
+    old, now = result_for(result, ckpt)
+    assert old["loss"] == 1.0 and now["sha256"] == fp["sha256"] and now["mtime_ns"] == 1
+    assert json.loads(result.read_text())["checkpoint_fingerprint"] == now  # cheap to check next time
+    (ckpt / "model.safetensors").write_bytes(b"retrain")  # the same size, other weights
+    assert result_for(result, ckpt) == (None, checkpoint_fingerprint(ckpt))
 
 
 def test_samples_with_an_unknown_task_are_refused(tmp_path):
