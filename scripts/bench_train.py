@@ -1,6 +1,7 @@
 """Time optimizer steps of a model preset on real packed data (token shards): tokens/s, MFU, peak memory, data wait.
 
     python scripts/bench_train.py --tokens work/tiny/tokens --preset small --micro-batch 64 --steps 30 [--baseline]
+    python scripts/bench_train.py ... --json work/bench_train.json   # the figures as JSON too (scripts/gpu_check.py)
     accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/bench_train.py --preset large ...
 
 Our path is the training loop's own code (`build_model`, `build_optimizer`, `prepare_model`, `train_step`). `--baseline` also times, in the
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import math
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +31,12 @@ from codeparrot.runs import resolve_mixed_precision
 from codeparrot.train import build_model, build_optimizer, prepare_model, train_step
 
 
+# Short keys of the setups in --json; the printed table shows the labels.
+LABELS = {"codeparrot": "codeparrot", "reference": "reference (transformers GPT2LMHeadModel)"}
+
+
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -69,6 +79,18 @@ def reference_model(cfg, vocab_size: int, accelerator: Accelerator):
     return accelerator.prepare(model, optimizer)
 
 
+def finite_or_none(value: Any) -> Any:
+    """NaN (peak memory on a CPU) as null: strict JSON has no NaN."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Write the run's settings and results as JSON (read by scripts/gpu_check.py instead of the printed table)."""
+    results = {name: {k: finite_or_none(v) for k, v in r.items()} for name, r in report["results"].items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({**report, "results": results}, indent=2) + "\n")
+
+
 def our_setup(cfg, vocab_size: int, accelerator: Accelerator):
     """The training loop's own model and optimizer, prepared (and compiled) as `codeparrot train` does."""
     model = build_model(cfg, vocab_size, accelerator)
@@ -87,6 +109,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--peak-flops", type=float, default=None, help="per device; default train.peak_flops")
     p.add_argument("--baseline", action="store_true", help="also time the reference setup and print the ratio")
+    p.add_argument("--json", help="also write the settings and results to this JSON file")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = p.parse_args()
     logging.basicConfig(level="WARNING")
@@ -104,8 +127,7 @@ def main() -> None:
 
     setups = [("codeparrot", lambda: our_setup(cfg, args.vocab, accelerator))]
     if args.baseline:
-        setups.append(("reference (transformers GPT2LMHeadModel)", lambda: reference_model(cfg, args.vocab,
-                                                                                          accelerator)))
+        setups.append(("reference", lambda: reference_model(cfg, args.vocab, accelerator)))
     results = {}
     flops_per_token = None
     for name, build in setups:
@@ -133,11 +155,20 @@ def main() -> None:
               f"loss_chunk_size={cfg.model.loss_chunk_size}, checkpointing={cfg.model.gradient_checkpointing}")
         print(f"{'setup':44s} {'tokens/s':>12s} {'MFU':>7s} {'peak GiB':>9s} {'data wait':>10s} {'loss':>7s}")
         for name, r in results.items():
-            print(f"{name:44s} {r['tokens_per_s']:12,.0f} {r['mfu']:7.1%} {r['peak_gib']:9.1f} "
+            print(f"{LABELS[name]:44s} {r['tokens_per_s']:12,.0f} {r['mfu']:7.1%} {r['peak_gib']:9.1f} "
                   f"{r['data_wait']:10.1%} {r['loss']:7.3f}")
-        if args.baseline:
-            ours, ref = results.values()
-            print(f"speed-up over the reference: {ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
+        speedup = results["codeparrot"]["tokens_per_s"] / results["reference"]["tokens_per_s"] if args.baseline \
+            else None
+        if speedup is not None:
+            print(f"speed-up over the reference: {speedup:.2f}x")
+        if args.json:
+            write_json(args.json, {
+                "preset": args.preset, "micro_batch": args.micro_batch, "seq": args.seq, "vocab": args.vocab,
+                "accumulation": cfg.train.gradient_accumulation_steps, "processes": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision, "device": str(device), "steps": args.steps,
+                "warmup": args.warmup, "tokens_per_step": tokens_per_step, "peak_flops": peak_flops,
+                "flops_per_token": flops_per_token, "compile": cfg.train.compile,
+                "gradient_checkpointing": cfg.model.gradient_checkpointing, "results": results, "speedup": speedup})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from codeparrot.sandbox import detect_mechanism
+
+from conftest import SUBPROCESS_ENV
+
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
@@ -57,3 +61,46 @@ def test_bench_generate_times_three_samplers_and_both_sandboxes():
     assert len(rows) == 2  # random weights, then the peaked copy
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # ours, transformers, old
     assert "same verdict on every program: True (2 passed)" in proc.stdout
+
+
+def _numbers(figures: dict, *keys: str) -> list[float]:
+    """The figures at `keys` (dotted paths into nested dicts)."""
+    out = []
+    for key in keys:
+        value = figures
+        for part in key.split("."):
+            value = value[part]
+        out.append(value)
+    return out
+
+
+def test_gpu_check_dry_run_writes_every_step_with_its_figures(tmp_path):
+    """`gpu_check.sh --dry-run` runs every step of the GPU check on the CPU with tiny shapes, into one JSON file."""
+    out = tmp_path / "gpu_check.json"
+    # the random-weights model's samples run unisolated only where this machine has no sandbox at all
+    unsandboxed = ["--allow-unsandboxed"] if detect_mechanism() == "none" else []
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run", "--out", str(out), *unsandboxed],
+                          env={**SUBPROCESS_ENV, "PY": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the report"))  # strict JSON
+    assert report["mode"] == "dry-run" and report["ok"] is True and report["failed"] == []
+    steps = report["steps"]
+    assert list(steps) == ["env", "data", "gpu_tests", "train_small", "train_large", "sampling", "humaneval"]
+    for name, step in steps.items():
+        assert step["ok"] is True and step["error"] is None and step["seconds"] > 0, (name, step)
+    f = {name: step["figures"] for name, step in steps.items()}
+    assert f["env"]["cuda"] is False  # the dry run hides any GPU
+    assert f["data"]["train_tokens"] > 0 and 0 < f["data"]["vocab_size"] <= 1024
+    assert f["gpu_tests"]["failed"] == f["gpu_tests"]["errors"] == 0 and f["gpu_tests"]["skipped"] > 0
+    assert all(v > 0 for v in _numbers(f["train_small"], "ours_tokens_per_s", "ours_mfu", "transformers_tokens_per_s",
+                                       "transformers_mfu", "speedup"))
+    assert f["train_large"]["gradient_checkpointing"] is True  # configs/codeparrot.yaml's setting
+    assert all(v > 0 for v in _numbers(f["train_large"], "tokens_per_s", "mfu", "loss"))
+    for model in ("random", "peaked"):
+        for batch in (1, 2):
+            assert all(v > 0 for v in _numbers(f["sampling"][model][f"batch_{batch}"], "ours_tokens_per_s",
+                                               "transformers_tokens_per_s", "ours_over_transformers"))
+    he = f["humaneval"]
+    assert (he["problems"], he["samples"], he["samples_per_problem"]) == (2, 4, 2)
+    assert all(v > 0 for v in _numbers(he, "sampling_seconds", "scoring_seconds", "total_seconds"))
+    assert "ours vs transformers" in proc.stdout and "train tiny tok/s" in proc.stdout  # the summary table
