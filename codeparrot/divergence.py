@@ -57,8 +57,14 @@ def diverged_message(step: int, check: StepCheck, last_good: str, section: str) 
     where = f" on rank {', '.join(map(str, check.bad_ranks))} (losses by rank: {losses})" if len(check.losses) > 1 \
         else ""
     return (f"training diverged at step {step}: loss {check.loss:.4g}{where}, grad norm {check.grad_norm:.4g}; "
-            f"stopped before the optimizer step, nothing saved after it; last good checkpoint: {last_good or 'none'}."
-            f" Lower {section}.learning_rate (or lengthen the warmup) and resume from it")
+            f"stopped before the optimizer step, nothing saved after it; {what_next(last_good, section)}")
+
+
+def what_next(last_good: str, section: str) -> str:
+    """The end of a divergence message: where the good state is, and the key to change."""
+    if not last_good:
+        return f"no checkpoint was saved before it. Lower {section}.learning_rate (or lengthen the warmup) and start again"
+    return f"last good checkpoint: {last_good}. Lower {section}.learning_rate (or lengthen the warmup) and resume from it"
 
 
 @dataclass

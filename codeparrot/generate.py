@@ -3,19 +3,25 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO, Union
 
 import torch
+import yaml
 
 from .artifacts import CheckpointError
-from .config import Config
+from .config import PROJECT_CONFIGS, Config, ConfigError, load_config
 from .model import GPT, KVCache, load_hf, model_device
 from .corpus.quality import QUALITY_BUCKETS
 from .data.transforms import SpecialIds
+from .runs import latest_checkpoint
+from .sft.format import format_prompt
 from .tokenizer import text_encoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,17 +47,18 @@ class Completion:
     finish: str  # "eos", "stop" or "length"
 
 
-def check_prompt(n_prompt: int, max_new_tokens: int, n_positions: int) -> None:
-    """Refuse a prompt whose completion would not fit the context: cropping would silently change the prompt."""
+def check_prompt(n_prompt: int, max_new_tokens: int, n_positions: int, name: str = "max_new_tokens") -> None:
+    """Refuse a prompt whose completion would not fit the context: cropping would silently change the prompt.
+    `name` is what set max_new_tokens (a flag or a config key): the message tells the user what to change."""
     if n_prompt == 0:
         raise ValueError("empty prompt: give at least one token (e.g. EOS)")
     if max_new_tokens >= n_positions:
-        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
-                         f"n_positions {n_positions}; lower it")
+        raise ValueError(f"{name} {max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"n_positions {n_positions}; lower {name} below {n_positions}")
     if n_prompt + max_new_tokens > n_positions:
-        raise ValueError(f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} = "
+        raise ValueError(f"prompt of {n_prompt} tokens + {name} {max_new_tokens} = "
                          f"{n_prompt + max_new_tokens} exceeds the model's context n_positions {n_positions}; "
-                         f"shorten the prompt to at most {n_positions - max_new_tokens} tokens or lower max_new_tokens")
+                         f"shorten the prompt to at most {n_positions - max_new_tokens} tokens or lower {name}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -242,7 +249,15 @@ class Infill:
     suffix: str
 
 
-Prompt = Union[str, Infill]  # a left-to-right prompt, or an infill
+@dataclass(frozen=True)
+class Instruction:
+    """An instruction (and its optional input) for a fine-tuned model: the model writes the response."""
+
+    instruction: str
+    input: str = ""
+
+
+Prompt = Union[str, Infill, Instruction]  # a left-to-right prompt, an infill, or an instruction
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
@@ -273,8 +288,32 @@ def infill_prompt(tokenizer, prefix: str, suffix: str, eos_id: Optional[int], qu
             + text_ids(tokenizer, suffix) + [ids.middle])
 
 
-def prompt_ids(tokenizer, prompt: Prompt, eos_id: Optional[int], quality: str = "") -> list[int]:
-    """The token ids of a left-to-right prompt or an infill."""
+# The instruction formats by name. `sft` formats every record with sft/format.py's format_prompt and its config
+# section names no format, so every checkpoint reads as "alpaca"; a later `sft.prompt_format` key is read here.
+INSTRUCTION_FORMATS: dict[str, Callable[[dict[str, str]], str]] = {"alpaca": format_prompt}
+
+
+def instruction_format(sft: Any = None) -> Callable[[dict[str, str]], str]:
+    """The prompt format a checkpoint's sft section names, else the one `sft` trains with (the chapter's Alpaca)."""
+    name = getattr(sft, "prompt_format", "alpaca")
+    if name not in INSTRUCTION_FORMATS:
+        raise ValueError(f"the checkpoint's sft.prompt_format {name!r} is not one of {', '.join(INSTRUCTION_FORMATS)}")
+    return INSTRUCTION_FORMATS[name]
+
+
+def instruction_ids(tokenizer, prompt: Instruction, sft: Any = None) -> list[int]:
+    """The prompt ids of a fine-tuning row (sft/format.py's encode_record): the formatted text's tokens, special
+    strings as text, with no EOS or quality token before them (fine-tuning rows have none)."""
+    return text_ids(tokenizer, instruction_format(sft)({"instruction": prompt.instruction, "input": prompt.input}))
+
+
+def prompt_ids(tokenizer, prompt: Prompt, eos_id: Optional[int], quality: str = "", sft: Any = None) -> list[int]:
+    """The token ids of a left-to-right prompt, an infill, or an instruction (in the format of `sft`, a
+    checkpoint's sft section)."""
+    if isinstance(prompt, Instruction):
+        if quality:
+            raise ValueError(f"an instruction takes no quality token (fine-tuning rows have none), got {quality!r}")
+        return instruction_ids(tokenizer, prompt, sft)
     if isinstance(prompt, Infill):
         return infill_prompt(tokenizer, prompt.prefix, prompt.suffix, eos_id, quality)
     return encode_prompt(tokenizer, prompt, eos_id, quality)
@@ -292,6 +331,69 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu"):
         return load_hf(ckpt).to(device), text_encoder(Tokenizer.from_file(str(ckpt / "tokenizer.json")))
     except Exception as e:  # tokenizers and safetensors raise their own kinds on a damaged file
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e})") from e
+
+
+def fine_tuned_model(run: Path) -> Optional[Path]:
+    """A fine-tuning run's model: its final/ once written (atomically), else its latest step-N."""
+    final = run / "final"
+    return final if (final / "config.json").is_file() else latest_checkpoint(run)
+
+
+def saved_as_fine_tuned(checkpoint: Path) -> bool:
+    """Whether a checkpoint's saved config.yaml is a fine-tuning run's: `sft` saves it with train.run_name =
+    sft.run_name (read as plain YAML, so that a config of another version still answers)."""
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+        return saved["train"]["run_name"] == saved["sft"]["run_name"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+
+
+def runs_of_kind(runs: Path, fine_tuned: bool) -> dict[str, Path]:
+    """{run name: its model} of the pretraining runs (fine-tuning runs, when `fine_tuned`) under `runs`."""
+    found = {}
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else ():
+        model = fine_tuned_model(run) if fine_tuned else latest_checkpoint(run)
+        if model is not None and saved_as_fine_tuned(model) == fine_tuned:
+            found[run.name] = model
+    return found
+
+
+def how_to_name_run(runs: Path, name: str, key: str) -> str:
+    """What selects run `name` on the command line: `--config C` for a project config writing it, else `key=name`."""
+    for path in sorted(PROJECT_CONFIGS.glob("*.yaml")):
+        try:
+            cfg = load_config(path)
+        except ConfigError:
+            continue
+        section, _, field = key.partition(".")
+        if cfg.paths.resolve("runs").resolve() == runs.resolve() and getattr(getattr(cfg, section), field) == name:
+            return f"--config {path.stem}"
+    return f"{key}={name}"
+
+
+def default_checkpoint(cfg: Config, run_named: bool, fine_tuned: bool = False) -> Path:
+    """The model sampled when no --checkpoint is given: the latest of the config's run (sft.run_name's final/ when
+    `fine_tuned`); when the command line named no run (`run_named` false: no --config, no run key), the only run of
+    that kind under paths.runs; else an error that says what to pass."""
+    runs, key = cfg.paths.resolve("runs"), "sft.run_name" if fine_tuned else "train.run_name"
+    run = runs / (cfg.sft.run_name if fine_tuned else cfg.train.run_name)
+    model = fine_tuned_model(run) if fine_tuned else latest_checkpoint(run)
+    if model is not None:
+        return model
+    others, kind = runs_of_kind(runs, fine_tuned), "fine-tuning" if fine_tuned else "pretraining"
+    if not run_named and len(others) == 1:
+        # the defaults' run name is rarely the one trained (the demo's is tiny): the one run there is the one meant
+        (name, model), = others.items()
+        log.info("no --config and no checkpoint under %s: using %s, the only %s run under %s (%s names it)",
+                 run, model, kind, runs, how_to_name_run(runs, name, key))
+        return model
+    if not others:
+        stage = "sft" if fine_tuned else "train"
+        raise FileNotFoundError(f"no complete checkpoint under {run}; run `codeparrot {stage}` first")
+    hints = "; ".join(f"{name}: {how_to_name_run(runs, name, key)}" for name in others)
+    raise FileNotFoundError(f"no complete checkpoint under {run}; {runs} holds the {kind} runs {', '.join(others)}: "
+                            f"pick one ({hints}) or pass --checkpoint")
 
 
 class TextStreamer:
@@ -318,9 +420,18 @@ class TextStreamer:
 
 
 def read_prompts(prompts: Sequence[str], prompt_file: Optional[str], stdin: TextIO, prefix: Optional[str] = None,
-                 suffix: Optional[str] = None) -> list[Prompt]:
+                 suffix: Optional[str] = None, instruction: Optional[str] = None,
+                 input_text: Optional[str] = None) -> list[Prompt]:
     """Prompts from --prompt (each one), a file (a .jsonl: one {"prompt": ...} per line; else the whole file), or
-    stdin (the whole text) when neither is given; or the one infill of --prefix/--suffix (either may be omitted)."""
+    stdin (the whole text) when neither is given; or the one infill of --prefix/--suffix (either may be omitted); or
+    the one --instruction (with its --input)."""
+    if instruction is None and input_text is not None:
+        raise ValueError("--input is the input of an --instruction; give --instruction too")
+    if instruction is not None:
+        if prompts or prompt_file or prefix is not None or suffix is not None:
+            raise ValueError("--instruction (a fine-tuned model's prompt format) and --prompt/--prompt-file/"
+                             "--prefix/--suffix are mutually exclusive; give one or the other")
+        return [Instruction(instruction, input_text or "")]
     if prefix is not None or suffix is not None:
         if prompts or prompt_file:
             raise ValueError("--prefix/--suffix (infill) and --prompt/--prompt-file (left to right) are mutually "
@@ -346,29 +457,55 @@ def read_prompts(prompts: Sequence[str], prompt_file: Optional[str], stdin: Text
 
 
 def prompt_fields(prompt: Prompt) -> dict[str, str]:
-    """A prompt's fields in a JSON Lines row: `prompt`, or an infill's `prefix` and `suffix`."""
+    """A prompt's fields in a JSON Lines row: `prompt`, an infill's `prefix` and `suffix`, or an instruction's
+    `instruction` and `input`."""
+    if isinstance(prompt, Instruction):
+        return {"instruction": prompt.instruction, "input": prompt.input}
     return {"prefix": prompt.prefix, "suffix": prompt.suffix} if isinstance(prompt, Infill) else {"prompt": prompt}
 
 
+def stream_head(prompt: Prompt, j: int, i: int, n: int) -> str:
+    """What the stream shows before sample i of prompt j: a header, then the text the sample continues (an
+    infill's prefix). An instruction shows only its response: no prompt, and a header only between n > 1 samples."""
+    if isinstance(prompt, Instruction):
+        return f"=== sample {i} ===\n" if n > 1 else ""
+    return f"=== prompt {j}, sample {i} ===\n{prompt.prefix if isinstance(prompt, Infill) else prompt}"
+
+
+def check_instructions(cfg: Config, checkpoint: str | Path, prompts: Sequence[Prompt], names: dict[str, str]) -> None:
+    """Refuse quality conditioning of an instruction; warn when the checkpoint was not instruction-tuned."""
+    if not any(isinstance(p, Instruction) for p in prompts):
+        return
+    if cfg.generate.quality:
+        raise ValueError(f"{names.get('quality', 'generate.quality')} {cfg.generate.quality!r}: an instruction takes "
+                         "no quality token (fine-tuning rows have none); leave it unset")
+    if not saved_as_fine_tuned(Path(checkpoint)):
+        log.warning("%s is not from an `sft` run (its config.yaml's train.run_name is not sft.run_name): "
+                    "the response is a pretrained model's continuation of the instruction format", checkpoint)
+
+
 def run_generate(cfg: Config, checkpoint: str | Path, prompts: Sequence[Prompt], output: Optional[str] = None,
-                 stream: Optional[TextIO] = None) -> dict[str, Any]:
-    """Sample cfg.generate.n completions (an Infill's: its middle) of each prompt, conditioned on
-    cfg.generate.quality when set; stream them to `stream` and/or write JSON Lines."""
+                 stream: Optional[TextIO] = None, names: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Sample cfg.generate.n completions (an Infill's: its middle; an Instruction's: its response) of each prompt,
+    conditioned on cfg.generate.quality when set; stream them to `stream` and/or write JSON Lines. `names`: the
+    flag that set a generate key ({"max_new_tokens": "--max-new-tokens"}), which errors name instead of the key."""
+    names = names or {}
+    check_instructions(cfg, checkpoint, prompts, names)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_checkpoint(checkpoint, device)
     g = cfg.generate
     eos_id = tokenizer.token_to_id(cfg.tokenizer.eos_token)
     decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
     sampling = SamplingConfig(g.n, g.max_new_tokens, g.temperature, g.top_k, g.top_p, eos_id, tuple(g.stop), g.seed)
-    ids = [prompt_ids(tokenizer, p, eos_id, g.quality) for p in prompts]
+    ids = [prompt_ids(tokenizer, p, eos_id, g.quality, cfg.sft) for p in prompts]
     for prompt in ids:  # every prompt is checked before any is sampled
-        check_prompt(len(prompt), g.max_new_tokens, model.config.n_positions)
+        check_prompt(len(prompt), g.max_new_tokens, model.config.n_positions,
+                     names.get("max_new_tokens", "generate.max_new_tokens"))
     streamers: dict[tuple[int, int], TextStreamer] = {}
 
     def streamer(j: int, i: int) -> TextStreamer:
         if (j, i) not in streamers:  # a header, then the prompt (an infill's prefix), which the completion continues
-            head = prompts[j].prefix if isinstance(prompts[j], Infill) else prompts[j]
-            stream.write(f"=== prompt {j}, sample {i} ===\n{head}")
+            stream.write(stream_head(prompts[j], j, i, g.n))
             streamers[j, i] = TextStreamer(decode, g.stop, stream)
         return streamers[j, i]
 

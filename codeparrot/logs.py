@@ -1,8 +1,10 @@
 """Logging set-up and progress reporting: a tqdm bar on a terminal, plain log lines otherwise."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from typing import Iterable, Iterator, TypeVar
@@ -15,13 +17,42 @@ log = logging.getLogger("codeparrot")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# One INFO line per Hub HTTP request (httpx2 is huggingface_hub's client): shown only under --log-level DEBUG.
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "huggingface_hub")
+# accelerate's save_state drops the LM head from model.safetensors because it shares the token embedding's storage
+# (GPT-2's tied head), and warns at every checkpoint; loading ties it again, so for that tensor alone it is noise.
+TIED_HEAD_WARNING = re.compile(r"Removed shared tensor \{'(?:[\w.]*\.)?lm_head\.weight'\} while saving")
+ACCELERATE_SAVE_LOGGER = "accelerate.utils.other"
+
+
 def setup_logging(level: str | int = "INFO", rank: int | None = None) -> None:
-    """One line per event; ranks other than 0 log warnings only."""
+    """One line per event; ranks other than 0 log warnings only; Hub HTTP requests only under DEBUG."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=level if rank == 0 else "WARNING", format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
     for noisy in ("datasets", "urllib3", "filelock", "torch.distributed"):
         logging.getLogger(noisy).setLevel("WARNING")
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    for http in HTTP_LOGGERS:
+        logging.getLogger(http).setLevel(logging.NOTSET if debug else logging.WARNING)
+
+
+class _TiedHeadFilter(logging.Filter):
+    """Drops accelerate's warning about the tied LM head only (another shared tensor still warns)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not TIED_HEAD_WARNING.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_tied_head_warning() -> Iterator[None]:
+    """Within: accelerate's "Removed shared tensor {'lm_head.weight'}" warning is not logged."""
+    logger, quiet = logging.getLogger(ACCELERATE_SAVE_LOGGER), _TiedHeadFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def interactive() -> bool:

@@ -25,13 +25,33 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def train_curve(rows: list[dict[str, Any]], x_key: str) -> list[tuple[float, float]]:
+    """The train loss the run's log prints: fine-tuning's evaluator measures it on fixed train batches at each
+    evaluation (step 0 included); pretraining logs the mean loss of each window of steps."""
+    key = "eval/train_loss" if any("eval/train_loss" in r for r in rows) else "train/loss"
+    return [(r[x_key], r[key]) for r in rows if key in r]
+
+
+def add_tokens_axis(ax, rows: list[dict[str, Any]], x_key: str) -> None:
+    """A top axis of tokens seen, tied to the bottom one by tokens = x * (tokens per x unit) of the last logged
+    point: linear both ways, so it is exact at 0 and at the end and never clamps inside the plot's margins."""
+    seen = sorted((r[x_key], r["train/tokens_seen"]) for r in rows if r.get("train/tokens_seen"))
+    if not seen or seen[-1][0] <= 0:
+        return
+    rate = seen[-1][1] / seen[-1][0]
+    top = ax.secondary_xaxis("top", functions=(lambda x: x * rate, lambda tokens: tokens / rate))
+    # fine-tuning batches hold different numbers of real tokens: there the axis is the run's mean rate
+    exact = all(abs(t - x * rate) <= 0.5 for x, t in seen)
+    top.set_xlabel("tokens seen" if exact else "tokens seen (at the run's mean rate)")
+
+
 def loss_figure(rows: list[dict[str, Any]], title: str):
     """The figure: train and validation loss against steps (against epochs for fine-tuning runs, whose rows carry
     train/epoch); tokens seen on the top axis."""
     from matplotlib.figure import Figure
 
     x_key = "train/epoch" if any("train/epoch" in r for r in rows) else "step"
-    train = [(r[x_key], r["train/loss"]) for r in rows if "train/loss" in r]
+    train = train_curve(rows, x_key)
     valid = [(r[x_key], r["eval/loss"]) for r in rows if "eval/loss" in r]
     if not train and not valid:
         raise ValueError("no train/loss or eval/loss in the run's metrics: nothing to plot")
@@ -43,15 +63,7 @@ def loss_figure(rows: list[dict[str, Any]], title: str):
         ax.plot(*zip(*valid), "o-", label="validation")
     ax.set(xlabel="epoch" if x_key != "step" else "step", ylabel="loss", title=title)
     ax.legend()
-    seen = sorted({(r[x_key], r["train/tokens_seen"]) for r in rows if r.get("train/tokens_seen")})
-    if seen:  # tokens grow with steps (not always linearly: fine-tuning batches differ): interpolate both ways
-        import numpy as np
-
-        # from 0, and on past the last point at the run's own rate, so that ticks beyond the data stay in place
-        xs = np.array([0.0] + [x for x, _ in seen] + [seen[-1][0] * 10])
-        ts = np.array([0.0] + [t for _, t in seen] + [seen[-1][1] * 10], dtype=float)
-        top = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, xs, ts), lambda v: np.interp(v, ts, xs)))
-        top.set_xlabel("tokens seen")
+    add_tokens_axis(ax, rows, x_key)
     fig.tight_layout()
     return fig
 

@@ -19,6 +19,7 @@ import yaml
 from .artifacts import CheckpointError
 from .config import Config, ConfigError, canonical_json, config_from_dict, identity, load_config
 from .hub import HUB_PREFIX, fetch_checkpoint_once
+from .logs import quiet_tied_head_warning
 from .model import save_hf
 from .tokenizer import TOKENIZER_FILE, set_model_max_length
 
@@ -189,7 +190,8 @@ class Checkpointer:
     def _write(self, tmp: Path, model, train_loader, state: TrainerState, cfg: Config, tokenizer_dir: Path,
                eos_token_id: int) -> None:
         acc = self.accelerator
-        acc.save_state(str(tmp / "accelerate"))  # model, optimizer, RNG of every process
+        with quiet_tied_head_warning():  # the tied LM head is dropped from the file and tied again on load
+            acc.save_state(str(tmp / "accelerate"))  # model, optimizer, RNG of every process
         weights = acc.get_state_dict(model)  # gathers FSDP shards; a collective, so every rank calls it
         # Each rank's data position differs, so each writes its own file.
         torch.save(train_loader.state_dict(), tmp / f"data_state_rank{acc.process_index}.pt")

@@ -26,7 +26,7 @@ from .config import Config, ConfigError, TrainConfig, accumulation_steps
 from .data.packing import make_dataloader
 from .data.splits import split_dataset
 from .data.pretokenize import check_tokenizer
-from .divergence import SpikeGuard, TrainingDiverged, check_step, diverged_message
+from .divergence import SpikeGuard, TrainingDiverged, check_step, diverged_message, what_next
 from .evaluate import evaluate_loss
 from .hub import start_pusher
 from .metrics import MetricsLogger
@@ -335,8 +335,7 @@ def _check_eval(loop: Loop) -> None:
     if "loss" in result and not math.isfinite(result["loss"]):
         last = latest_checkpoint(loop.checkpointer.directory)
         raise TrainingDiverged(f"evaluation at step {result['step']} gave loss {result['loss']}; stopped before "
-                               f"saving it; last good checkpoint: {last or 'none'}. Lower "
-                               f"{loop.section}.learning_rate (or lengthen the warmup) and resume from it")
+                               f"saving it; {what_next(str(last or ''), loop.section)}")
 
 
 def fit(loop: Loop) -> dict[str, Any]:

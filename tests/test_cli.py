@@ -135,6 +135,22 @@ def test_config_prints_the_resolved_tree():
     assert bad.returncode == 2 and "integer" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_config_names_are_found_from_any_directory(tmp_path):
+    """Finding: `--config tiny` "does not exist", and `--config configs/tiny.yaml` failed outside the checkout."""
+    expected = describe_config(load_config(TINY))
+    for name in ("tiny", "configs/tiny.yaml"):
+        p = subprocess.run([sys.executable, "-m", "codeparrot", "config", "--config", name], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        assert p.returncode == 0 and p.stdout == expected, p.stderr
+    assert "configs/tiny.yaml, from any directory" in " ".join(cli("config", "--help").stdout.split())
+
+
+def test_a_generate_flag_outside_its_range_is_one_line_naming_the_flag():
+    p = cli("generate", "-p", "x", "--top-p", "2")
+    assert (p.returncode, p.stderr) == (2, "codeparrot generate: error: --top-p must be greater than 0 and at most 1, "
+                                           "got 2.0\n")
+
+
 def _file_size_limit(limit: int):
     """A preexec_fn: files may not grow past `limit` bytes; a write past it fails with EFBIG, as on a full disk."""
     def apply() -> None:

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from codeparrot.config import (
-    CHOICES, IDENTITY_WHEN_SET, RUNTIME_KEYS, SECTIONS, Config, ConfigError, TrainConfig, accumulation_steps, config_from_dict,
-    describe_config, identity, load_config, parse_override, section_summary,
+    _FIELDS, _HINTS, CHOICES, IDENTITY_WHEN_SET, RUNTIME_KEYS, SECTIONS, Config, ConfigError, TrainConfig,
+    accumulation_steps, choice_list, config_from_dict, describe_config, identity, load_config, parse_override,
+    range_text, section_summary,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -160,6 +161,19 @@ def test_bad_yaml_files_raise(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_config_name_finds_the_projects_configs_from_any_directory(tmp_path, monkeypatch):
+    """Finding: `--config tiny` did not exist, and `--config configs/tiny.yaml` failed outside the checkout."""
+    monkeypatch.chdir(tmp_path)
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    for name in ("tiny", "tiny.yaml", "configs/tiny.yaml", "configs/tiny"):
+        assert load_config(name) == tiny, name
+    (tmp_path / "tiny.yaml").write_text("train:\n  run_name: mine\n")  # a file here comes first
+    assert load_config("tiny").train.run_name == "mine"
+    with pytest.raises(ConfigError) as e:
+        load_config("tinny")
+    assert "config file tinny does not exist" in str(e.value) and "codeparrot-small, tiny" in str(e.value)
+
+
 def test_save_and_reload_is_equal(tmp_path):
     cfg = load_config(CONFIGS / "codeparrot.yaml", [
         "train.learning_rate=1e-5", "model.n_layer=3", "train.trackers=tensorboard,wandb",
@@ -301,7 +315,16 @@ def test_every_choice_loads_and_anything_else_is_rejected_with_the_choices(dotte
         assert getattr(getattr(load_config(None, [f"{dotted}={choice}"]), section), key) == choice
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"{dotted}=bogus"])
-    assert str(e.value) == f"{dotted}: 'bogus' is not one of {', '.join(CHOICES[dotted])}"
+    assert str(e.value) == f"{dotted}: 'bogus' is not one of {choice_list(CHOICES[dotted])}"
+
+
+def test_the_empty_choice_shows_as_quotes():
+    """Finding: `'best' is not one of , low, medium, high` hid the empty choice; it reads "" now."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.quality_bucket=best"])
+    assert str(e.value) == """eval.quality_bucket: 'best' is not one of "", low, medium, high"""
+    line = next(x for x in describe_config(Config()).splitlines() if x.split()[:1] == ["quality_token"])
+    assert line.endswith('(one of: "", low, medium, high)')
 
 
 def test_choices_are_checked_after_overrides_and_in_config_from_dict(tmp_path):
@@ -358,8 +381,74 @@ def test_global_batch_no_device_count_can_fit_fails_at_load():
     assert load_config(None, ["train.global_batch_size=192"]).train.global_batch_size == 192
     with pytest.raises(ConfigError, match="train.global_batch_size=100"):
         load_config(None, ["train.global_batch_size=100"])  # micro_batch_size 12 never divides it
-    with pytest.raises(ConfigError, match="positive multiple"):
+    with pytest.raises(ConfigError, match="train.global_batch_size must be at least 1, got 0"):  # its range
         load_config(None, ["train.global_batch_size=0"])
+
+
+# --- ranges ----------------------------------------------------------------------------------------------------------
+
+# Numeric keys any value of which is meaningful: salts and seeds that are hashed, and eval's "0 or negative: all".
+UNBOUNDED = {"corpus.split_seed", "eval.max_batches", "generate.seed", "humaneval.seed"}
+RANGED = sorted(f"{s}.{k}" for s, fs in _FIELDS.items() for k, f in fs.items() if f.metadata["range"])
+
+
+def test_every_numeric_key_declares_its_range():
+    numeric = {f"{s}.{k}" for s, hints in _HINTS.items() for k, tp in hints.items()
+               if any(t in str(tp) for t in ("int", "float")) and "bool" not in str(tp)}
+    assert numeric - UNBOUNDED == set(RANGED) and not UNBOUNDED - numeric
+    # every default and every shipped config is inside the ranges
+    for f in sorted(CONFIGS.glob("*.yaml")):
+        load_config(f)
+
+
+def _outside(bounds: dict) -> float:
+    """A value just outside a range's lower bound (or its upper one when it has none)."""
+    op, bound = next(iter(bounds.items()))
+    return {"ge": bound - 1, "gt": bound, "le": bound + 1, "lt": bound}[op]
+
+
+@pytest.mark.parametrize("dotted", RANGED)
+def test_a_value_outside_its_range_is_refused_with_the_range(dotted):
+    section, key = dotted.split(".")
+    f = _FIELDS[section][key]
+    value = _outside(f.metadata["range"])
+    value = float(value) if "float" in str(_HINTS[section][key]) else int(value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{dotted}={value}"])
+    each = " (each item)" if "list" in str(_HINTS[section][key]) else ""
+    assert str(e.value) == f"{dotted}{each} must be {range_text(f.metadata['range'])}, got {value!r}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=-5", "train.max_steps must be at least 1, got -5"),  # the finding: it was accepted
+    ("generate.temperature=-0.5", "generate.temperature must be at least 0, got -0.5"),
+    ("generate.top_p=2", "generate.top_p must be greater than 0 and at most 1, got 2.0"),
+    ("generate.top_p=0", "generate.top_p must be greater than 0 and at most 1, got 0.0"),
+    ("generate.top_k=-5", "generate.top_k must be at least 0, got -5"),
+    ("corpus.valid_fraction=nan", "corpus.valid_fraction must be between 0 and 1, got nan"),
+    ("model.dropout=1", "model.dropout must be at least 0 and less than 1, got 1.0"),
+    ("humaneval.ks=1,0", "humaneval.ks (each item) must be at least 1, got 0"),
+    ("data.fim_rate=1.5", "data.fim_rate must be between 0 and 1, got 1.5"),
+])
+def test_ranges_are_checked_at_load(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+    dotted, value = override.split("=")
+    (tmp_path / "c.yaml").write_text(f"{dotted.split('.')[0]}:\n  {dotted.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match="must be"):  # a file, and a saved config, are checked the same
+        load_config(tmp_path / "c.yaml")
+    data = Config().to_dict()
+    data[dotted.split(".")[0]][dotted.split(".")[1]] = value
+    with pytest.raises(ConfigError, match="must be"):
+        config_from_dict(data)
+
+
+def test_the_bounds_themselves_load_and_describe_shows_the_range():
+    cfg = load_config(None, ["generate.top_p=1", "generate.temperature=0", "train.max_steps=1", "model.n_layer=null"])
+    assert (cfg.generate.top_p, cfg.generate.temperature, cfg.train.max_steps, cfg.model.n_layer) == (1, 0, 1, None)
+    line = next(x for x in describe_config(cfg).splitlines() if x.split()[:1] == ["top_p"])
+    assert "(greater than 0 and at most 1)" in line
 
 
 # --- describe_config and section_summary ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The KV-cached sampler against the old greedy loop, transformers' generate and the uncached forward."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -410,9 +411,139 @@ def test_generate_quality_prepends_its_token(capsys, tmp_path, checkpoint, tok, 
     [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert code == 0 and row["completion"] == expected.text
     code, _, err = generate_cli(capsys, checkpoint, "-p", "x", "--quality", "best")
-    assert code == 2 and "generate.quality" in err and "Traceback" not in err
+    assert code == 2 and "--quality: 'best' is not one of" in err and "Traceback" not in err
 
 
 def test_generate_refuses_an_infill_with_a_prompt(capsys, checkpoint):
     code, out, err = generate_cli(capsys, checkpoint, "-p", "x", "--prefix", PREFIX)
     assert code == 2 and "mutually exclusive" in err and out == ""
+
+
+# --- the command line: names in errors, the default checkpoint, instructions ---------------------------------------
+
+def write_checkpoint(directory: Path, tok, model: GPT, overrides: list[str]) -> Path:
+    """The random model as a complete checkpoint whose config.yaml is the defaults with `overrides`."""
+    from codeparrot.config import load_config
+
+    save_hf(model, directory, eos_token_id=tok.token_to_id(EOS))
+    tok.save(str(directory / "tokenizer.json"))
+    load_config(None, overrides).save(directory / "config.yaml")
+    (directory / "trainer_state.json").write_text("{}\n")  # what marks a step-N complete
+    return directory
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """`codeparrot ARGS` in this process: exit code, stdout, stderr."""
+    from codeparrot.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_tiny_config_leaves_room_for_a_prompt():
+    """Finding: tiny.yaml kept generate.max_new_tokens at 128, its model's whole context, so every prompt failed."""
+    from codeparrot.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert cfg.generate.max_new_tokens <= (cfg.model.n_positions or cfg.data.seq_length) // 2
+
+
+def test_max_new_tokens_errors_name_the_flag_or_the_key(capsys, checkpoint):
+    """Finding: the error named `max_new_tokens` when the user had typed --max-new-tokens (or set nothing)."""
+    code, out, err = generate_cli(capsys, checkpoint, "-p", "x", "--max-new-tokens", "64")
+    assert code == 2 and out == "" and err.splitlines()[-1] == (  # (a log line may come before)
+        "codeparrot generate: error: --max-new-tokens 64 leaves no room for a prompt in the model's context "
+        "n_positions 64; lower --max-new-tokens below 64")
+    code, _, err = generate_cli(capsys, checkpoint, "-p", "x")  # the default, 128, from the config
+    assert code == 2 and "error: generate.max_new_tokens 128 leaves no room" in err
+    code, _, err = generate_cli(capsys, checkpoint, "-p", PROMPTS[2] * 20, "--max-new-tokens", "8")
+    assert code == 2 and "+ --max-new-tokens 8 = " in err and err.endswith("or lower --max-new-tokens\n")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "-0.5", "--temperature must be at least 0, got -0.5"),
+    ("--top-p", "2", "--top-p must be greater than 0 and at most 1, got 2.0"),
+    ("--top-p", "0", "--top-p must be greater than 0 and at most 1, got 0.0"),
+    ("--top-k", "-5", "--top-k must be at least 0, got -5"),
+    ("-n", "0", "-n must be at least 1, got 0"),
+    ("--quality", "best", """--quality: 'best' is not one of "", low, medium, high"""),
+])
+def test_flags_outside_their_range_are_refused_naming_the_flag(capsys, checkpoint, flag, value, message):
+    """Finding: --temperature -0.5, --top-p 2 and --top-k -5 were accepted."""
+    code, out, err = generate_cli(capsys, checkpoint, "-p", "x", "--max-new-tokens", "4", flag, value)
+    assert (code, out, err) == (2, "", f"codeparrot generate: error: {message}\n")
+
+
+def test_without_config_generate_finds_the_one_run_there(capsys, monkeypatch, tmp_path, tok, model):
+    """Finding: right after the demo (configs/tiny.yaml: run tiny), `generate` without --config looked for the
+    defaults' run `default` and said "train first". The one pretraining run under the default workdir is used now;
+    with several, or with --config or a run key given, nothing is guessed and the error says what to pass."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "work" / "tiny" / "runs"  # the defaults' paths.workdir, which configs/tiny.yaml shares
+    write_checkpoint(runs / "tiny" / "step-2", tok, model, ["train.run_name=tiny", "generate.max_new_tokens=8"])
+    write_checkpoint(runs / "sft" / "step-1", tok, model, ["train.run_name=sft"])  # a fine-tuning run: not it
+    code, out, _ = run_main(capsys, "generate", "-p", PROMPTS[0], "--temperature", "0")
+    assert code == 0 and out.startswith(f"=== prompt 0, sample 0 ===\n{PROMPTS[0]}")
+    code, out, err = run_main(capsys, "generate", "train.run_name=gone", "-p", "x")
+    assert code == 2 and "no complete checkpoint under work/tiny/runs/gone; work/tiny/runs holds the pretraining " \
+                          "runs tiny: pick one (tiny: --config tiny) or pass --checkpoint" in err
+    code, out, _ = run_main(capsys, "generate", "--config", "tiny", "-p", PROMPTS[0], "--max-new-tokens", "4")
+    assert code == 0 and out.startswith("=== prompt 0")
+    write_checkpoint(runs / "other" / "step-1", tok, model, ["train.run_name=other"])
+    code, out, err = run_main(capsys, "generate", "-p", "x")
+    assert code == 2 and out == "" and err.splitlines()[-1] == (
+        "codeparrot generate: error: no complete checkpoint under work/tiny/runs/default; work/tiny/runs holds the "
+        "pretraining runs other, tiny: pick one (other: train.run_name=other; tiny: --config tiny) or pass "
+        "--checkpoint")
+    code, _, err = run_main(capsys, "generate", "paths.workdir=elsewhere", "-p", "x")
+    assert code == 2 and "under elsewhere/runs/default; run `codeparrot train` first" in err
+
+
+def test_instruction_prompts_are_the_fine_tuning_rows_prompts(capsys, monkeypatch, tmp_path, tok):
+    """--instruction/--input: exactly the prompt ids sft's encode_record gives the record (no EOS or quality token
+    before them), sampled from the sft run's final/ by default; only the response is printed."""
+    from codeparrot.generate import Instruction
+    from codeparrot.sft.format import encode_record
+
+    torch.manual_seed(0)  # the instruction format's preamble alone is ~140 tokens here: a wider context than `model`
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_positions=256, n_layer=2, n_head=2, n_embd=32)).eval()
+    eos, decode = tok.token_to_id(EOS), functools.partial(tok.decode, skip_special_tokens=False)
+    record = {"instruction": "Add two numbers.", "input": f"a = 1\nb = '{EOS}'", "output": ""}
+    ids = encode_record(record, tok)[0]
+    assert prompt_ids(tok, Instruction(record["instruction"], record["input"]), eos) == ids and eos not in ids
+    short = {"instruction": "Add.", "output": ""}
+    assert prompt_ids(tok, Instruction("Add."), eos) == encode_record(short, tok)[0]  # no input section
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "generate", "--instruction", "Add.")
+    assert code == 2 and "no complete checkpoint under work/tiny/runs/sft; run `codeparrot sft` first" in err
+    final = tmp_path / "work" / "tiny" / "runs" / "sft" / "final"  # where `sft` writes its model, as it saves it
+    write_checkpoint(final, tok, model, ["train.run_name=sft", "generate.max_new_tokens=10"])
+    seen, real = [], gen_mod.sample
+    monkeypatch.setattr(gen_mod, "sample", lambda m, ps, *a, **k: seen.append(ps) or real(m, ps, *a, **k))
+    code, out, _ = run_main(capsys, "generate", "--instruction", record["instruction"], "--input", record["input"],
+                            "--temperature", "0", "-o", str(tmp_path / "out.jsonl"))
+    [[expected]] = real(model, [ids], SamplingConfig(max_new_tokens=10, eos_id=eos), decode)
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert code == 0 and seen == [[ids]] and row["completion"] == expected.text
+    assert (row["instruction"], row["input"]) == (record["instruction"], record["input"]) and "prompt" not in row
+    code, out, _ = run_main(capsys, "generate", "--instruction", record["instruction"], "--input", record["input"],
+                            "--temperature", "0")
+    assert code == 0 and out == expected.text + "\n"  # the response only
+    code, out, _ = run_main(capsys, "generate", "--instruction", "Add.", "-n", "2", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("=== sample 0 ===\n") and "\n=== sample 1 ===\n" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "x"], "--instruction (a fine-tuned model's prompt format) and --prompt/--prompt-file/--prefix/--suffix "
+                  "are mutually exclusive"),
+    (["--prefix", "a"], "are mutually exclusive"),
+    (["--prompt-file", "f.jsonl"], "are mutually exclusive"),
+    (["--quality", "high"], "--quality 'high': an instruction takes no quality token"),
+])
+def test_instruction_refuses_other_prompts_and_quality(capsys, checkpoint, args, message):
+    code, out, err = generate_cli(capsys, checkpoint, "--instruction", "Add.", "--max-new-tokens", "4", *args)
+    assert code == 2 and out == "" and message in err.splitlines()[-1]
+    code, _, err = generate_cli(capsys, checkpoint, "--input", "x")
+    assert code == 2 and "--input is the input of an --instruction; give --instruction too" in err

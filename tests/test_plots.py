@@ -37,3 +37,39 @@ def test_loss_figure_has_train_and_validation_against_steps_and_tokens(tmp_path)
 def test_a_directory_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
         plot_run(tmp_path)
+
+
+def tokens_under(fig, xs) -> list[float]:
+    """The tokens the drawn top axis shows above each bottom-axis position (through the display, as a reader sees)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    (top,) = ax.child_axes
+    return [float(top.transData.inverted().transform(ax.transData.transform((x, 0)))[0]) for x in xs]
+
+
+def test_tokens_axis_is_tied_to_the_step_axis_exactly():
+    # 2048 tokens a step; the step axis has a margin below 0 and beyond 20 (where an interpolation clamped: step 0
+    # showed ~1.9k tokens and step 20 ~41k)
+    rows = [{"step": 0, "eval/loss": 9.0}]
+    rows += [{"step": s, "train/loss": 8.0 - s / 10, "train/tokens_seen": 2048 * s} for s in range(1, 21)]
+    rows += [{"step": 20, "eval/loss": 7.0}]
+    fig = loss_figure(rows, "run: loss")
+    assert tokens_under(fig, [0, 10, 20]) == pytest.approx([0, 20480, 40960], abs=1e-6)
+    assert fig.axes[0].child_axes[0].get_xlabel() == "tokens seen"
+
+
+def test_fine_tuning_plots_the_evaluators_train_loss_from_step_0_and_mean_rate_tokens():
+    per_epoch = 4
+    rows = [{"step": 0, "eval/loss": 6.0, "eval/train_loss": 6.1, "train/epoch": 0.0}]
+    for s in (2, 4):  # the window's per-step loss (train/loss) is another number than the evaluator's
+        rows += [{"step": s, "train/loss": 9.0, "train/tokens_seen": 500 * s + 7 * (s == 2),
+                  "train/epoch": s / per_epoch},
+                 {"step": s, "eval/loss": 6.0 - s / 10, "eval/train_loss": 6.0 - s / 5, "train/epoch": s / per_epoch}]
+    fig = loss_figure(rows, "sft: loss")
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()}
+    assert lines["train"] == ([0.0, 0.5, 1.0], [6.1, 5.6, 5.2])
+    # 2000 tokens in one epoch: exact at 0 and at the end, the mean rate between (batches differ in real tokens)
+    assert tokens_under(fig, [0.0, 1.0]) == pytest.approx([0, 2000], abs=1e-6)
+    assert fig.axes[0].child_axes[0].get_xlabel() == "tokens seen (at the run's mean rate)"

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from codeparrot.corpus.source import list_shards
-from codeparrot.sft.data import DOCSTRING_INSTRUCTION, SFT_DATA, mine_docstrings, read_alpaca, split_in_order
+from codeparrot.sft.data import (DOCSTRING_INSTRUCTION, SFT_DATA, in_order, lengths_figure, mine_docstrings,
+                                 read_alpaca, split_in_order)
 from codeparrot.sft.format import PREAMBLE, format_prompt
 
-from conftest import STDLIB, free_port, read_all
+from conftest import STDLIB, free_port, read_all, summaries
 from loopback_hub import HubServer
 
 FIXTURE = '''\
@@ -142,6 +143,64 @@ def test_sft_data_from_a_file_needs_no_clean_corpus(trained_tokenizer, tmp_path)
         SFT_DATA.run(cfg)
 
 
+def sorted_alpaca_file(path: Path) -> list[dict]:
+    """200 records sorted by kind (100 short tasks, then 100 long ones) and two bad lines; the good records."""
+    good = [{"instruction": f"{kind} task {i}", "input": "", "output": f"{kind} answer {i}"}
+            for kind in ("short", "long") for i in range(100)]
+    lines = [json.dumps(r) for r in good[:50]] + ["{not json", json.dumps({"instruction": "no output"})]
+    path.write_text("\n".join(lines + [json.dumps(r) for r in good[50:]]) + "\n")
+    return good
+
+
+def kinds(records: list[dict]) -> Counter:
+    """How many records of each kind."""
+    return Counter(r["instruction"].split()[0] for r in records)
+
+
+def test_a_sorted_file_is_shuffled_with_a_seed_before_the_split_and_drops_reach_the_console(trained_tokenizer,
+                                                                                             tmp_path, capsys):
+    from codeparrot.cli import _summary
+
+    cfg = copy.deepcopy(trained_tokenizer[0])
+    good = sorted_alpaca_file(tmp_path / "sorted.jsonl")
+    cfg.paths.sft, cfg.sft.source = str(tmp_path / "sft"), str(tmp_path / "sorted.jsonl")
+    result = SFT_DATA.run(cfg)
+    splits = written(cfg)
+    assert (len(splits["train"]), len(splits["test"]), len(splits["valid"])) == (170, 20, 10)
+    assert sorted(map(json.dumps, sum(splits.values(), []))) == sorted(map(json.dumps, good))  # none lost
+    for split in ("test", "valid"):  # file order put only "long" tasks here; shuffled, both kinds share each split
+        assert min(kinds(splits[split]).values()) >= len(splits[split]) // 4, (split, kinds(splits[split]))
+    report = json.loads((tmp_path / "sft" / "report.json").read_text())
+    assert report["order"] == result["order"] == "shuffled (seed 1)"
+    assert result["dropped"] == report["filters"] == {"invalid_json": 1, "missing_fields": 1}
+
+    again = copy.deepcopy(cfg)
+    again.paths.sft = str(tmp_path / "again")
+    SFT_DATA.run(again)
+    assert written(again) == splits  # the same seed, the same split
+    again.train.seed = 2  # another seed is another order, so the stage runs again
+    assert SFT_DATA.run(again)["order"] == "shuffled (seed 2)" and written(again) != splits
+
+    cfg.paths.sft, cfg.sft.shuffle_records = str(tmp_path / "ordered"), False
+    capsys.readouterr()
+    _summary("sft-data", SFT_DATA.run(cfg))  # what the command prints of the stage's counts
+    summary = summaries(capsys.readouterr().out)["sft-data"]
+    assert summary["order"] == "file order"
+    assert json.loads(summary["dropped"]) == {"invalid_json": 1, "missing_fields": 1}
+    assert kinds(written(cfg)["valid"]) == {"long": 10}  # file order: the sorted file's last kind only
+
+
+def test_the_lengths_plot_says_what_range_it_shows():
+    fig = lengths_figure({"train": list(range(30, 82)), "valid": [40, 50]}, 128)
+    label = fig.axes[0].get_xlabel()
+    assert label == "tokens (prompt + response + EOS); longest 81"  # was: "shown up to 140 (the 99th percentile)"
+    assert fig.axes[0].get_xlim()[1] >= 128  # the allowed_max_length line stays in view
+    tail = lengths_figure({"train": [50] * 200 + [5000] * 3}, 100).axes[0].get_xlabel()
+    assert tail.endswith("3 longer than 110 (allowed_max_length 100 + 10%) not shown, longest 5000")
+    wide = lengths_figure({"train": list(range(1, 1001))}, 10).axes[0].get_xlabel()
+    assert wide.endswith("10 longer than 990 (the 99th percentile) not shown, longest 1000")
+
+
 def test_sft_data_refuses_a_missing_source_file(trained_tokenizer, tmp_path):
     cfg, _ = trained_tokenizer
     cfg = copy.deepcopy(cfg)
@@ -242,9 +301,10 @@ def test_sft_data_reads_an_alpaca_dataset_from_the_hub_and_reruns_on_a_new_commi
     assert result["skipped"] is False
     assert (result["train_records"], result["test_records"], result["valid_records"]) == (34, 4, 2)  # 85/10/5
     expected = [{"input": "", **r} for r in first]  # an absent input is an empty one, as in a local file
-    assert written(cfg) == {"train": expected[:34], "test": expected[34:38], "valid": expected[38:]}
+    assert written(cfg) == split_in_order(in_order(expected, "shuffled (seed 1)", 1), 0.85, 0.10)  # shuffled
     report = json.loads((tmp_path / "sft" / "report.json").read_text())
     assert report["filters"] == {"missing_fields": 3} and report["source"] == f"hub:{DATASET}"
+    assert report["order"] == result["order"] == "shuffled (seed 1)" and result["dropped"] == {"missing_fields": 3}
     v1 = api.dataset_info(DATASET).sha
     manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
     assert manifest["inputs"]["source"] == v1  # the resolved commit is the source's identity

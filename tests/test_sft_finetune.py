@@ -1,7 +1,9 @@
 """The `sft` stage on real docstring records: full, LoRA and packed runs, exports, responses, plots and resume."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import select
@@ -10,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from codeparrot.plots import loss_figure, read_metrics
 from codeparrot.runs import write_model_dir
 from codeparrot.sft.data import SFT_DATA
 from codeparrot.sft.finetune import run_sft
+from codeparrot.sft.responses import ResponseWriter, score_test_split
 from codeparrot.tokenizer import load_tokenizer
 
 from conftest import SUBPROCESS_ENV
@@ -77,19 +82,26 @@ def test_full_fine_tuning_learns_and_writes_what_transformers_loads(sft_config):
     with pytest.raises(ValueError, match=r"use another sft\.run_name or train\.resume=none"):
         run_sft(sft_config("sft.run_name=full", "sft.learning_rate=0.001"))
     assert [line.get_label() for line in ax.get_lines()] == ["train", "validation"]
-    assert any(a.get_xlabel() == "tokens seen" for a in ax.child_axes)
+    train, valid = (list(line.get_xdata()) for line in ax.get_lines())
+    assert train == valid and train[0] == 0  # the evaluator's train loss (what the log prints), from step 0
+    assert any(a.get_xlabel().startswith("tokens seen") for a in ax.child_axes)
     samples = [json.loads(line) for line in (out / "logs" / "samples.jsonl").read_text().splitlines()]
     assert [s["when"] for s in samples] == ["before fine-tuning", "end of epoch 1", "end of epoch 2"]
     assert run_sft(cfg)["skipped"] is True  # a second run finds it done
 
 
-def test_lora_trains_only_adapters_and_exports_a_merged_gpt2(sft_config):
+def test_lora_trains_only_adapters_and_exports_a_merged_gpt2(sft_config, caplog):
     from safetensors.torch import load_file
     from transformers import GPT2LMHeadModel
 
     cfg = sft_config("sft.run_name=lora", "sft.method=lora", "sft.lora_rank=4", "sft.lora_alpha=8",
                      "sft.learning_rate=0.01")
+    caplog.set_level(logging.INFO)
     result = run_sft(cfg)
+    assert "checkpoint: saved" in caplog.text and "Removed shared tensor" not in caplog.text  # the tied head
+    # the fixture's one test prompt fills the 96-token context: the summary says so instead of an empty string
+    assert (result["example_response"], result["example_finish"]) == (
+        "(none: the prompt fills the model's context)", "no_room")
     out = cfg.paths.resolve("runs") / "lora"
     n_layer, n_embd, r = 2, 32, 4
     # attn.c_attn (32 -> 96) and attn.c_proj (32 -> 32) per layer: A [r, in] + B [out, r]
@@ -104,6 +116,51 @@ def test_lora_trains_only_adapters_and_exports_a_merged_gpt2(sft_config):
     assert not torch.equal(final["h.0.attn.c_attn.weight"], base["h.0.attn.c_attn.weight"])  # merged update
     for ckpt in (out / "final", out / f"step-{result['steps']}"):  # checkpoints are merged GPT-2s too
         GPT2LMHeadModel.from_pretrained(ckpt)
+
+
+class OneProcess:
+    """What the response writers ask of an Accelerator, for one process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def generating(monkeypatch, text: str) -> tuple[Any, Any]:
+    """(model, tokenizer) stand-ins whose every greedy response is `text`, ended by max_new_tokens."""
+    from codeparrot.generate import Completion
+
+    monkeypatch.setattr("codeparrot.sft.responses.sample",
+                        lambda model, prompts, cfg, decode: [[Completion([0] * cfg.max_new_tokens, text, "length")]])
+    model = SimpleNamespace(config=SimpleNamespace(n_positions=64))
+    tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens: SimpleNamespace(ids=text.split()),
+                                decode=lambda ids, skip_special_tokens: text)
+    return model, tokenizer
+
+
+def test_a_blank_response_is_said_to_be_blank_and_blank_lines_are_folded(monkeypatch, tmp_path, caplog):
+    # an undertrained LoRA run's greedy output on the tiny config: newlines only, which extraction strips to ""
+    model, tokenizer = generating(monkeypatch, "\n" * 20)
+    record = {"instruction": "Add.", "input": "def add(a, b):", "output": "return a + b"}
+    no_room = {**record, "input": "x " * 80}
+    result = score_test_split(OneProcess(), model, tokenizer, [no_room, record], 0, 8, tmp_path, "fp")
+    assert result["example_input"] == "def add(a, b):"  # the first record with room for a response
+    assert result["example_response"] == "(blank: the model generated only whitespace, 20 newlines, until length)"
+    rows = json.loads((tmp_path / "responses.json").read_text())["records"]
+    assert [r["model_response"] for r in rows] == ["", ""]  # scored as it came
+
+    generating(monkeypatch, "def add(a, b):\n" + "\n" * 20 + "    return a + b\n\n")
+    writer = ResponseWriter(OneProcess(), model, tokenizer, record, 0, 8, tmp_path / "samples.jsonl")
+    caplog.set_level(logging.INFO)
+    assert writer.sample(2, "end of epoch 1") == "def add(a, b):\n" + "\n" * 20 + "    return a + b"
+    assert caplog.records[-1].getMessage().endswith("\ndef add(a, b):\n[20 blank lines]\n    return a + b")
 
 
 def test_packed_run_learns(sft_config):

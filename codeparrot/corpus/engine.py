@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # tasks.py imports datatrove, which the command line need not
 
 log = logging.getLogger(__name__)
 IDENTITY = "identity.json"
-CLUSTER_BYTES_PER_FILE = 124  # the cluster task's peak per input file (tests/test_engine.py, README's Limits)
+CLUSTER_BYTES_PER_FILE = 124  # the cluster task's peak per input file (tests/test_engine.py, docs/stages.md's Limits)
 CLUSTER_MEM_SAFETY = 2  # what the measurement leaves out: allocator slack, a corpus unlike the test's
 GUESSED_INPUT_BYTES_PER_FILE = 1024  # gzip'd JSON per file before the scan counts them: ~2 KB measured, erring large
 MIN_CLUSTER_MEM_GB = 4  # what every task got before: a small corpus asks no less

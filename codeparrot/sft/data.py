@@ -1,8 +1,9 @@
 """The `sft-data` stage: instruction records (instruction, input, output) from docstrings, a user's Alpaca file or
 an Alpaca dataset on the Hugging Face Hub (`hub:<repo_id>[@revision]`, read with `datasets`).
 
-Records are written as `sft/{train,valid,test}.jsonl`, with `report.json` (counts per filter and split, token
-lengths) and `lengths.png`. The prompt format is the Alpaca one of the GPT-2 instruction-tuning chapter.
+Records are written as `sft/{train,valid,test}.jsonl`, with `report.json` (the order split, counts per filter and
+split, token lengths) and `lengths.png`. A file's or a Hub dataset's records are shuffled (seeded) before the split
+unless sft.shuffle_records=false. The prompt format is the Alpaca one of the GPT-2 instruction-tuning chapter.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ast
 import hashlib
 import json
 import logging
+import random
 import tempfile
 import textwrap
 from collections import Counter
@@ -142,27 +144,47 @@ def _jsonl_rows(path: Path, counts: Counter) -> Iterator[Any]:
 
 
 def split_in_order(records: list[dict], train_fraction: float, test_fraction: float) -> dict[str, list[dict]]:
-    """The chapter's split, in file order: the first 85% train, the next 10% test, the rest validation."""
+    """The chapter's split, in the records' order: the first 85% train, the next 10% test, the rest validation."""
     n_train, n_test = int(len(records) * train_fraction), int(len(records) * test_fraction)
     return {"train": records[:n_train], "valid": records[n_train + n_test:],
             "test": records[n_train:n_train + n_test]}
 
 
+def record_order(cfg: Config) -> str:
+    """How records are ordered before the split: "shuffled (seed N)" or "file order" (sft.shuffle_records)."""
+    shuffle = cfg.sft.shuffle_records
+    if shuffle is None:  # a user's file is often sorted (by task, by length): its order would pick valid and test
+        shuffle = cfg.sft.source != "docstrings"
+    return f"shuffled (seed {cfg.train.seed})" if shuffle else "file order"
+
+
+def in_order(records: list[dict], order: str, seed: int) -> list[dict]:
+    """The records in `order`: as they are, or shuffled by `seed` (the same seed, the same order)."""
+    if order == "file order":
+        return records
+    out = list(records)
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def build_splits(cfg: Config, counts: Counter) -> dict[str, list[dict]]:
-    """The records of each split from `sft.source`."""
+    """The records of each split from `sft.source`, in the order record_order names."""
     s = cfg.sft
+    order, seed = record_order(cfg), cfg.train.seed
     if s.source == "docstrings":
         clean = cfg.paths.resolve("clean")
         bad = BadRecords(max_ratio=cfg.corpus.max_bad_ratio)
-        train = docstring_records(clean, "train", cfg, bad, counts)
-        held_out = docstring_records(clean, "valid", cfg, bad, counts)
+        train = in_order(docstring_records(clean, "train", cfg, bad, counts), order, seed)
+        held_out = in_order(docstring_records(clean, "valid", cfg, bad, counts), order, seed)
         # pretraining's valid files give validation and test pairs: none of them was trained on
         half = int(len(held_out) * s.valid_share_of_held_out)
         splits = {"train": train, "valid": held_out[:half], "test": held_out[half:]}
     elif s.source.startswith(HUB_PREFIX):
-        splits = split_in_order(read_hub_alpaca(s.source, cfg.hub, counts), s.train_fraction, s.test_fraction)
+        records = in_order(read_hub_alpaca(s.source, cfg.hub, counts), order, seed)
+        splits = split_in_order(records, s.train_fraction, s.test_fraction)
     else:
-        splits = split_in_order(read_alpaca(Path(s.source), counts), s.train_fraction, s.test_fraction)
+        records = in_order(read_alpaca(Path(s.source), counts), order, seed)
+        splits = split_in_order(records, s.train_fraction, s.test_fraction)
     return splits
 
 
@@ -248,7 +270,8 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     if not splits["train"]:
         raise ValueError(f"sft-data: no training record is at most sft.max_record_tokens="
                          f"{cfg.sft.max_record_tokens} tokens long")
-    report: dict[str, Any] = {"source": cfg.sft.source, "filters": dict(sorted(counts.items())), "splits": {}}
+    report: dict[str, Any] = {"source": cfg.sft.source, "order": record_order(cfg),
+                              "filters": dict(sorted(counts.items())), "splits": {}}
     for split, records in splits.items():
         (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         over = sum(n > cfg.sft.allowed_max_length for n in lengths[split])
@@ -258,27 +281,50 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
                                    "share_over_max_length": round(over / max(1, len(records)), 4)}
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_lengths(lengths, cfg.sft.allowed_max_length, tmp / "lengths.png")
-    log.info("sft-data: %s", ", ".join(f"{k} {v['records']}" for k, v in report["splits"].items()))
-    return {f"{k}_records": v["records"] for k, v in report["splits"].items()}
+    log.info("sft-data: %s (%s)", ", ".join(f"{k} {v['records']}" for k, v in report["splits"].items()),
+             report["order"])
+    dropped = {k: v for k, v in report["filters"].items() if k != "functions_kept"}
+    if dropped:  # the summary prints them too: Stage.run's counts are what the console shows of a stage
+        log.info("sft-data: left out %d (%s)", sum(dropped.values()), ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    return {**{f"{k}_records": v["records"] for k, v in report["splits"].items()}, "order": report["order"],
+            "dropped": dropped}
 
 
-def plot_lengths(lengths: dict[str, list[int]], max_length: int, path: Path) -> None:
+def length_range(every: list[int], max_length: int) -> tuple[int, str]:
+    """The histogram's top (the 99th percentile, at least allowed_max_length + 10% so its line shows) and what the
+    axis label truly says of it."""
+    every = sorted(every)
+    longest = every[-1] if every else 0
+    p99 = every[int(0.99 * (len(every) - 1))] if every else 0
+    top = max(p99, int(max_length * 1.1), 1)  # a long tail would squeeze the rest into a few bins
+    hidden = sum(n > top for n in every)
+    if not hidden:
+        return top, f"longest {longest}"
+    why = "the 99th percentile" if top == p99 else f"allowed_max_length {max_length} + 10%"
+    return top, f"{hidden} longer than {top} ({why}) not shown, longest {longest}"
+
+
+def lengths_figure(lengths: dict[str, list[int]], max_length: int):
     """Histogram of token lengths per split, with the max length marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    every = sorted(n for values in lengths.values() for n in values)
-    top = max(every[int(0.99 * (len(every) - 1))] if every else 1, int(max_length * 1.1))  # a long tail hides the rest
+    top, shown = length_range([n for values in lengths.values() for n in values], max_length)
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for split, values in lengths.items():
         if values:
             ax.hist(values, bins=50, range=(0, top), alpha=0.5, label=f"{split} ({len(values)})")
     ax.axvline(max_length, color="black", linestyle="--", label=f"allowed_max_length {max_length}")
-    ax.set(xlabel=f"tokens (prompt + response + EOS); shown up to {top} (the 99th percentile)", ylabel="records",
-           title="SFT record lengths")
+    ax.set(xlabel=f"tokens (prompt + response + EOS); {shown}", ylabel="records", title="SFT record lengths")
     ax.legend()
-    FigureCanvasAgg(fig).print_png(str(path))
+    return fig
+
+
+def plot_lengths(lengths: dict[str, list[int]], max_length: int, path: Path) -> None:
+    """Write `lengths.png`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(lengths_figure(lengths, max_length)).print_png(str(path))
 
 
 def _extra_inputs(cfg: Config) -> dict[str, str]:
@@ -296,9 +342,11 @@ def _extra_inputs(cfg: Config) -> dict[str, str]:
 
 
 DATA_KEYS = ("sft.source", "sft.min_docstring_chars", "sft.min_body_lines", "sft.valid_share_of_held_out",
-             "sft.train_fraction", "sft.test_fraction", "sft.max_records", "sft.max_files", "sft.allowed_max_length",
-             "sft.max_record_tokens")
-SFT_DATA = Stage(name="sft-data", output="sft", keys=(*DATA_KEYS, "tokenizer.eos_token", "corpus.max_bad_ratio"),
+             "sft.train_fraction", "sft.test_fraction", "sft.shuffle_records", "sft.max_records", "sft.max_files",
+             "sft.allowed_max_length", "sft.max_record_tokens")
+# train.seed: the seed of sft.shuffle_records' order (a new seed re-runs the stage, even where it does not shuffle)
+SFT_DATA = Stage(name="sft-data", output="sft", keys=(*DATA_KEYS, "train.seed", "tokenizer.eos_token",
+                                                      "corpus.max_bad_ratio"),
                  inputs=("clean", "tokenizer"), extra_inputs=_extra_inputs, build=_build,
                  needs=lambda cfg: ("clean", "tokenizer") if cfg.sft.source == "docstrings" else ("tokenizer",),
                  help="instruction records for fine-tuning: docstring pairs from clean/, an Alpaca file or a "

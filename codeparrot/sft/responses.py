@@ -11,6 +11,7 @@ import ast
 import functools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,9 +23,31 @@ from .format import format_prompt
 log = logging.getLogger(__name__)
 
 
+HEADER = "### Response:"
+
+
 def extract_response(text: str) -> str:
     """The response in generated text: without a response header the model may repeat, stripped."""
-    return text.replace("### Response:", "").strip()
+    return text.replace(HEADER, "").strip()
+
+
+def fold_blank_lines(text: str) -> str:
+    """Text for a log or summary: each run of two or more blank lines as one `[N blank lines]` line."""
+    return re.sub(r"\n(?:[ \t]*\n){2,}", lambda m: f"\n[{m.group(0).count(chr(10)) - 1} blank lines]\n", text)
+
+
+def shown(raw: str, finish: str) -> str:
+    """A response as logs and summaries show it: blank-line runs folded, and an empty one said why (an undertrained
+    model's greedy output can be nothing but newlines, which extraction strips to "")."""
+    response = extract_response(raw)
+    if response:
+        return fold_blank_lines(response)
+    if finish == "no_room":
+        return "(none: the prompt fills the model's context)"
+    if not raw:
+        return "(empty: the model ended with EOS at once)"
+    what = "whitespace and response headers" if HEADER in raw else "whitespace"
+    return f"(blank: the model generated only {what}, {raw.count(chr(10))} newlines, until {finish})"
 
 
 def is_python(text: str) -> bool:
@@ -36,8 +59,8 @@ def is_python(text: str) -> bool:
     return True
 
 
-def respond(model, tokenizer, record: dict[str, str], eos_id: int, max_new_tokens: int) -> tuple[str, str]:
-    """(response, finish: eos, length or no_room) of one record, greedy, in the model's context."""
+def generate_raw(model, tokenizer, record: dict[str, str], eos_id: int, max_new_tokens: int) -> tuple[str, str]:
+    """(generated text as it came, finish: eos, length or no_room) of one record, greedy, in the model's context."""
     tokenizer.encode_special_tokens = True  # as training encoded it: special strings in user text stay text
     ids = tokenizer.encode(format_prompt(record), add_special_tokens=False).ids
     room = min(max_new_tokens, model.config.n_positions - len(ids))
@@ -48,7 +71,13 @@ def respond(model, tokenizer, record: dict[str, str], eos_id: int, max_new_token
     # graphs with breaks and recompiles per prompt length (measured: 3.4 s against 0.02 s eager).
     with torch.compiler.set_stance("force_eager"):
         done = sample(model, [ids], cfg, functools.partial(tokenizer.decode, skip_special_tokens=False))[0][0]
-    return extract_response(done.text), done.finish
+    return done.text, done.finish
+
+
+def respond(model, tokenizer, record: dict[str, str], eos_id: int, max_new_tokens: int) -> tuple[str, str]:
+    """(response, finish: eos, length or no_room) of one record, greedy, in the model's context."""
+    raw, finish = generate_raw(model, tokenizer, record, eos_id, max_new_tokens)
+    return extract_response(raw), finish
 
 
 class ResponseWriter:
@@ -64,12 +93,14 @@ class ResponseWriter:
         if not self.acc.is_main_process:
             return None
         with torch.no_grad(), self.acc.autocast():
-            response, _ = respond(self.acc.unwrap_model(self.model), self.tokenizer, self.record, self.eos_id,
-                                  self.max_new_tokens)
-        log.info("sft @ step %d (%s): response to %r:\n%s", step, when, self.record["instruction"][:60], response)
+            raw, finish = generate_raw(self.acc.unwrap_model(self.model), self.tokenizer, self.record, self.eos_id,
+                                       self.max_new_tokens)
+        log.info("sft @ step %d (%s): response to %r:\n%s", step, when, self.record["instruction"][:60],
+                 shown(raw, finish))
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        response = extract_response(raw)
         with self.path.open("a") as fh:
-            fh.write(json.dumps({"step": step, "when": when, "response": response}) + "\n")
+            fh.write(json.dumps({"step": step, "when": when, "response": response, "finish": finish}) + "\n")
         return response
 
 
@@ -90,10 +121,12 @@ def score_test_split(acc, model, tokenizer, records: list[dict[str, str]], eos_i
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return {}
-    gpt, rows = acc.unwrap_model(model), []
+    gpt, rows, raws = acc.unwrap_model(model), [], []
     with torch.no_grad(), acc.autocast():
         for record in records:
-            response, finish = respond(gpt, tokenizer, record, eos_id, max_new_tokens)
+            raw, finish = generate_raw(gpt, tokenizer, record, eos_id, max_new_tokens)
+            response = extract_response(raw)
+            raws.append(raw)
             rows.append({**record, "model_response": response, "finish": finish,
                          "exact_match": response == record["output"].strip(),
                          "syntax_valid": bool(response) and is_python(response)})
@@ -105,5 +138,13 @@ def score_test_split(acc, model, tokenizer, records: list[dict[str, str]], eos_i
     log.info("sft: %d test responses, exact match %.3f, syntax-valid %.3f, stopped at EOS %.3f", len(rows),
              metrics["exact_match"], metrics["syntax_valid"], metrics["stopped_at_eos"])
     acc.wait_for_everyone()
-    example = {"example_input": rows[0]["input"], "example_response": rows[0]["model_response"]} if rows else {}
-    return {**metrics, "responses": str(path), **example}
+    return {**metrics, "responses": str(path), **example(rows, raws)}
+
+
+def example(rows: list[dict[str, Any]], raws: list[str]) -> dict[str, str]:
+    """The summary's example: the first test record whose prompt left room for a response, as `shown` says it."""
+    if not rows:
+        return {}
+    i = next((i for i, r in enumerate(rows) if r["finish"] != "no_room"), 0)
+    return {"example_input": rows[i]["input"], "example_response": shown(raws[i], rows[i]["finish"]),
+            "example_finish": rows[i]["finish"]}
