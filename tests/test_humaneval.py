@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from codeparrot.config import load_config
-from codeparrot.humaneval import (Unit, load_problems, merge_samples, not_reported, pass_at_k, pass_at_k_table,
-                                  read_parts, run_humaneval_samples, shown, work_units)
+from codeparrot.humaneval import load_problems, run_humaneval_samples
+from codeparrot.humaneval.sampling import Unit, merge_samples, read_parts, work_units
+from codeparrot.humaneval.scoring import not_reported, pass_at_k, pass_at_k_table, shown
 from codeparrot.results import checkpoint_fingerprint, result_for
 
 from conftest import SUBPROCESS_ENV, build_training_corpus, free_port, run_cli, write_jsonl
