@@ -9,13 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from .artifacts import CheckpointError, disk_full_cause
-from .config import SECTIONS, ConfigError, check_value, describe_config, load_config, section_summary
+from .config import (SECTIONS, ConfigError, check_value, describe_config, find_config_file, load_config,
+                     section_summary)
 from .corpus.engine import SubmittedToSlurm
 from .corpus.export import EXPORT_LOCAL, run_export_local
 from .corpus.source import TooManyBadRecords
 from .divergence import TrainingDiverged
-from .hub import HubError
+from .hub import HUB_PREFIX, HubError
 from .logs import setup_logging
 from .pipeline import STEPS, Step, run_pipeline
 from .sandbox import SandboxUnavailable
@@ -187,12 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(title: str, result: dict[str, Any]) -> None:
+    """Print `== title ==` and one `  key: value` line per result (code as an indented block)."""
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, rank 0 speaks for all
         return
     print(f"== {title} ==")
     for key, value in result.items():
-        if isinstance(value, dict):
-            value = json.dumps(value)
+        if isinstance(value, (dict, list, tuple)):  # JSON, as a script reads it back (a repr is Python's only)
+            value = json.dumps(value, default=str)
         if isinstance(value, str) and "\n" in value:  # code (prompt, completion): show it as a block
             print(f"  {key}:")
             print("\n".join("    | " + line for line in value.split("\n")))
@@ -207,6 +211,33 @@ RUN_KEYS = ("paths.workdir", "paths.runs", "train.run_name", "sft.run_name")
 def _names_a_run(args: argparse.Namespace) -> bool:
     """Whether the command line chose the run (--config, or an override of a RUN_KEYS key)."""
     return args.config is not None or any(o.partition("=")[0] in RUN_KEYS for o in args.overrides)
+
+
+def _sets_paths(args: argparse.Namespace) -> bool:
+    """Whether the command line chose where artifacts live: a paths.* override, or a --config with paths."""
+    if any(o.startswith("paths.") for o in args.overrides):
+        return True
+    if args.config is None:
+        return False
+    data = yaml.safe_load(find_config_file(args.config).read_text(encoding="utf-8"))
+    return isinstance(data, dict) and "paths" in data
+
+
+def _hub_download_dir(args: argparse.Namespace, cfg) -> Path | None:
+    """Where a `hub:` checkpoint is fetched: <paths.runs>/hub/<repo>@<revision> for evaluate and humaneval (their
+    results go beside the checkpoint) and when the user chose the paths; else None, the Hub's own cache (generate
+    only reads it: a download under the current directory would come unannounced)."""
+    if args.command in ("evaluate", "humaneval") or _sets_paths(args):
+        return cfg.paths.resolve("runs") / "hub"
+    return None
+
+
+def _check_sft_base(base: str) -> None:
+    """An sft.base path that is no loadable checkpoint stops here, with the one to use (before the records load)."""
+    from .runs import check_checkpoint  # imports torch: only for sft
+
+    if base != "latest" and not base.startswith(HUB_PREFIX):
+        check_checkpoint(base, "sft.base=")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -232,17 +263,20 @@ def _run(args: argparse.Namespace) -> None:
         fine_tuned = getattr(args, "instruction", None) is not None
         args.checkpoint = str(default_checkpoint(load_config(args.config, args.overrides), _names_a_run(args),
                                                  fine_tuned))
-    if (getattr(args, "checkpoint", None) or "").startswith("hub:"):  # fetched into <runs>/hub/<repo>@<revision>
+    if (getattr(args, "checkpoint", None) or "").startswith(HUB_PREFIX):
         from .hub import resolve_checkpoint
 
         local = load_config(args.config, args.overrides)
-        args.checkpoint = resolve_checkpoint(args.checkpoint, local.hub, local.paths.resolve("runs") / "hub")
+        args.checkpoint = resolve_checkpoint(args.checkpoint, local.hub, _hub_download_dir(args, local))
     if getattr(args, "checkpoint", None):  # the checkpoint's own config, with --config and overrides on top
-        from .runs import checkpoint_config
+        from .runs import check_checkpoint, checkpoint_config
 
+        check_checkpoint(args.checkpoint, "--checkpoint ")  # before its config.yaml is looked for
         cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    if args.command == "sft":
+        _check_sft_base(cfg.sft.base)
     if args.command == "config":
         print(describe_config(cfg), end="")
     elif args.command == "train":

@@ -17,7 +17,7 @@ from .config import PROJECT_CONFIGS, Config, ConfigError, load_config
 from .model import GPT, KVCache, load_hf, model_device
 from .corpus.quality import QUALITY_BUCKETS
 from .data.transforms import SpecialIds
-from .runs import latest_checkpoint
+from .runs import check_checkpoint, latest_checkpoint
 from .sft.format import format_prompt
 from .tokenizer import text_encoder
 
@@ -323,10 +323,7 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """The model (on `device`) and tokenizer of a `step-N` checkpoint; a damaged one raises CheckpointError."""
     from tokenizers import Tokenizer
 
-    ckpt = Path(checkpoint)
-    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (ckpt / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint: missing {', '.join(missing)}")
+    ckpt = check_checkpoint(checkpoint)  # missing, a run directory or a partial save: says which one to use
     try:
         return load_hf(ckpt).to(device), text_encoder(Tokenizer.from_file(str(ckpt / "tokenizer.json")))
     except Exception as e:  # tokenizers and safetensors raise their own kinds on a damaged file

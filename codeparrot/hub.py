@@ -8,6 +8,7 @@ replaces one still waiting, and a failed push is logged and counted, never raise
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -51,6 +52,94 @@ def scrub(text: str, api: Any) -> str:
     """`text` without the token (an error message may quote a request); it must never reach a log."""
     token = getattr(api, "token", None)
     return text.replace(token, "<token>") if isinstance(token, str) and token else text
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a Hub that cannot be reached, from each HTTP client huggingface_hub has used (httpx2 now)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                         ("requests", "Timeout")):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """`e` and what it was raised from: huggingface_hub hides a refused connection under LocalEntryNotFoundError."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: message` on one line (the client's messages span lines: request id, advice), cut at `limit`."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _http_status(e: BaseException) -> Optional[int]:
+    """The HTTP status of an error answer, when the error carries its response."""
+    return getattr(getattr(e, "response", None), "status_code", None)
+
+
+def hub_failure(e: BaseException, h: HubConfig, repo_id: str, revision: str = "", repo_key: str = "hub.repo_id"
+                ) -> Optional[str]:
+    """What went wrong with a Hub call and which setting fixes it, in one line; None when `e` is no Hub failure.
+
+    `repo_key` is what the user set the repo with (hub.repo_id, --repo, a hub: checkpoint), so the advice names it.
+    """
+    from huggingface_hub import errors as hf
+
+    where = endpoint(h)
+    for cause in _causes(e):  # the most specific type first: a gated repo is also a missing one
+        if isinstance(cause, hf.OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE=1 blocks every Hub call; unset it"
+        if isinstance(cause, hf.GatedRepoError):
+            return (f"{repo_id} on {where} is gated: accept its terms on its Hub page and set HF_TOKEN to a token "
+                    "of that account")
+        if isinstance(cause, hf.RepositoryNotFoundError):
+            return (f"no repo {repo_id} on {where}, or one the token cannot see: check {repo_key}, hub.endpoint "
+                    "(or HF_ENDPOINT), and HF_TOKEN for a private repo")
+        if isinstance(cause, hf.RevisionNotFoundError):
+            which = f" {revision}" if revision else " asked for"
+            return (f"{repo_id} on {where} has no branch, tag or commit{which}: `codeparrot hub list "
+                    f"hub.repo_id={repo_id}` lists its runs")
+        if isinstance(cause, hf.LocalTokenNotFoundError):
+            return "no Hub token: set HF_TOKEN or run `hf auth login`"
+        if isinstance(cause, hf.HFValidationError):
+            return f"{repo_id!r} is not a repo id (<namespace>/<name>): fix {repo_key}"
+        if isinstance(cause, hf.HfHubHTTPError) and _http_status(cause) in (401, 403):
+            return (f"{where} refused the request (HTTP {_http_status(cause)}): set HF_TOKEN to a token with "
+                    f"access to {repo_id} (write access to push or promote)")
+        if isinstance(cause, hf.HfHubHTTPError):
+            return (f"{where} answered HTTP {_http_status(cause)} ({one_line(cause, 160)}); retry, or check "
+                    "hub.endpoint (or HF_ENDPOINT)")
+        if isinstance(cause, _connection_errors()):
+            return (f"cannot reach the Hub at {where} ({one_line(cause, 120)}): set hub.endpoint or HF_ENDPOINT to "
+                    "a reachable Hub, or check the network and proxy")
+    if isinstance(e, hf.LocalEntryNotFoundError):  # raised without the connection error it stands for
+        return (f"cannot reach the Hub at {where} and no copy is cached: set hub.endpoint or HF_ENDPOINT to a "
+                "reachable Hub, or check the network and proxy")
+    return None
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, h: HubConfig, repo_id: str, api: Any = None, revision: str = "",
+               repo_key: str = "hub.repo_id") -> Iterator[None]:
+    """Within: a Hub failure becomes HubError(`what: why and what to fix`), one line without the token; any other
+    error (a bug) goes on as it is."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:
+        why = hub_failure(e, h, repo_id, revision, repo_key)
+        if why is None:
+            raise
+        raise HubError(scrub(f"{what}: {why}", api)) from None  # the cause may quote a request
 
 
 def model_card(cfg: Config, ckpt: Path) -> str:
@@ -101,9 +190,9 @@ class CheckpointPusher:
         try:
             self.api.create_repo(self.repo_id, private=self.h.private, exist_ok=True)
             self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
-        except Exception as e:
-            raise HubError(f"hub: cannot create {self.repo_id}@{self.branch} on {endpoint(self.h)}: "
-                           f"{scrub(f'{type(e).__name__}: {e}', self.api)}") from None
+        except Exception as e:  # any failure: the run must not start without the repo it was told to push to
+            why = hub_failure(e, self.h, self.repo_id) or f"{one_line(e)} (on {endpoint(self.h)})"
+            raise HubError(scrub(f"hub: cannot create {self.repo_id}@{self.branch}: {why}", self.api)) from None
         log.info("hub: pushing checkpoints to %s, branch %s", self.repo_id, self.branch)
         self._thread.start()
         return self
@@ -213,35 +302,47 @@ def checkpoint_dir(spec: str, into: Path) -> Path:
     return into / f"{repo_id.replace('/', '--')}@{revision.replace('/', '--')}"
 
 
-def fetch_checkpoint(spec: str, h: HubConfig, into: Path, training_state: bool = False) -> Path:
-    """Download the checkpoint `spec` names into checkpoint_dir: weights, config and tokenizer, and with
-    `training_state` also the optimizer, RNG and data state (TRAINING_STATE) an exact resume needs; its local path."""
+def _snapshot(spec: str, h: HubConfig, into: Optional[Path], training_state: bool, api: Any,
+              cached_only: bool = False) -> Path:
+    """snapshot_download of `spec` into checkpoint_dir(spec, into), or with `into` None into the Hub's own cache
+    (HF_HUB_CACHE; `cached_only`: the copy already there, without a request); its local directory."""
     from huggingface_hub import snapshot_download
 
     repo_id, revision = parse_hub_spec(spec)
+    local_dir = None if into is None else str(checkpoint_dir(spec, into))
+    return Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, endpoint=endpoint(h),
+                                  token=api.token if api is not None else None, local_files_only=cached_only,
+                                  ignore_patterns=None if training_state else TRAINING_STATE))
+
+
+def fetch_checkpoint(spec: str, h: HubConfig, into: Optional[Path], training_state: bool = False) -> Path:
+    """Download the checkpoint `spec` names into checkpoint_dir (`into` None: the Hub's cache): weights, config
+    and tokenizer, and with `training_state` also the optimizer, RNG and data state (TRAINING_STATE) an exact
+    resume needs; its local path."""
+    repo_id, revision = parse_hub_spec(spec)
     api = hub_api(h)
-    local = checkpoint_dir(spec, into)
     try:
-        snapshot_download(repo_id, revision=revision, local_dir=str(local), endpoint=endpoint(h), token=api.token,
-                          ignore_patterns=None if training_state else TRAINING_STATE)
-    except Exception as e:
-        raise HubError(f"cannot fetch {spec} from {endpoint(h)}: {scrub(f'{type(e).__name__}: {e}', api)}") from None
-    log.info("hub: fetched %s into %s", spec, local)
+        local = _snapshot(spec, h, into, training_state, api)
+    except Exception as e:  # any failure: other processes wait on this one (fetch_checkpoint_once)
+        why = hub_failure(e, h, repo_id, revision, repo_key=spec) or f"{one_line(e)} (from {endpoint(h)})"
+        raise HubError(scrub(f"cannot fetch {spec}: {why}", api)) from None
+    log.info("hub: fetched %s into %s%s", spec, local, " (the Hub's cache, HF_HUB_CACHE)" if into is None else "")
     return local
 
 
-def fetch_checkpoint_once(spec: str, h: HubConfig, into: Path, training_state: bool = False) -> Path:
+def fetch_checkpoint_once(spec: str, h: HubConfig, into: Optional[Path], training_state: bool = False) -> Path:
     """fetch_checkpoint on the main process of each node only: the others wait for it, then take its directory
     without asking the Hub. A failure stops every process (none waits for a download that never comes)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
-    local = checkpoint_dir(spec, into)  # a bad spec fails on every process alike, before any collective
+    parse_hub_spec(spec)  # a bad spec fails on every process alike, before any collective
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # what Accelerator() reads
     failure: Optional[Exception] = None
+    local: Optional[Path] = None
     if state.is_local_main_process:
         try:
-            fetch_checkpoint(spec, h, into, training_state)
+            local = fetch_checkpoint(spec, h, into, training_state)
         except Exception as e:  # held until every process knows, or the others would wait at the gather forever
             failure = e
     # a collective, so also the barrier: no process reads the directory before its node's download is done
@@ -250,11 +351,15 @@ def fetch_checkpoint_once(spec: str, h: HubConfig, into: Path, training_state: b
         raise failure
     if errors:
         raise HubError(f"{errors[0]} (on the main process of a node)")
+    if local is None:  # the node's main process fetched it: its path, found without a request
+        local = checkpoint_dir(spec, into) if into is not None else _snapshot(spec, h, None, training_state, None,
+                                                                              cached_only=True)
     return local
 
 
-def resolve_checkpoint(checkpoint: str, h: HubConfig, into: Path) -> str:
-    """A local checkpoint directory for `checkpoint`: itself, or the weights-only download of a `hub:` one."""
+def resolve_checkpoint(checkpoint: str, h: HubConfig, into: Optional[Path]) -> str:
+    """A local checkpoint directory for `checkpoint`: itself, or the weights-only download of a `hub:` one (into
+    `into`; None: the Hub's own cache)."""
     if not checkpoint.startswith(HUB_PREFIX):
         return checkpoint
     return str(fetch_checkpoint_once(checkpoint, h, into))
@@ -289,6 +394,8 @@ def artifact_kind(path: Path) -> str:
 
 def push_artifact(cfg: Config, path: Path, repo_id: str, branch: str = "main") -> dict[str, Any]:
     """Publish a checkpoint or tokenizer (model repo) or a clean corpus (dataset repo) as one commit."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: give clean/, tokenizer/ or runs/<run>/step-<N>")
     kind = artifact_kind(path)
     repo_type = "dataset" if kind == "clean" else "model"
     api = hub_api(cfg.hub)
@@ -305,8 +412,9 @@ def push_artifact(cfg: Config, path: Path, repo_id: str, branch: str = "main") -
                                  commit_message=f"step {step}" if step is not None else f"{kind} from {path.name}",
                                  commit_description=commit_description(path) if step is not None else None,
                                  ignore_patterns=None if cfg.hub.include_training_state else TRAINING_STATE)
-    except Exception as e:
-        raise HubError(f"hub push {path} -> {repo_id}@{branch}: {scrub(f'{type(e).__name__}: {e}', api)}") from None
+    except Exception as e:  # a failure the Hub reports (a bug would be one too: the upload is the client's)
+        why = hub_failure(e, cfg.hub, repo_id, branch, repo_key="--repo or hub.repo_id") or one_line(e)
+        raise HubError(scrub(f"hub push {path} -> {repo_id}@{branch}: {why}", api)) from None
     log.info("hub: pushed %s %s to %s@%s", kind, path, repo_id, branch)
     return {"kind": kind, "repo": repo_id, "repo_type": repo_type, "revision": branch, "commit": info.oid}
 
@@ -326,9 +434,10 @@ def step_commits(api: Any, repo_id: str, branch: str) -> list[dict[str, Any]]:
 def list_runs(cfg: Config, branch: str = "") -> dict[str, list[dict[str, Any]]]:
     """Branch -> its step commits, for hub.repo_id (one branch, or every branch but main)."""
     api = hub_api(cfg.hub)
-    refs = api.list_repo_refs(cfg.hub.repo_id)
-    names = [branch] if branch else [b.name for b in refs.branches if b.name != "main"]
-    return {name: step_commits(api, cfg.hub.repo_id, name) for name in names}
+    with hub_errors(f"cannot list the runs of {cfg.hub.repo_id}", cfg.hub, cfg.hub.repo_id, api, branch):
+        refs = api.list_repo_refs(cfg.hub.repo_id)
+        names = [branch] if branch else [b.name for b in refs.branches if b.name != "main"]
+        return {name: step_commits(api, cfg.hub.repo_id, name) for name in names}
 
 
 def repo_tree(api: Any, repo_id: str, revision: str) -> dict[str, str]:
@@ -343,9 +452,15 @@ def promote(cfg: Config, branch: str, step: Optional[int] = None) -> dict[str, A
     """Make `main` hold a run's checkpoint (its latest step, or `step`), and tag it `<branch>-step-<N>`.
 
     Idempotent: promoting a step again commits only if main moved on since, and keeps its tag."""
+    api, repo_id = hub_api(cfg.hub), cfg.hub.repo_id
+    with hub_errors(f"cannot promote {repo_id}@{branch}", cfg.hub, repo_id, api, branch):
+        return _promote(api, repo_id, branch, step)
+
+
+def _promote(api: Any, repo_id: str, branch: str, step: Optional[int]) -> dict[str, Any]:
+    """promote's Hub calls."""
     from huggingface_hub import CommitOperationCopy, CommitOperationDelete
 
-    api, repo_id = hub_api(cfg.hub), cfg.hub.repo_id
     commits = step_commits(api, repo_id, branch)
     chosen = next((c for c in commits if step is None or c["step"] == step), None)
     if chosen is None:

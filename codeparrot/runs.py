@@ -67,6 +67,76 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+# What generate, evaluate, humaneval and sft load from a checkpoint (a transformers GPT-2 directory has them too).
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def newest_model(run: Path, but: Path | None = None) -> Path | None:
+    """A run's newest loadable model other than `but`: a fine-tuning run's final/, else its highest complete step-N
+    that still holds MODEL_FILES."""
+    def loadable(p: Path) -> bool:
+        return p != but and all((p / name).is_file() for name in MODEL_FILES)
+
+    if loadable(run / "final"):
+        return run / "final"
+    steps = [(int(m.group(1)), p) for p in (run.iterdir() if run.is_dir() else ())
+             if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file() and loadable(p)]
+    return max(steps)[1] if steps else None
+
+
+def _latest_hint(run: Path, but: Path | None = None) -> str:
+    """"; <which complete checkpoint `run` holds besides `but`>" for an error about `but`; "" when `run` is no run."""
+    latest = newest_model(run, but)
+    if latest is not None:
+        return f"; the latest complete one in {run} is {latest}"
+    is_run = run.is_dir() and any(STEP_DIR.match(p.name.removesuffix(".tmp")) for p in run.iterdir())
+    return f"; {run} holds no {'other ' if but is not None else ''}complete checkpoint" if is_run else ""
+
+
+def _runs_under(directory: Path) -> list[Path]:
+    """The newest model of each run right under `directory` (a paths.runs directory given as a checkpoint)."""
+    models = (newest_model(p) for p in sorted(directory.iterdir()) if p.is_dir())
+    return [m for m in models if m is not None]
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` is no loadable checkpoint directory (it does not exist, is a run, is partial), or None."""
+    if not ckpt.exists():
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        if tmp.is_dir():  # the save of step-N was interrupted: only its .tmp is there
+            return f"does not exist: only {tmp.name}, an interrupted save, is there{_latest_hint(ckpt.parent)}"
+        return f"does not exist{_latest_hint(ckpt.parent)}"
+    if not ckpt.is_dir():
+        return "is a file, not a checkpoint directory"
+    missing = [name for name in MODEL_FILES if not (ckpt / name).is_file()]
+    if missing and any(STEP_DIR.match(p.name.removesuffix(".tmp")) or p.name == "final" for p in ckpt.iterdir()):
+        latest = newest_model(ckpt)
+        if latest is None:
+            return "is a run directory, not a checkpoint, and holds no complete checkpoint yet"
+        return f"is a run directory, not a checkpoint; did you mean {latest} (its latest)?"
+    if ckpt.name.endswith(".tmp"):  # renamed to step-N only once complete (trainer_state.json last): never loaded
+        missing = [name for name in (*MODEL_FILES, TRAINER_STATE) if not (ckpt / name).is_file()]
+        lacks = f"missing {', '.join(missing)}" if missing else "never renamed to its final name"
+        return f"is a partial save, interrupted ({lacks}){_latest_hint(ckpt.parent, ckpt)}"
+    if len(missing) == len(MODEL_FILES) and (runs := _runs_under(ckpt)):
+        shown = ", ".join(str(m) for m in runs[:3]) + (", ..." if len(runs) > 3 else "")
+        return f"is a directory of runs, not a checkpoint; their latest checkpoints: {shown}"
+    if missing:
+        return f"is not a complete checkpoint: missing {', '.join(missing)}{_latest_hint(ckpt.parent, ckpt)}"
+    return None
+
+
+def check_checkpoint(checkpoint: str | Path, given_as: str = "") -> Path:
+    """`checkpoint` as a Path when it is a loadable checkpoint; else FileNotFoundError naming what is wrong and the
+    checkpoint to use instead. `given_as` is how the user gave it ("--checkpoint ", "sft.base="): the message
+    starts with it."""
+    ckpt = Path(checkpoint)
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise FileNotFoundError(f"{given_as}{ckpt} {problem}")
+    return ckpt
+
+
 def read_trainer_state(checkpoint: Path) -> TrainerState:
     """The progress record of a complete checkpoint."""
     return TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
@@ -79,6 +149,55 @@ def training_fingerprint(cfg: Config, inputs: dict[str, str]) -> str:
     left out, so a user can resume under another name, extend a run, or turn on chunked loss after an OOM.
     """
     return canonical_json({**identity(cfg, ("model", "data", "train")), "inputs": inputs})
+
+
+_DEFAULT = object()  # a key an identity leaves out (config.IDENTITY_WHEN_SET at its default)
+MAX_CHANGES = 5  # keys named in a refused resume's message
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"n_layer": 2}} -> {"model.n_layer": 2}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A value as the user types it in an override; a key left out of an identity holds its default."""
+    if value is _DEFAULT:
+        return "(default)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _identities(saved: str, current: str, ckpt: Path, cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The saved and current identities as flat {key: value}: from the fingerprints (canonical JSON of the
+    identity and the inputs), else (a fingerprint of another form) from the checkpoint's config.yaml."""
+    try:
+        old, new = json.loads(saved), json.loads(current)
+        if isinstance(old, dict) and isinstance(new, dict):
+            return _flatten(old), _flatten(new)
+    except ValueError:
+        pass
+    sections = ("model", "data", "train")
+    try:
+        old_cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    except (OSError, ConfigError, yaml.YAMLError, AttributeError):
+        return {}, {}
+    return _flatten(identity(old_cfg, sections)), _flatten(identity(cfg, sections))
+
+
+def identity_changes(saved: str, current: str, ckpt: Path, cfg: Config) -> str:
+    """What differs between a checkpoint's identity and this run's, as `model.n_layer: 2 -> 1, ...` (at most
+    MAX_CHANGES keys); "" when it cannot be told."""
+    old, new = _identities(saved, current, ckpt, cfg)
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, _DEFAULT) != new.get(k, _DEFAULT)]
+    shown = [f"{k}: {_shown(old.get(k, _DEFAULT))} -> {_shown(new.get(k, _DEFAULT))}" for k in keys[:MAX_CHANGES]]
+    more = f" and {len(keys) - MAX_CHANGES} more" if len(keys) > MAX_CHANGES else ""
+    return ", ".join(shown) + more
 
 
 def fetch_on_main_first(spec: str, cfg: Config, into: Path, training_state: bool = False) -> Path:
@@ -110,8 +229,9 @@ def find_resume(cfg: Config, out: Path, fingerprint: str, run_key: str = "train.
                                 f"(no {ckpt / TRAINER_STATE})")
     prior = read_trainer_state(ckpt)
     if prior.config_fingerprint != fingerprint:
-        raise ValueError(f"cannot resume from {ckpt}: it was trained with another config or other inputs; "
-                         f"use another {run_key} or train.resume=none")
+        changed = identity_changes(prior.config_fingerprint, fingerprint, ckpt, cfg)
+        raise ValueError(f"cannot resume from {ckpt}: it was trained with another config or other inputs"
+                         f"{f' ({changed})' if changed else ''}; use another {run_key} or train.resume=none")
     return ckpt, prior
 
 
@@ -125,6 +245,8 @@ def require_latest_checkpoint(cfg: Config) -> Path:
 
 def checkpoint_config(checkpoint: str | Path, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """A checkpoint's own config (`step-N/config.yaml`), with a config file and overrides applied on top."""
+    if not Path(checkpoint).is_dir():  # not "has no config.yaml": the path itself is wrong
+        raise FileNotFoundError(f"{checkpoint} {checkpoint_problem(Path(checkpoint))}")
     saved = Path(checkpoint) / "config.yaml"
     if not saved.is_file():  # e.g. a checkpoint made by transformers: only the file and overrides apply
         log.info("%s has no config.yaml; using %s", checkpoint, path or "the defaults")
