@@ -186,14 +186,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """GPT-2 shape; `preset` fills every field left as null."""
+    """The model: GPT-2 or Llama-style (`arch`); `preset` fills every shape field left as null."""
 
     preset: str = setting("tiny", "shape preset filling n_layer, n_head and n_embd where they are null",
                           choices=("tiny", "small", "large"))
     n_layer: Optional[int] = setting(None, "transformer blocks; null -> the preset's", ge=1)
     n_head: Optional[int] = setting(None, "attention heads; null -> the preset's", ge=1)
     n_embd: Optional[int] = setting(None, "hidden size; null -> the preset's", ge=1)
-    n_positions: Optional[int] = setting(None, "longest context the position embedding holds; null -> "
+    n_positions: Optional[int] = setting(None, "longest context (gpt2: the position embedding's rows); null -> "
                                                "data.seq_length", ge=1)
     vocab_size: Optional[int] = setting(None, "embedding rows before padding; null -> the tokenizer's vocab size", ge=1)
     dropout: float = setting(0.0, "dropout probability of embeddings, attention and MLP outputs", ge=0, lt=1)
@@ -208,6 +208,16 @@ class ModelConfig:
                                       "0 = plain", ge=0)
     attention_backend: str = setting("auto", "SDPA kernel choice; auto lets torch pick",
                                      choices=("auto", "flash", "cudnn", "efficient", "math"))
+    arch: str = setting("gpt2", "gpt2 (learned positions, LayerNorm, GELU MLP, biases) or llama (RoPE, RMSNorm, "
+                                "SwiGLU, no biases; exported as Llama, or Qwen3 with qk_norm)", choices=("gpt2", "llama"))
+    n_kv_head: Optional[int] = setting(None, "key/value heads (grouped-query attention, llama); null -> n_head", ge=1)
+    intermediate_size: Optional[int] = setting(None, "MLP hidden size; null -> 4 x n_embd (gpt2), 8/3 x n_embd "
+                                                     "rounded up to a multiple of 256 (llama)", ge=1)
+    rope_theta: float = setting(10000.0, "RoPE base wavelength (llama)", gt=0)
+    norm_eps: float = setting(1e-5, "epsilon of LayerNorm (gpt2) or RMSNorm (llama)", gt=0)
+    qk_norm: bool = setting(False, "per-head RMSNorm of queries and keys before RoPE, as Qwen3 (llama)")
+    tie_embeddings: Optional[bool] = setting(None, "LM head shares the token embedding; null -> tied for gpt2, "
+                                                   "untied for llama")
 
 
 @dataclass
@@ -222,8 +232,24 @@ class TrainConfig:
     adam_beta2: float = setting(0.95, "AdamW beta2", ge=0, lt=1)
     warmup_steps: int = setting(2000, "optimizer steps of linear warmup", ge=0)
     max_steps: int = setting(150000, "optimizer steps of the run; a larger value extends a finished run", ge=1)
-    lr_schedule: str = setting("cosine", "learning rate after warmup", choices=("cosine", "constant"))
-    min_lr_ratio: float = setting(0.0, "cosine decays to learning_rate * min_lr_ratio", ge=0, le=1)
+    lr_schedule: str = setting("cosine", "learning rate after warmup: cosine decay, constant, or wsd (constant, then "
+                                         "a decay over the last decay_fraction of max_steps)",
+                               choices=("cosine", "constant", "wsd"))
+    min_lr_ratio: float = setting(0.0, "cosine and wsd decay to learning_rate * min_lr_ratio", ge=0, le=1)
+    decay_fraction: float = setting(0.2, "wsd: the share of max_steps, at its end, over which the lr decays",
+                                    ge=0, le=1)
+    decay_shape: str = setting("linear", "wsd: the decay's shape, linear or sqrt (1 - sqrt of its progress)",
+                               choices=("linear", "sqrt"))
+    optimizer: str = setting("adamw", "adamw; or muon: Muon on the blocks' 2-D weight matrices, AdamW on the "
+                                      "embeddings, norms and biases", choices=("adamw", "muon"))
+    muon_learning_rate: Optional[float] = setting(None, "Muon's peak lr, scaled per matrix to AdamW's update RMS "
+                                                        "(torch's match_rms_adamw); null = learning_rate", gt=0)
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum", ge=0, lt=1)
+    muon_weight_decay: Optional[float] = setting(None, "Muon's decoupled weight decay; null = weight_decay", ge=0)
+    embedding_weight_decay: bool = setting(True, "weight decay on the token and position embeddings; false: none "
+                                                 "(OLMo 2)")
+    z_loss: float = setting(0.0, "coefficient of the auxiliary loss mean(log(Z)^2) of the softmax normaliser Z "
+                                 "(PaLM: 1e-4); 0 = off, nothing extra computed", ge=0)
     micro_batch_size: int = setting(12, "sequences per device per forward pass", ge=1)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step; ignored when "
                                                   "global_batch_size is set", ge=1)
@@ -462,6 +488,12 @@ RUNTIME_KEYS: frozenset[str] = frozenset({
 # Keys added after runs existed: part of a run's identity only when set away from their default, so that a run
 # saved before they existed still resumes.
 IDENTITY_WHEN_SET: frozenset[str] = frozenset({"train.skip_spikes", "train.spike_sigma", "train.spike_window",
+                                               "train.decay_fraction", "train.decay_shape", "train.optimizer",
+                                               "train.muon_learning_rate", "train.muon_momentum",
+                                               "train.muon_weight_decay", "train.embedding_weight_decay",
+                                               "train.z_loss", "model.arch", "model.n_kv_head",
+                                               "model.intermediate_size", "model.rope_theta", "model.norm_eps",
+                                               "model.qk_norm", "model.tie_embeddings",
                                                "sft.shuffle_records"})
 
 # YAML's null spellings plus "none" (what a Python user types); bools also take YAML 1.1's words, in any case.

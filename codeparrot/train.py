@@ -1,4 +1,5 @@
-"""The `train` stage: an Accelerate loop with AdamW, warmup + cosine, accumulation, eval, checkpoints and resume.
+"""The `train` stage: an Accelerate loop with AdamW (or Muon), warmup + cosine (or WSD), accumulation, eval,
+checkpoints and resume.
 
 Read `run_train` first: it builds the pieces (builders below), then runs `train_step` until `train.max_steps`,
 evaluating and saving on the way. Bookkeeping (checkpoints, resume, identity) is in runs.py, metrics in metrics.py.
@@ -19,8 +20,9 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
+from . import optim
 from .artifacts import fingerprint
 from .config import Config, ConfigError, TrainConfig, accumulation_steps
 from .data.packing import make_dataloader
@@ -40,10 +42,13 @@ log = logging.getLogger(__name__)
 
 # --- builders -----------------------------------------------------------------------------------
 
-def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the base LR at a step: linear warmup, then cosine decay to `min_ratio` (or constant)."""
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"train.lr_schedule must be cosine or constant, got {schedule!r}")
+def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float, decay_fraction: float = 0.2,
+              decay_shape: str = "linear") -> Callable[[int], float]:
+    """Multiplier of the base LR at a step: linear warmup, then cosine decay to `min_ratio`, constant, or WSD."""
+    if schedule not in ("cosine", "constant", "wsd"):
+        raise ValueError(f"train.lr_schedule must be wsd, cosine or constant, got {schedule!r}")
+    if schedule == "wsd":
+        return wsd_lambda(warmup_steps, max_steps, min_ratio, decay_fraction, decay_shape)
 
     def fn(step: int) -> float:
         if step < warmup_steps:
@@ -56,13 +61,44 @@ def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float
     return fn
 
 
+def wsd_start(warmup_steps: int, max_steps: int, decay_fraction: float) -> int:
+    """The 0-based step at which WSD's decay begins: the last `decay_fraction` of max_steps, never inside warmup."""
+    return max(warmup_steps, max_steps - round(decay_fraction * max_steps))
+
+
+def wsd_lambda(warmup_steps: int, max_steps: int, min_ratio: float, decay_fraction: float,
+               decay_shape: str) -> Callable[[int], float]:
+    """Warmup-stable-decay: linear warmup, 1.0 until `wsd_start`, then down to `min_ratio` at the last step."""
+    if decay_shape not in ("linear", "sqrt"):
+        raise ValueError(f"train.decay_shape must be linear or sqrt, got {decay_shape!r}")
+    start = wsd_start(warmup_steps, max_steps, decay_fraction)
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step < start:
+            return 1.0
+        # +1 as in warmup: every decay step trains below the peak and the run's last step at min_ratio, so the
+        # steps before `start` are exactly those of a run that never decays (what a branched decay relies on)
+        progress = min(1.0, (step - start + 1) / max(1, max_steps - start))
+        remaining = 1 - (progress if decay_shape == "linear" else math.sqrt(progress))
+        return min_ratio + (1 - min_ratio) * remaining
+
+    return fn
+
+
 def build_lr_schedule(t: TrainConfig) -> Callable[[int], float]:
     """The learning rate of the step with 0-based index `step`, for the schedule of the current config.
 
     Computed from the step alone (no scheduler state), so a resumed run that changed max_steps follows the
     new schedule from its first step on.
     """
-    multiplier = lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
+    multiplier = lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio, t.decay_fraction,
+                           t.decay_shape)
+    if t.lr_schedule == "wsd":
+        start = wsd_start(t.warmup_steps, t.max_steps, t.decay_fraction)  # step-<start> is the last stable one
+        log.info("train: wsd schedule: stable through step %d, then a %s decay over steps %d..%d", start,
+                 t.decay_shape, start + 1, t.max_steps)
     return lambda step: t.learning_rate * multiplier(step)
 
 
@@ -102,11 +138,10 @@ def build_model(cfg: Config, vocab_size: int, accelerator: Accelerator, weights:
     return GPT(config)
 
 
-def build_optimizer(model: GPT, t: TrainConfig, accelerator: Accelerator) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only; fused on CUDA."""
-    cuda = accelerator.device.type == "cuda"
-    return torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
-                             betas=(t.adam_beta1, t.adam_beta2), fused=t.fused_adamw and cuda)
+def build_optimizer(model: GPT, t: TrainConfig, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """AdamW, or Muon + AdamW (`train.optimizer`; see optim.py); AdamW fused on CUDA."""
+    return optim.build_optimizer(model, t, fused_adamw=t.fused_adamw and accelerator.device.type == "cuda",
+                                 fsdp=accelerator.distributed_type == DistributedType.FSDP)
 
 
 def prepare_model(model: GPT, optimizer: torch.optim.Optimizer, t: TrainConfig, accelerator: Accelerator):
@@ -182,11 +217,14 @@ def micro_weights(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator
 
 def train_step(model, optimizer, batches: Iterator, accelerator: Accelerator, accumulation: int,
                max_grad_norm: float, lr: float,
-               approve: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None) -> StepResult:
-    """One optimizer step over `accumulation` micro-batches, at learning rate `lr`; `approve(loss, grad_norm)`
-    may skip the update (False) or stop the run (raise) first."""
+               approve: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None,
+               z_loss: float = 0.0) -> StepResult:
+    """One optimizer step over `accumulation` micro-batches, at learning rate `lr` (times each group's `lr_ratio`,
+    e.g. Muon's); `approve(loss, grad_norm)` may skip the update (False) or stop the run (raise) first; `z_loss` > 0
+    adds that multiple of the mean log(Z)^2 to the loss."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
+    extra = {"z_loss": z_loss} if z_loss > 0 else {}  # off: the forward is called exactly as before
     start = time.perf_counter()
     # every micro-batch first: their target counts weight each one's loss
     micro = [batch_inputs(next(batches), accelerator.device) for _ in range(accumulation)]
@@ -197,7 +235,7 @@ def train_step(model, optimizer, batches: Iterator, accelerator: Accelerator, ac
         # Gradients are synchronised across ranks only after the last micro-batch; before it they add up locally.
         last = i == accumulation - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = model(**inputs).loss * weights[i]
+            loss = model(**inputs, **extra).loss * weights[i]
             accelerator.backward(loss)
         step_loss += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -352,7 +390,7 @@ def fit(loop: Loop) -> dict[str, Any]:
     while state.step < t.max_steps:
         lr = lr_at(state.step)
         result = train_step(loop.model, loop.optimizer, batches, acc, loop.accumulation, t.max_grad_norm, lr,
-                            approve)
+                            approve, t.z_loss)
         state.step += 1
         tokens = loop.tokens_per_step if result.tokens is None else int(result.tokens)
         state.tokens_seen += tokens

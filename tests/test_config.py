@@ -279,7 +279,10 @@ def test_choices_are_declared_for_the_closed_string_fields():
         "corpus.executor": ("local", "slurm", "ray", "pool"),
         "model.preset": ("tiny", "small", "large"),
         "model.attention_backend": ("auto", "flash", "cudnn", "efficient", "math"),
-        "train.lr_schedule": ("cosine", "constant"),
+        "model.arch": ("gpt2", "llama"),
+        "train.lr_schedule": ("cosine", "constant", "wsd"),
+        "train.decay_shape": ("linear", "sqrt"),
+        "train.optimizer": ("adamw", "muon"),
         "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
         "sft.method": ("full", "lora"),
         "sft.lr_schedule": ("constant", "cosine"),
@@ -330,7 +333,7 @@ def test_the_empty_choice_shows_as_quotes():
 def test_choices_are_checked_after_overrides_and_in_config_from_dict(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr_schedule: cosin\n")
-    with pytest.raises(ConfigError, match="train.lr_schedule: 'cosin' is not one of cosine, constant"):
+    with pytest.raises(ConfigError, match="train.lr_schedule: 'cosin' is not one of cosine, constant, wsd"):
         load_config(path)
     assert load_config(path, ["train.lr_schedule=constant"]).train.lr_schedule == "constant"  # the override fixes it
     data = Config().to_dict()

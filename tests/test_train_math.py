@@ -271,6 +271,24 @@ def test_resume_with_dropout_reproduces_the_uninterrupted_losses(workdir):
     assert not differ, f"resumed losses (resumed, uninterrupted) differ at steps {differ}"
 
 
+@pytest.mark.slow  # 9 s of training runs
+def test_muon_with_wsd_resumes_to_the_uninterrupted_losses_at_wsd_rates(workdir):
+    """train.optimizer=muon, lr_schedule=wsd: resumed from step-3 (the checkpoint holds both optimizers' state),
+    steps 4..6 log the uninterrupted run's losses; every step's lr is WSD's (stable to 3, then down to 0 at 6)."""
+    overrides = ("train.run_name=muon", "train.max_steps=6", "train.optimizer=muon", "train.lr_schedule=wsd",
+                 "train.decay_fraction=0.5", "train.embedding_weight_decay=false")
+    _train(workdir, *overrides)
+    run = workdir / "runs" / "muon"
+    uninterrupted = _logged(run, "train/loss", first=True)
+    shutil.rmtree(run / "step-6")
+    _train(workdir, *overrides)
+    assert [r["step"] for r in _records(run) if "train/loss" in r] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    resumed = _logged(run, "train/loss")
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([uninterrupted[s] for s in (4, 5, 6)], rel=1e-6)
+    want = [LR / 2, LR, LR, LR * 2 / 3, LR / 3, 0.0]
+    assert [_logged(run, "train/lr")[s] for s in range(1, 7)] == pytest.approx(want, abs=1e-12)
+
+
 # --- 5, 6. checkpoints through torch.compile, FSDP2 and DDP ------------------------------------------
 
 @pytest.mark.slow
