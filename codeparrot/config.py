@@ -182,6 +182,9 @@ class DataConfig:
                                    "points (0 = off); validation stays left-to-right", ge=0, le=1)
     fim_spm_rate: float = setting(0.5, "share of the FIM documents in SPM (suffix, prefix, middle) rather than PSM "
                                        "order", ge=0, le=1)
+    document_mask: bool = setting(False, "attention never crosses an EOS inside a block and positions (learned "
+                                         "or RoPE) restart at each document; the EOS still predicts the next "
+                                         "document's first token")
 
 
 @dataclass
@@ -403,7 +406,7 @@ class SFTConfig:
     lora_alpha: float = setting(32.0, "LoRA alpha: the update is scaled by alpha / r", gt=0)
     lora_dropout: float = setting(0.05, "dropout on the adapters' input", ge=0, lt=1)
     lora_targets: list[str] = setting(["attn.c_attn", "attn.c_proj"], "Linear layers adapted (name suffixes); "
-                                      "lm_head and wte are refused: they are tied")
+                                      "lm_head is refused when tied to wte (gpt2, tied llama)")
     packing: bool = setting(False, "join examples into allowed_max_length rows (attention stays inside each)")
     epochs: int = setting(2, "passes over the training records", ge=1)
     max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch", ge=0)
@@ -494,7 +497,7 @@ IDENTITY_WHEN_SET: frozenset[str] = frozenset({"train.skip_spikes", "train.spike
                                                "train.z_loss", "model.arch", "model.n_kv_head",
                                                "model.intermediate_size", "model.rope_theta", "model.norm_eps",
                                                "model.qk_norm", "model.tie_embeddings",
-                                               "sft.shuffle_records"})
+                                               "sft.shuffle_records", "data.document_mask"})
 
 # YAML's null spellings plus "none" (what a Python user types); bools also take YAML 1.1's words, in any case.
 _NULL_WORDS = ("", "null", "~", "none")

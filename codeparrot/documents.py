@@ -67,3 +67,17 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: 
     y = varlen_attn(*flat, docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len, scale=scale,
                     window_size=(-1, 0))  # (-1, 0): causal (the default, (-1, -1), is not)
     return y.view(B, T, H, D).transpose(1, 2)
+
+
+def eos_documents(input_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, document_ids), each shaped like `input_ids` [..., T], of token blocks whose documents end
+    with `eos_token_id` (pretraining's packing, data.document_mask): a document ends with its EOS and the token
+    after an EOS starts the next. Each row's first token starts a document (a block may begin mid-document: its
+    positions count from the block's start), and document ids count from 0 in each row."""
+    T = input_ids.size(-1)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[..., 1:] = input_ids[..., :-1] == eos_token_id
+    document_ids = starts.long().cumsum(-1)  # [..., T]
+    index = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values  # where each one's document began
+    return index - first, document_ids

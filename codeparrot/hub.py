@@ -145,10 +145,12 @@ def hub_errors(what: str, h: HubConfig, repo_id: str, api: Any = None, revision:
 def model_card(cfg: Config, ckpt: Path) -> str:
     """README.md of a pushed checkpoint: Hub metadata, progress, the latest evaluation and pass@k, the config."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
+    arch = json.loads((ckpt / "config.json").read_text()).get("model_type", "gpt2")  # gpt2, llama or qwen3
     meta = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": cfg.hub.license,
-            "tags": ["code", "python", "gpt2", "codeparrot"], "datasets": list(cfg.hub.datasets)}
+            "tags": ["code", "python", arch, "codeparrot"], "datasets": list(cfg.hub.datasets)}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", f"# {cfg.train.run_name}", "",
-             "A GPT-2-style Python code model trained from scratch with codeparrot.", "",
+             f"A Python code model ({'GPT-2' if arch == 'gpt2' else 'Llama'}-style) trained from scratch with "
+             "codeparrot.", "",
              "| | |", "|---|---|", f"| step | {state['step']} |", f"| tokens seen | {state['tokens_seen']:,} |"]
     if state.get("history"):
         last = state["history"][-1]

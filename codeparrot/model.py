@@ -463,16 +463,20 @@ class GPT(nn.Module):
 def batch_inputs(batch: torch.Tensor | dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The forward's keyword arguments for a batch on `device`: a token block [B, T] is its own labels
     (pretraining); a dict (fine-tuning's collate) names input_ids and targets, and position_ids and document_ids
-    when its rows are packed."""
+    when its rows are packed. A dict without targets (pretraining under data.document_mask: input_ids,
+    position_ids, document_ids) is a token block too: its input_ids are its labels."""
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)
         return {"input_ids": batch, "labels": batch}
-    return {key: t.to(device, non_blocking=True) for key, t in batch.items()}
+    inputs = {key: t.to(device, non_blocking=True) for key, t in batch.items()}
+    if "targets" not in inputs and "labels" not in inputs:
+        inputs["labels"] = inputs["input_ids"]
+    return inputs
 
 
 def count_targets(inputs: dict[str, torch.Tensor]) -> int | torch.Tensor:
-    """Positions the loss of `inputs` averages over: B * (T - 1) for a token block (known without a device sync),
-    the targets that are not -100 (a device tensor) for a fine-tuning batch."""
+    """Positions the loss of `inputs` averages over: B * (T - 1) for a token block, with or without document ids
+    (known without a device sync), the targets that are not -100 (a device tensor) for a fine-tuning batch."""
     if "targets" not in inputs:
         ids = inputs["input_ids"]
         return ids.size(0) * (ids.size(1) - 1)

@@ -125,10 +125,20 @@ def build_model(cfg: Config, vocab_size: int, accelerator: Accelerator, weights:
             raise ValueError("starting from a checkpoint's weights is not supported under FSDP; resume exactly "
                              "(hub.include_training_state=true) or start on one process")
         source, model = load_hf(weights), GPT(config)
+        src = source.config
+        if src.arch != config.arch:
+            raise ValueError(f"{weights} holds a {src.arch} model; this config's model.arch is {config.arch}: set "
+                             f"model.arch={src.arch} to start from it")
         shape = lambda c: (c.vocab_size, c.n_positions, c.n_layer, c.n_head, c.n_embd)  # noqa: E731
-        if shape(source.config) != shape(config):
-            raise ValueError(f"{weights} holds a model of shape {shape(source.config)} (vocab, positions, layers, "
+        if shape(src) != shape(config):
+            raise ValueError(f"{weights} holds a model of shape {shape(src)} (vocab, positions, layers, "
                              f"heads, width); this config's is {shape(config)}")
+        keys = {"n_kv_head": "n_kv_head", "intermediate_size": "intermediate_size", "qk_norm": "qk_norm",
+                "tie_embeddings": "tie_embeddings", "padded_vocab_size": "vocab_pad_multiple (padded vocab)"}
+        differ = [f"model.{name}: {getattr(src, k)} there, {getattr(config, k)} here" for k, name in keys.items()
+                  if getattr(src, k) != getattr(config, k)]
+        if differ:
+            raise ValueError(f"{weights} holds a {src.arch} model unlike this config's ({'; '.join(differ)})")
         model.load_state_dict(source.state_dict())
         log.info("train: starting from the weights of %s", weights)
         return model

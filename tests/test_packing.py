@@ -147,6 +147,25 @@ def test_infinite_mode_increments_epoch_and_carries_tail_across_epochs(shards, t
     assert flat(blocks) == (expected * 2)[: n * SEQ]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_document_mask_names_the_documents_of_the_same_blocks(shards, tokenizer, eos, num_workers):
+    """data.document_mask: the loader's batches become {input_ids, position_ids, document_ids}, from the same blocks
+    in the same order with the same state; off, they stay LongTensor [B, T]."""
+    from codeparrot.documents import eos_documents
+
+    kw = dict(infinite=True, shuffle=True, seed=3)
+    plain_loader = make_dataloader(make(shards, tokenizer, eos, **kw), 4, num_workers)
+    masked_loader = make_dataloader(make(shards, tokenizer, eos, document_mask=True, **kw), 4, num_workers)
+    plain, masked = first_batches(plain_loader, 30), first_batches(masked_loader, 30)
+    assert all(isinstance(b, torch.Tensor) and b.shape == (4, SEQ) for b in plain)
+    for a, b in zip(plain, masked):
+        assert set(b) == {"input_ids", "position_ids", "document_ids"} and torch.equal(b["input_ids"], a)
+        position_ids, document_ids = eos_documents(a, eos)
+        assert torch.equal(b["position_ids"], position_ids) and torch.equal(b["document_ids"], document_ids)
+    assert any(int(b["document_ids"].max()) > 0 for b in masked), "no block holds an EOS"
+    assert masked_loader.state_dict() == plain_loader.state_dict()
+
+
 # --- transforms ---------------------------------------------------------------------------------
 
 def transformed_stream(tokenizer: Tokenizer, eos: int, docs: list[str], t: Transforms, seed: int,

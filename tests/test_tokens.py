@@ -224,6 +224,50 @@ def test_dataloader_resume_gives_the_uninterruptedfirst_batches(graded_dir, fim,
     assert len(states) == max(1, num_workers) and max(s["epoch"] for s in states) == 1
 
 
+def test_both_data_paths_give_the_same_document_boundaries(pretok, tokens_dir):
+    """data.document_mask: streaming and token shards cut the same tokens into the same blocks, and both name the
+    same documents in them (packing.DocumentBlocks, documents.eos_documents, on either path)."""
+    from codeparrot.data.packing import ConstantLengthDataset
+
+    cfg = pretok[0]
+    tok = load_tokenizer(cfg.paths.resolve("tokenizer"))
+    eos = tok.token_to_id(cfg.tokenizer.eos_token)
+    streaming = ConstantLengthDataset(list_shards(cfg.paths.resolve("clean") / "train"), tok, SEQ, eos,
+                                      num_of_sequences=4, document_mask=True)
+    shards = make(tokens_dir, document_mask=True)
+    assert shards.eos_token_id == eos
+    a, b = (list(make_dataloader(ds, 4, 0)) for ds in (streaming, shards))  # the whole split
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert set(x) == set(y) == {"input_ids", "position_ids", "document_ids"}
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+    assert sum(int(x["document_ids"].amax()) for x in a) > 10, "few blocks hold an EOS"
+
+
+@pytest.mark.slow
+def test_training_with_document_mask_runs(pretok, tmp_path):
+    """A few steps of `codeparrot train` from token shards with data.document_mask=true, gpt2 then llama."""
+    from conftest import SUBPROCESS_ENV
+
+    cfg = pretok[0]
+    for arch in ("gpt2", "llama"):
+        cmd = [sys.executable, "-m", "codeparrot", "train", f"paths.workdir={cfg.paths.workdir}",
+               f"paths.tokenizer={cfg.paths.resolve('tokenizer')}", f"paths.clean={cfg.paths.resolve('clean')}",
+               f"paths.tokens={cfg.paths.resolve('tokens')}", f"paths.runs={tmp_path / arch}", "data.pretokenized=true",
+               "data.document_mask=true", f"model.arch={arch}", f"data.seq_length={SEQ}", "model.n_layer=1",
+               "model.n_head=2", "model.n_embd=32", "train.micro_batch_size=4", "train.max_steps=3",
+               "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=3", "train.save_interval=3",
+               "train.mixed_precision=no", "eval.batch_size=4", "eval.max_batches=2"]
+        proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = tmp_path / arch / "default" / "logs" / "metrics.jsonl"
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+        losses = [r["train/loss"] for r in lines if "train/loss" in r]
+        assert len(losses) == 3 and all(np.isfinite(losses))
+        assert any("eval/loss" in r for r in lines)
+
+
 # --- transforms ---------------------------------------------------------------------------------
 
 def document_starts(directory: Path, split: str) -> dict[int, int]:

@@ -17,6 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from codeparrot.corpus.source import BadRecords, iter_shard
 from codeparrot.data.transforms import Transforms, bucket_index, document_key
+from codeparrot.documents import eos_documents
 from codeparrot.procs import worker_init_fn
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class ConstantLengthDataset(IterableDataset):
     block is dropped. With `shuffle`, the blocks of each buffer are permuted deterministically. With `transforms`
     (data/transforms.py), each document gets its quality token and, at `fim_rate`, its FIM form, cut at character
     level and drawn from (seed, epoch, file index, line). `only_quality` keeps the documents of one bucket, and
-    `condition_on` gives every document that bucket's token instead of its own (for evaluation).
+    `condition_on` gives every document that bucket's token instead of its own (for evaluation). With
+    `document_mask`, make_dataloader's batches name each token's document (DocumentBlocks).
 
     Each consumer c = rank * num_workers + worker_id of C = world_size * num_workers reads whole files
     `files[c::C]` when there are at least C files, else every C-th record of all files. One dataset
@@ -89,7 +91,7 @@ class ConstantLengthDataset(IterableDataset):
                  chars_per_token: float = 3.6, num_of_sequences: int = 256, infinite: bool = False,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
                  max_bad_ratio: float = 1.0, transforms: Transforms | None = None,
-                 only_quality: int | None = None, condition_on: int | None = None):
+                 only_quality: int | None = None, condition_on: int | None = None, document_mask: bool = False):
         if not files:
             raise ValueError("ConstantLengthDataset needs at least one shard file")
         if seq_length < 1 or num_of_sequences < 1:
@@ -111,6 +113,7 @@ class ConstantLengthDataset(IterableDataset):
         # The conditioning measurement (eval.quality_bucket / eval.quality_token): only one bucket's documents, and
         # every document's quality token replaced by `condition_on`'s.
         self.only_quality, self.condition_on = only_quality, condition_on
+        self.document_mask = document_mask  # read by make_dataloader: the blocks themselves never change
         self.epoch = 0
         self.bad = BadRecords(max_ratio=max_bad_ratio)  # counts of the current (or last) iteration
         self._pending: dict[str, Any] | None = None  # loaded state, applied when iteration starts
@@ -282,15 +285,33 @@ class ConstantLengthDataset(IterableDataset):
         self.epoch = state["epoch"]
 
 
+class DocumentBlocks:
+    """The collate of data.document_mask: a batch of token blocks as {input_ids, position_ids, document_ids}
+    [B, T] (documents.eos_documents: a document ends with its EOS), so that attention stays inside each document
+    and positions restart at each. Pretraining's loss is unchanged: model.batch_inputs gives such a dict its
+    input_ids as labels, and the EOS still predicts the next document's first token (from its own document only)."""
+
+    def __init__(self, eos_token_id: int):
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.stack(blocks)
+        position_ids, document_ids = eos_documents(ids, self.eos_token_id)
+        return {"input_ids": ids, "position_ids": position_ids, "document_ids": document_ids}
+
+
 def make_dataloader(dataset: IterableDataset, batch_size: int, num_workers: int,
                     pin_memory: bool = False) -> StatefulDataLoader:
     """A DataLoader giving LongTensor [batch_size, seq_length] batches, with state_dict()/load_state_dict().
 
     `dataset` is a ConstantLengthDataset or a TokenShardDataset: one that shards itself by (rank, worker) and has
-    state_dict()/load_state_dict().
+    state_dict()/load_state_dict(). When its `document_mask` is set, batches are DocumentBlocks' dicts instead;
+    the blocks, their order and the state are the same either way.
     """
     # StatefulDataLoader snapshots each worker's dataset state in step with the batches the main process consumed.
     kwargs: dict[str, Any] = {}
+    if getattr(dataset, "document_mask", False):
+        kwargs["collate_fn"] = DocumentBlocks(dataset.eos_token_id)
     if num_workers > 0:
         kwargs["persistent_workers"] = False
     if "in_order" in inspect.signature(StatefulDataLoader.__init__).parameters:

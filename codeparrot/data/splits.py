@@ -19,7 +19,8 @@ def split_dataset(cfg: Config, split: str, tokenizer, rank: int, world_size: int
     """Blocks of `split` ("train" or "valid") for consumer `rank` of `world_size`; train order is shuffled.
 
     data.quality_tokens applies to both splits; data.fim_rate to train only, so that validation loss stays
-    left-to-right and comparable between runs with and without FIM.
+    left-to-right and comparable between runs with and without FIM. data.document_mask applies to both (its
+    loader's batches name each token's document: packing.DocumentBlocks).
     """
     from .transforms import SpecialIds, Transforms
 
@@ -38,13 +39,13 @@ def split_dataset(cfg: Config, split: str, tokenizer, rank: int, world_size: int
         return TokenShardDataset(cfg.paths.resolve("tokens"), split, seq_length, infinite=infinite,
                                  shuffle=shuffle and d.shuffle, seed=cfg.train.seed, rank=rank, world_size=world_size,
                                  tokenizer_fingerprint=fingerprint(cfg.paths.resolve("tokenizer")),
-                                 transforms=transforms)
+                                 transforms=transforms, document_mask=d.document_mask)
     return ConstantLengthDataset(
         list_shards(cfg.paths.resolve("clean") / split), tokenizer, seq_length,
         tokenizer.token_to_id(cfg.tokenizer.eos_token), chars_per_token=d.chars_per_token,
         num_of_sequences=d.num_of_sequences, infinite=infinite, shuffle=shuffle and d.shuffle,
         seed=cfg.train.seed, rank=rank, world_size=world_size, max_bad_ratio=cfg.corpus.max_bad_ratio,
-        transforms=transforms, only_quality=only, condition_on=condition)
+        transforms=transforms, only_quality=only, condition_on=condition, document_mask=d.document_mask)
 
 
 def _quality_selection(cfg: Config, split: str) -> tuple[int | None, int | None]:

@@ -46,14 +46,16 @@ class TokenShardDataset(IterableDataset):
     consumers of an epoch read every block exactly once between them. Finite mode stops after one epoch;
     infinite mode goes on with epoch 1, 2, ... (a new order each). Blocks are read with memmap slices. With
     `transforms`, block b of epoch e becomes `transform_block` of it, keyed by (seed, e, b, fragment); quality
-    tokens need the `.docs` index beside each `.bin` (pretokenize format 2).
+    tokens need the `.docs` index beside each `.bin` (pretokenize format 2). With `document_mask`,
+    make_dataloader's batches name each token's document (packing.DocumentBlocks), as the streaming path's do.
 
     The state is tiny (epoch and position in this consumer's share), so `StatefulDataLoader` resumes exactly.
     """
 
     def __init__(self, directory: str | Path, split: str, seq_length: int, infinite: bool = False,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 tokenizer_fingerprint: str | None = None, transforms: Transforms | None = None):
+                 tokenizer_fingerprint: str | None = None, transforms: Transforms | None = None,
+                 document_mask: bool = False):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         if not 0 <= rank < world_size:
@@ -88,6 +90,7 @@ class TokenShardDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.eos_token_id = int(meta["eos_token_id"])
+        self.document_mask = document_mask  # read by make_dataloader: the blocks themselves never change
         self.transforms = transforms if transforms is not None and transforms.active else None
         self.docs_paths = self._docs_paths(files) if self.transforms and self.transforms.quality_tokens else []
         self.epoch = 0

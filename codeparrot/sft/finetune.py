@@ -132,7 +132,7 @@ def sft_fingerprint(run_cfg: Config, base: Path) -> str:
 
 
 def export_final(acc, model, out: Path, base: Path, eos_id: int, cfg: Config, lora: bool) -> Path:
-    """`final/`: the merged model as a plain GPT-2 (and, for LoRA, `adapter/` alone), on the main process."""
+    """`final/`: the merged model in its architecture's transformers format (and, for LoRA, `adapter/` alone), on the main process."""
     if not acc.is_main_process:
         return out / "final"
     gpt = acc.unwrap_model(model)

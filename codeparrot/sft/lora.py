@@ -1,8 +1,9 @@
 """LoRA over `nn.Linear` (Hu et al., 2021), in plain torch: y = W x + (alpha / r) B A dropout(x).
 
-B starts at zero, so an adapted model starts exactly as its base. The tied embedding / LM head is refused as a
-target: an adapter there would change the input embeddings too, and merging it corrupts them. `merge_lora` folds
-every adapter back into a plain `nn.Linear`, so the result saves and loads as an ordinary GPT-2.
+B starts at zero, so an adapted model starts exactly as its base. A tied embedding / LM head (GPT-2's) is refused
+as a target: an adapter there would change the input embeddings too, and merging it corrupts them; an untied
+`lm_head` (llama's default) is an ordinary Linear and may be adapted. `merge_lora` folds every adapter back into a
+plain `nn.Linear`, so the result saves and loads as an ordinary GPT-2 / Llama / Qwen3.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-REFUSED = ("lm_head", "wte")  # tied to each other (GPT-2): an adapter on one silently changes the other
+TIED = ("lm_head", "wte")  # when tied to each other (GPT-2): an adapter on one silently changes the other
 
 
 class LoRALinear(nn.Module):
@@ -29,6 +30,12 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [..., in] -> [..., r] -> [..., out]
         return self.base(x) + (self.dropout(x) @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective W + scale * B A (differentiable; no dropout), for code that multiplies by a Linear's
+        weight itself (the chunked cross-entropy reads `lm_head.weight`)."""
+        return self.base.weight + self.scale * (self.lora_b @ self.lora_a).to(self.base.weight.dtype)
 
     def merged(self) -> nn.Linear:
         """The plain Linear with W + scale * B A."""
@@ -48,7 +55,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float) -> list[str]:
     """Freeze the model and put an adapter on every Linear whose name ends with a target; the names adapted."""
-    refused = [t for t in targets if t.split(".")[-1] in REFUSED]
+    refused = [t for t in targets if t.split(".")[-1] in TIED and _tied_head(model)]
     if refused:
         raise ValueError(f"LoRA targets {refused}: the LM head is tied to the token embedding, and an adapter on "
                          "it would change both (and corrupt them when merged); target attention or MLP layers")
@@ -59,6 +66,12 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
     return names
+
+
+def _tied_head(model: nn.Module) -> bool:
+    """Whether the model's LM head shares its weight with the token embedding (GPT-2; llama only when asked)."""
+    head, wte = getattr(model, "lm_head", None), getattr(model, "wte", None)
+    return head is None or wte is None or head.weight is wte.weight
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -74,7 +87,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merged_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` (the adapted model's state dict) with every adapter folded into its Linear: plain GPT-2 weights,
+    """`state` (the adapted model's state dict) with every adapter folded into its Linear: plain model weights,
     for checkpoints that transformers loads while the run goes on (the model itself stays adapted)."""
     out = dict(state)
     for name, module in model.named_modules():
