@@ -171,7 +171,7 @@ def test_a_config_name_finds_the_projects_configs_from_any_directory(tmp_path, m
     assert load_config("tiny").train.run_name == "mine"
     with pytest.raises(ConfigError) as e:
         load_config("tinny")
-    assert "config file tinny does not exist" in str(e.value) and "codeparrot-small, tiny" in str(e.value)
+    assert "config file tinny does not exist" in str(e.value) and "codeparrot-small, codeparrot-small-modern, tiny, tiny-modern" in str(e.value)
 
 
 def test_save_and_reload_is_equal(tmp_path):
