@@ -16,6 +16,8 @@ import gzip  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterable  # noqa: E402
 
@@ -215,3 +217,19 @@ def first_batches(loader: Iterable, n: int) -> list:
         if len(out) == n:
             break
     return out
+
+
+def train_cli(workdir: Path, overrides: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`codeparrot train` with `overrides` (two CPU processes when `launcher` is an accelerate launch); must pass."""
+    cmd = (launcher or [sys.executable, "-m"]) + ["codeparrot", "train", f"paths.workdir={workdir}", *overrides]
+    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"} if launcher else SUBPROCESS_ENV
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """step -> logged train loss of a run (its logs/metrics.jsonl)."""
+    lines = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+

@@ -20,7 +20,8 @@ from codeparrot.model import GPT, GPTConfig, load_hf, resolve_model_config, save
 from codeparrot.sft.lora import LoRALinear, apply_lora, merge_lora
 from codeparrot.train import build_model
 
-from conftest import SUBPROCESS_ENV, build_training_corpus, free_port, run_cli, write_jsonl
+from conftest import (SUBPROCESS_ENV, build_training_corpus, free_port, run_cli, train_cli, train_losses,
+                      write_jsonl)
 
 SHAPE = ["model.preset=tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32"]
 # test_train.py's TINY, at 96 positions (room for a HumanEval prompt and a few sampled tokens) and on llama
@@ -145,17 +146,10 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _train(workdir: Path, *overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable, "-m"]) + ["codeparrot", "train", f"paths.workdir={workdir}", *TINY,
-                                                 *overrides]
-    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"} if launcher else SUBPROCESS_ENV
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return train_cli(workdir, [*TINY, *overrides], launcher)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+_losses = train_losses
 
 
 @pytest.fixture(scope="module")

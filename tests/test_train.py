@@ -17,7 +17,7 @@ from codeparrot.evaluate import run_evaluate
 from codeparrot.runs import latest_checkpoint, read_trainer_state
 from codeparrot.train import build_lr_schedule, lr_lambda
 
-from conftest import SUBPROCESS_ENV, build_training_corpus, free_port
+from conftest import SUBPROCESS_ENV, build_training_corpus, free_port, train_cli, train_losses
 
 TINY = [
     "tokenizer.vocab_size=400", "tokenizer.n_examples=200",
@@ -38,17 +38,10 @@ def workdir(tmp_path_factory) -> Path:
 
 def _train(workdir: Path, *overrides: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """`codeparrot train` on the tiny config (two CPU processes when `launcher` is an accelerate launch)."""
-    cmd = (launcher or [sys.executable, "-m"]) + ["codeparrot", "train", f"paths.workdir={workdir}",
-                                                 "corpus.valid_fraction=0.3", *TINY, *overrides]
-    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"} if launcher else SUBPROCESS_ENV
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return train_cli(workdir, ["corpus.valid_fraction=0.3", *TINY, *overrides], launcher)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+_losses = train_losses
 
 
 def test_schedule_warms_up_then_follows_cosine():
