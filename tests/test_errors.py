@@ -123,6 +123,7 @@ def test_a_missing_checkpoint_says_it_does_not_exist(tmp_path):
                    f"--checkpoint {tmp_path / 'nope' / 'step-1'} does not exist")
 
 
+@pytest.mark.slow
 def test_a_run_directory_names_its_latest_checkpoint(run):
     line = f"--checkpoint {run} is a run directory, not a checkpoint; did you mean {run / 'step-4'} (its latest)?"
     assert one_line_error(codeparrot("generate", "--checkpoint", run, "-p", "x"), "generate").endswith(line)
@@ -134,6 +135,7 @@ def test_a_run_directory_names_its_latest_checkpoint(run):
                    "is a directory of runs", str(run / "step-4"))
 
 
+@pytest.mark.slow
 def test_a_partial_checkpoint_says_what_is_missing_and_names_the_latest_complete_one(run):
     latest = f"the latest complete one in {run} is {run / 'step-4'}"
     one_line_error(codeparrot("generate", "--checkpoint", run / "step-6.tmp", "-p", "x"), "generate",
@@ -166,6 +168,7 @@ def saved_run(work: Path, *overrides: str) -> Path:
     return step
 
 
+@pytest.mark.slow
 def test_a_refused_resume_names_the_keys_that_changed(tmp_path):
     work = tmp_path / "work"
     saved_run(work, "model.n_layer=2", "train.learning_rate=0.01")

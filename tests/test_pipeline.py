@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import SUBPROCESS_ENV, build_training_corpus, summaries, write_jsonl
 
 TINY = ["tokenizer.vocab_size=400", "tokenizer.n_examples=200", "data.seq_length=96", "data.num_of_sequences=8",
@@ -28,6 +30,7 @@ def pipeline(root: Path, *overrides: str) -> dict[str, dict[str, str]]:
     return summaries(p.stdout)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_retrained_under_the_same_step_is_evaluated_and_scored_again(tmp_path):
     """Retrained at the same step with another shape, step-3 holds other weights: evaluate and humaneval ran again
     (they skipped on the step name and showed the old model's numbers), the old results moved aside; unchanged

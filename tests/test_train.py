@@ -313,6 +313,7 @@ def test_nan_on_rank_1_only_stops_both_ranks_before_the_step(workdir):
     assert sorted(_finite_checkpoints(workdir / "runs" / "nan2")) == [3]
 
 
+@pytest.mark.slow
 def test_skip_spikes_skips_an_injected_spike_and_trains_on(workdir):
     """A x50 loss at step 25 after 24 calm steps: skipped (weights kept), counted, logged; the run finishes."""
     common = ["train.max_steps=27", "train.save_interval=100", "train.eval_interval=100", "train.warmup_steps=1",
