@@ -98,7 +98,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused: a group must be added to the inner optimizer it belongs to."""
-        raise NotImplementedError("add the group to .muon or .adamw")
+        raise TypeError("MuonWithAdamW takes no new group: add it to .muon or .adamw, the optimizer it belongs to")
 
     def __repr__(self) -> str:
         return f"MuonWithAdamW(\n{self.muon!r},\n{self.adamw!r})"
