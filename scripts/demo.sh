@@ -3,7 +3,8 @@
 # export-local -> prepare -> train-tokenizer -> pretokenize -> sft-data -> train -> evaluate -> humaneval (3 problems)
 # -> sft (instruction tuning on docstring records), then
 # `generate` samples from the trained model, left to right conditioned on the high quality bucket, then fills in
-# the middle of a function (the demo trains with quality tokens and fill-in-the-middle). A second run skips finished
+# the middle of a function (the demo trains with quality tokens and fill-in-the-middle), and the fine-tuned model
+# answers an instruction in its prompt format. A second run skips finished
 # stages.
 # Extra arguments are config overrides, e.g. `bash scripts/demo.sh train.max_steps=50`.
 set -euo pipefail
@@ -15,4 +16,5 @@ codeparrot generate --config configs/tiny.yaml "$@" --prompt "def fibonacci(n):"
   --quality high
 codeparrot generate --config configs/tiny.yaml "$@" --prefix $'def add(a, b):\n    c = ' --suffix $'\n    return c\n' \
   --max-new-tokens 16 --temperature 0 --stop '\n'
+codeparrot generate --config configs/tiny.yaml "$@" --instruction "Return the sum of two numbers." --max-new-tokens 32
 echo "demo: finished in $(( $(date +%s) - start )) s; artifacts under work/tiny/ (TensorBoard: tensorboard --logdir work/tiny/runs)"
