@@ -217,6 +217,7 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_humaneval_end_to_end_then_resume(tmp_path, checkpoint):
     """Sample, score and report with limit=2; a rerun reuses the samples; other settings move the old run aside."""
     problems = write_jsonl(tmp_path / "p.jsonl", SMALL_PROBLEMS)

@@ -181,6 +181,7 @@ def test_token_weighted_accumulation_of_2x2_equals_a_batch_of_4(loss_chunk_size)
     assert abs(mean_of_means - whole_loss) > 1e-4
 
 
+@pytest.mark.slow
 def test_accumulation_trains_exactly_as_the_full_batch(workdir):
     """micro-batch 2 x accumulation 2 == micro-batch 4 x accumulation 1: same losses, same weights after k steps."""
     _train(workdir, "train.run_name=acc2x2", f"train.max_steps={STEPS}", "train.micro_batch_size=2",
