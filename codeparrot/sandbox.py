@@ -86,8 +86,14 @@ def detect_mechanism() -> str:
 
 
 def sandbox_python() -> str:
-    """The interpreter the programs run on: this one's real binary (a venv's python resolves to its base)."""
-    return os.path.realpath(sys.executable)
+    """The interpreter the programs run on: this one's real binary (a venv's python resolves to its base), or the
+    base installation's own when the venv holds a copy (`venv --copies`: it finds its stdlib only through
+    pyvenv.cfg, which is not in the sandbox)."""
+    exe, prefix = os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
+    if _under(exe, prefix) or _under(exe, "/usr"):
+        return exe
+    base = os.path.join(prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    return base if os.path.exists(base) else exe
 
 
 def _under(path: str, root: str) -> bool:
@@ -96,7 +102,9 @@ def _under(path: str, root: str) -> bool:
 
 def mount_plan(limits: SandboxLimits, program_fd: int) -> list[Mount]:
     """The sandbox's whole filesystem; anything not listed here does not exist inside."""
-    plan = [Mount("ro-bind", "/usr", "/usr")]
+    # the sandbox's own filesystems first: a bind below /tmp (a prefix there) then stays visible, not covered
+    plan = [Mount("proc", "/proc"), Mount("dev", "/dev"),
+            Mount("tmpfs", "/tmp", perms="1777", size=limits.file_size_bytes), Mount("ro-bind", "/usr", "/usr")]
     for top in TOP_LINKS:
         if os.path.islink(top):
             plan.append(Mount("symlink", top, os.readlink(top)))
@@ -106,10 +114,7 @@ def mount_plan(limits: SandboxLimits, program_fd: int) -> list[Mount]:
     for path in [prefix, os.path.dirname(sandbox_python()), *filter(os.path.exists, ETC_FILES)]:
         if not any(_under(path, m.dest) for m in plan if m.kind == "ro-bind"):
             plan += _ro_bind(path, made={m.dest for m in plan})
-    plan += [Mount("proc", "/proc"), Mount("dev", "/dev"),
-             Mount("tmpfs", "/tmp", perms="1777", size=limits.file_size_bytes),
-             Mount("file", "/tmp/prog.py", str(program_fd), perms="0644"),
-             Mount("remount-ro", "/")]
+    plan += [Mount("file", "/tmp/prog.py", str(program_fd), perms="0644"), Mount("remount-ro", "/")]
     return plan
 
 

@@ -256,3 +256,19 @@ def test_self_test_catches_a_run_without_isolation() -> None:
     assert "host saw a connection on a Unix socket" in str(failed.value)
     assert "a file landed in " in str(failed.value)
     assert list(Path(tempfile.gettempdir()).glob("codeparrot-selftest-*")) == []
+
+
+def test_a_venv_with_a_copied_interpreter_runs_on_its_base(monkeypatch, tmp_path):
+    # `python -m venv --copies` (or a venv copied elsewhere): the copy finds its stdlib only through pyvenv.cfg,
+    # which the sandbox does not hold, so the programs run on the base installation's binary
+    from codeparrot import sandbox
+
+    copy = tmp_path / "venv" / "bin" / "python"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(os.path.realpath(sys.executable), copy)
+    monkeypatch.setattr(sys, "executable", str(copy))
+    python = sandbox.sandbox_python()
+    assert python != str(copy) and python.startswith(os.path.realpath(sys.base_prefix))
+    marker = secrets.token_hex(16)
+    result = run_program(f"print({marker!r})\n", LIMITS, detect_mechanism(), marker)
+    assert result.passed, result
