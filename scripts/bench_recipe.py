@@ -42,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from codeparrot.config import SECTIONS, load_config  # noqa: E402
 
 ARCH_KEYS = ["model.arch", "model.n_kv_head", "model.intermediate_size", "model.rope_theta", "model.norm_eps",
@@ -128,14 +130,70 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
     """The printed rows: one per recipe, GPT-2's first, the ratios against it."""
     base = results["gpt2"]
     target = base["final_loss"]
-    lines = [f"{'recipe':24s} {'val loss':>9s} {'tokens to gpt2 loss':>20s} {'wall/token':>11s}"]
+    lines = [f"{'recipe':24s} {'val loss':>9s} {'tokens to gpt2 loss':>20s} {'wall/token (runs)':>18s} "
+             f"{'step time (interleaved)':>24s}"]
     for name, r in results.items():
         reach = tokens_to_reach(r["curve"], target)
         r["reach_fraction"] = None if reach is None else reach / base["tokens"]
         r["wall_ratio"] = r["s_per_token"] / base["s_per_token"]
         frac = "not reached" if reach is None else f"{r['reach_fraction']:.2f}"
-        lines.append(f"{LABELS[name]:24s} {r['final_loss']:9.3f} {frac:>20s} {r['wall_ratio']:10.2f}x")
+        step = "-"
+        if r.get("step_s") and base.get("step_s"):
+            r["step_ratio"] = r["step_s"] / base["step_s"]
+            step = f"{r['step_s'] * 1000:.0f} ms = {r['step_ratio']:.2f}x"
+        lines.append(f"{LABELS[name]:24s} {r['final_loss']:9.3f} {frac:>20s} {r['wall_ratio']:17.2f}x {step:>24s}")
     return lines
+
+
+def token_meta(cfg) -> tuple[Path, dict[str, Any]]:
+    """cfg's token-shard directory and its meta.json."""
+    tokens = Path(cfg.paths.tokens) if cfg.paths.tokens else Path(cfg.paths.workdir) / "tokens"
+    return tokens, json.loads((tokens / "meta.json").read_text())
+
+
+def token_blocks(cfg, n_blocks: int, seed: int = 0) -> torch.Tensor:
+    """n_blocks blocks of real training tokens from cfg's first train shard (the step timing's input), [n, T]."""
+    import numpy as np
+
+    tokens, meta = token_meta(cfg)
+    ids = np.fromfile(tokens / meta["splits"]["train"]["files"][0]["path"], dtype=meta["dtype"]).astype(np.int64)
+    T = cfg.data.seq_length
+    starts = np.random.default_rng(seed).integers(0, len(ids) - T, n_blocks)
+    return torch.from_numpy(np.stack([ids[s:s + T] for s in starts]))
+
+
+def interleaved_step_seconds(configs: dict[str, Any], rounds: int, steps: int) -> dict[str, float]:
+    """Median seconds per optimizer step of each recipe, timed round-robin (`rounds` x `steps` steps each) on the
+    same real token blocks through train.py's own builders and train_step. Runs one after another share a machine
+    with whatever else runs on it over a quarter of an hour; interleaving gives every recipe the same conditions."""
+    from accelerate import Accelerator
+
+    from codeparrot.data.packing import DocumentBlocks
+    from codeparrot.train import build_model, build_optimizer, train_step
+
+    accelerator = Accelerator(cpu=True)
+    base = next(iter(configs.values()))
+    _, meta = token_meta(base)
+    B, G = base.train.micro_batch_size, base.train.gradient_accumulation_steps
+    blocks = token_blocks(base, B * G * steps)
+    setups = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = build_model(cfg, meta["vocab_size"], accelerator)
+        optimizer = build_optimizer(model, cfg.train, accelerator)
+        collate = DocumentBlocks(meta["eos_token_id"]) if getattr(cfg.data, "document_mask", False) else torch.stack
+        batches = [collate(list(blocks[i:i + B])) for i in range(0, len(blocks), B)]
+        setups[name] = (model, optimizer, batches, cfg.train)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(rounds + 1):  # round 0 warms every recipe up (allocator, first Newton-Schulz calls)
+        for name, (model, optimizer, batches, t) in setups.items():
+            it = iter(batches)
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, optimizer, it, accelerator, G, t.max_grad_norm, t.learning_rate, z_loss=t.z_loss)
+            if r:
+                times[name].append((time.perf_counter() - start) / steps)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -159,6 +217,28 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def train_recipe(name: str, config: str, overrides: list[str], out: Path) -> dict[str, Any] | None:
+    """Train one recipe as `codeparrot train` (a subprocess, its output in <out>/<name>.log); its results, or None
+    when it failed (its log's last lines printed)."""
+    run = out / "runs" / name
+    if run.exists():
+        shutil.rmtree(run)
+    cmd = [sys.executable, "-m", "codeparrot", "train", "--config", config, *overrides, f"train.run_name={name}"]
+    log = out / f"{name}.log"
+    start = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+    wall = time.perf_counter() - start
+    if rc != 0:
+        print(f"{name}: codeparrot train failed (exit {rc}); the last lines of {log}:")
+        print("\n".join(log.read_text().splitlines()[-20:]))
+        return None
+    result = read_run(run)
+    result.update(wall_s=wall, overrides=overrides)
+    print(f"{name}: final validation loss {result['final_loss']:.3f} after {wall:.0f} s", flush=True)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="the GPT-2 recipe and the data")
@@ -169,6 +249,9 @@ def main() -> int:
     p.add_argument("--preset", default=None, help="model.preset for every recipe (small: seq 1024 too)")
     p.add_argument("--recipes", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
     p.add_argument("--out", default=None, help="default <workdir>/bench_recipe")
+    p.add_argument("--timing-rounds", type=int, default=5,
+                   help="after training, time every recipe's steps round-robin this many rounds (0: skip)")
+    p.add_argument("--timing-steps", type=int, default=5, help="optimizer steps per recipe per timing round")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of every recipe")
     args = p.parse_args()
 
@@ -203,29 +286,22 @@ def main() -> int:
           flush=True)
 
     results: dict[str, dict[str, Any]] = {}
+    overrides: dict[str, list[str]] = {}
     for name in recipes:
-        run = runs / name
-        if run.exists():
-            shutil.rmtree(run)
         keys = recipe_overrides(name, modern) if name != "gpt2" else []
         # the base warmup, shortened for a short budget; the modern recipe takes its own (scaled the same way)
         own_warmup = min(modern.train.warmup_steps, max(1, steps // 5)) if name == "modern" else warmup
-        keys = [k for k in keys if not k.startswith("train.warmup_steps=")] + [f"train.warmup_steps={own_warmup}"]
-        cmd = [sys.executable, "-m", "codeparrot", "train", "--config", args.config, *common, *keys, *budget,
-               f"train.run_name={name}"]
-        log = out / f"{name}.log"
-        start = time.perf_counter()
-        with log.open("w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
-        wall = time.perf_counter() - start
-        if rc != 0:
-            print(f"{name}: codeparrot train failed (exit {rc}); the last lines of {log}:")
-            print("\n".join(log.read_text().splitlines()[-20:]))
+        overrides[name] = [k for k in keys if not k.startswith("train.warmup_steps=")] + \
+            [f"train.warmup_steps={own_warmup}"]
+        result = train_recipe(name, args.config, [*common, *overrides[name], *budget], out)
+        if result is None:
             return 1
-        results[name] = read_run(run)
-        results[name].update(wall_s=wall, overrides=keys)
-        print(f"{name}: final validation loss {results[name]['final_loss']:.3f} after {wall:.0f} s "
-              f"({' '.join(keys)})", flush=True)
+        results[name] = result
+    if args.timing_rounds:
+        print(f"timing {args.timing_steps} steps of each recipe, round-robin, {args.timing_rounds} rounds", flush=True)
+        configs = {name: load_config(args.config, [*common, *overrides[name], *budget]) for name in recipes}
+        for name, seconds in interleaved_step_seconds(configs, args.timing_rounds, args.timing_steps).items():
+            results[name]["step_s"] = seconds
 
     lines = table(results)
     print("\n".join(lines))

@@ -14,7 +14,8 @@ from conftest import SUBPROCESS_ENV, build_training_corpus
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "bench_recipe.py"
-ROW = re.compile(r"^(?P<label>.+?)\s+(?P<loss>\d+\.\d+)\s+(?P<frac>\d+\.\d+|not reached)\s+(?P<wall>\d+\.\d+)x$")
+ROW = re.compile(r"^(?P<label>.+?)\s+(?P<loss>\d+\.\d+)\s+(?P<frac>\d+\.\d+|not reached)\s+(?P<wall>\d+\.\d+)x\s+"
+                 r"(?:(?P<step_ms>\d+) ms = (?P<step>\d+\.\d+)x)$")
 # The corpus's keys (tokenizer and token shards) and a tiny model: the base config of both the build and the bench.
 CORPUS = {"corpus": {"valid_fraction": 0.3}, "tokenizer": {"vocab_size": 400, "n_examples": 200},
           "data": {"seq_length": 32, "pretokenized": True}}
@@ -35,15 +36,17 @@ def test_bench_recipe_prints_rows_and_plot(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--config", str(config),
          "--modern-config", str(ROOT / "configs" / "tiny-modern.yaml"), "--recipes", "gpt2,modern",
-         "--steps", "6", "--eval-interval", "2", "--out", str(out)],
+         "--steps", "6", "--eval-interval", "2", "--out", str(out), "--timing-rounds", "2",
+         "--timing-steps", "1"],
         capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {m["label"]: m for m in (ROW.match(line) for line in proc.stdout.splitlines()) if m}
     assert set(rows) == {"gpt2 (AdamW, cosine)", "modern (full recipe)"}, proc.stdout
     gpt2 = rows["gpt2 (AdamW, cosine)"]
-    assert float(gpt2["frac"]) <= 1 and gpt2["wall"] == "1.00"  # the base of every ratio: it reaches its own loss
+    # the base of every ratio: it reaches its own loss
+    assert float(gpt2["frac"]) <= 1 and gpt2["wall"] == "1.00" and gpt2["step"] == "1.00"
     for m in rows.values():
-        assert 0 < float(m["loss"]) < 20 and float(m["wall"]) > 0
+        assert 0 < float(m["loss"]) < 20 and float(m["wall"]) > 0 and int(m["step_ms"]) > 0
         assert m["frac"] == "not reached" or float(m["frac"]) >= 0
     assert (out / "recipe.png").stat().st_size > 0
     assert (out / "runs" / "modern" / "logs" / "metrics.jsonl").exists()

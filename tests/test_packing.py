@@ -166,6 +166,20 @@ def test_document_mask_names_the_documents_of_the_same_blocks(shards, tokenizer,
     assert masked_loader.state_dict() == plain_loader.state_dict()
 
 
+def test_document_mask_holds_under_a_quality_condition(shards, tokenizer, eos):
+    """evaluate's eval.quality_token path (condition_on: every file gets one bucket's token) masks documents too."""
+    from codeparrot.documents import eos_documents
+
+    t = Transforms(SpecialIds.from_tokenizer(tokenizer), quality_tokens=True, fim_rate=0.0)
+    ds = make(shards, tokenizer, eos, transforms=t, condition_on=0, document_mask=True, infinite=True, shuffle=True,
+              seed=3)
+    batches = first_batches(make_dataloader(ds, 4, 0), 30)
+    for batch in batches:
+        position_ids, document_ids = eos_documents(batch["input_ids"], eos)
+        assert torch.equal(batch["position_ids"], position_ids) and torch.equal(batch["document_ids"], document_ids)
+    assert any(int(b["document_ids"].max()) > 0 for b in batches), "no block holds an EOS"
+
+
 # --- transforms ---------------------------------------------------------------------------------
 
 def transformed_stream(tokenizer: Tokenizer, eos: int, docs: list[str], t: Transforms, seed: int,
