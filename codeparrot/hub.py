@@ -156,6 +156,8 @@ def model_card(cfg: Config, ckpt: Path) -> str:
         last = state["history"][-1]
         lines += [f"| eval loss (step {last['step']}) | {last['loss']:.4f} |",
                   f"| perplexity | {last['perplexity']:.2f} |"]
+        lines += [f"| {key.removesuffix('_pass@1')} greedy pass@1 (step {last['step']}, during training) | "
+                  f"{value:.4f} |" for key, value in last.items() if key.endswith("_pass@1")]  # eval.code_benchmark
     report = ckpt.parent / "humaneval" / ckpt.name / "pass_at_k.json"
     if report.is_file():
         lines += [f"| HumanEval {k} | {v:.4f} |" for k, v in json.loads(report.read_text()).items()

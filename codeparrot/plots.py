@@ -55,8 +55,9 @@ def loss_figure(rows: list[dict[str, Any]], title: str):
     valid = [(r[x_key], r["eval/loss"]) for r in rows if "eval/loss" in r]
     if not train and not valid:
         raise ValueError("no train/loss or eval/loss in the run's metrics: nothing to plot")
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
+    passes = pass_curves(rows, x_key)
+    fig = Figure(figsize=(12, 4.5) if passes else (7, 4.5))
+    ax = fig.add_subplot(1, 2 if passes else 1, 1)
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if valid:
@@ -64,8 +65,25 @@ def loss_figure(rows: list[dict[str, Any]], title: str):
     ax.set(xlabel="epoch" if x_key != "step" else "step", ylabel="loss", title=title)
     ax.legend()
     add_tokens_axis(ax, rows, x_key)
+    if passes:  # eval.code_benchmark: greedy pass@1 at each evaluation, beside the loss it may part ways with
+        right = fig.add_subplot(1, 2, 2, sharex=ax)
+        for name, curve in passes.items():
+            right.plot(*zip(*curve), "o-", label=name)
+        right.set(xlabel=ax.get_xlabel(), ylabel="pass@1 (greedy)", title="code benchmark during training")
+        right.legend()
+        add_tokens_axis(right, rows, x_key)
     fig.tight_layout()
     return fig
+
+
+def pass_curves(rows: list[dict[str, Any]], x_key: str) -> dict[str, list[tuple[float, float]]]:
+    """{benchmark: [(x, pass@1)]} of the eval/<benchmark>_pass@1 values the run logged (eval.code_benchmark)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("eval/") and key.endswith("_pass@1"):
+                out.setdefault(key[len("eval/"):-len("_pass@1")], []).append((r[x_key], value))
+    return out
 
 
 def plot_run(run: str | Path, output: str | Path | None = None) -> Path:

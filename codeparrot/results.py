@@ -14,7 +14,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +83,23 @@ def move_aside(path: Path, why: str, logger: logging.Logger = log) -> Path:
     logger.warning("%s %s; moved to %s", path, why, aside)
     shutil.move(path, aside)
     return aside
+
+
+def validation_settings(cfg: "Config", checkpoint: Path, processes: int) -> dict[str, Any]:
+    """What a validation loss depends on besides the weights: the validation data's and the tokenizer's identity,
+    the data keys, the evaluation budget and the process count (each process evaluates up to eval.max_batches
+    batches). `evaluate` records it; `compare` refuses losses whose settings differ."""
+    from .artifacts import fingerprint
+
+    d, e = cfg.data, cfg.eval
+    # evaluate reads the token shards, or clean/valid's records when it selects by quality (data/splits.py)
+    split = cfg.paths.resolve("tokens" if d.pretokenized and not (e.quality_bucket or e.quality_token) else "clean")
+    try:
+        data = fingerprint(split)
+    except FileNotFoundError:
+        data = f"{split} (absent)"
+    tokenizer = Path(checkpoint) / "tokenizer.json"
+    tok = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16] if tokenizer.is_file() else "absent"
+    return {"valid_data": data, "tokenizer_sha256": tok, "seq_length": d.seq_length, "quality_tokens": d.quality_tokens,
+            "document_mask": d.document_mask, "max_batches": e.max_batches, "batch_size": e.batch_size,
+            "quality_bucket": e.quality_bucket, "quality_token": e.quality_token, "processes": processes}

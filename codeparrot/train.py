@@ -301,22 +301,35 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
             for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
-class _Evaluator:
-    """Validation loss and perplexity at a step, recorded in the trainer state and the metrics."""
+def _code_probe(cfg: Config, tokenizer, acc: Accelerator, out: Path):
+    """eval.code_benchmark's probe (pass@1 at each evaluation), or None when off or the run never evaluates."""
+    if not cfg.eval.code_benchmark or not cfg.train.eval_interval:
+        return None
+    from .humaneval.probe import CodeBenchmarkProbe  # the evaluation stage's scoring, run inside the loop
 
-    def __init__(self, cfg: Config, model, valid_ds, accelerator: Accelerator, metrics: MetricsLogger):
+    return CodeBenchmarkProbe(cfg, tokenizer, acc, out)
+
+
+class _Evaluator:
+    """Validation loss and perplexity at a step (and eval.code_benchmark's pass@1), recorded in the trainer state
+    and the metrics."""
+
+    def __init__(self, cfg: Config, model, valid_ds, accelerator: Accelerator, metrics: MetricsLogger,
+                 code_probe=None):
         self.cfg, self.model, self.valid_ds, self.acc, self.metrics = cfg, model, valid_ds, accelerator, metrics
+        self.code_probe = code_probe
 
     def __call__(self, step: int, state: TrainerState) -> None:
         loader = make_dataloader(self.valid_ds, self.cfg.eval.batch_size, 0,
                                  pin_memory=self.acc.device.type == "cuda")
         result = evaluate_loss(self.model, loader, self.acc, self.cfg.eval.max_batches)
+        passes = self.code_probe(self.model, step) if self.code_probe is not None else {}
         state.best_val_loss = min(state.best_val_loss, result["loss"])
-        state.history.append({"step": step, **result})
+        state.history.append({"step": step, **result, **passes})
         self.metrics.record({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"],
-                             "eval/tokens": result["tokens"]}, step)
-        log.info("eval @ step %d: loss %.4f, perplexity %.2f over %d tokens", step, result["loss"],
-                 result["perplexity"], result["tokens"])
+                             "eval/tokens": result["tokens"], **{f"eval/{k}": v for k, v in passes.items()}}, step)
+        log.info("eval @ step %d: loss %.4f, perplexity %.2f over %d tokens%s", step, result["loss"],
+                 result["perplexity"], result["tokens"], "".join(f", {k} {v:.4f}" for k, v in passes.items()))
         self.model.train()
 
 
@@ -449,6 +462,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     set_seed(t.seed)
     accumulation = accumulation_steps(t, acc.num_processes)
     tokenizer = load_tokenizer(tokenizer_dir)
+    code_probe = _code_probe(cfg, tokenizer, acc, out)  # its sandbox self-test runs before anything is built
     model = build_model(cfg, tokenizer.get_vocab_size(), acc, init_weights)
     model, optimizer = prepare_model(model, build_optimizer(model, t, acc), t, acc)
     gpt = acc.unwrap_model(model)
@@ -465,7 +479,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     log.info("train: %s, %.1fM params, %d process(es) on %s, mixed precision %s, accumulation %d, %d tokens/step, "
              "steps %d -> %d", gpt.config, gpt.num_parameters() / 1e6, acc.num_processes, acc.device,
              acc.mixed_precision, accumulation, tokens_per_step, state.step, t.max_steps)
-    evaluate = _Evaluator(cfg, model, valid_ds, acc, metrics) if valid_ds is not None else None
+    evaluate = _Evaluator(cfg, model, valid_ds, acc, metrics, code_probe) if valid_ds is not None else None
     done = fit(Loop(cfg, acc, model, optimizer, train_loader, checkpointer, metrics, state, tokenizer_dir,
                     tokenizer.token_to_id(cfg.tokenizer.eos_token), accumulation, tokens_per_step, evaluate))
     _plot_losses(acc, out)

@@ -2,6 +2,7 @@
 
     python scripts/bench_prepare.py                        # the first 40 MB of work/tiny/raw
     python scripts/bench_prepare.py --raw DIR --max-mb 100
+    python scripts/bench_prepare.py --format jsonl,parquet,avro   # the stage on each input format, side by side
 
 The first --max-mb of content is copied into fresh shards (untimed), one set used by every contender:
   read       iter_shard alone (gzip + JSON), the floor under every contender;
@@ -238,12 +239,82 @@ def jaccard_errors(contents: list[str], pairs: int = 400) -> str:
     return f"Jaccard estimate RMSE over {len(files)} real pairs (J 0.5-1): " + ", ".join(out)
 
 
+def write_formats(shard_dir: Path, tmp: Path, formats: list[str], group_rows: int = 1000) -> dict[str, Path]:
+    """The JSON Lines shards again as Parquet (row groups of `group_rows`) and Avro, shard for shard (untimed)."""
+    import fastavro
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dirs = {"jsonl": shard_dir}
+    for fmt in (f for f in formats if f != "jsonl"):
+        dirs[fmt] = tmp / f"raw-{fmt}"
+        dirs[fmt].mkdir()
+        for shard in list_shards(shard_dir):
+            records = [r for _, r in iter_shard(shard, BadRecords())]
+            out = dirs[fmt] / shard.name.replace(".json.gz", f".{fmt}")
+            if fmt == "parquet":
+                pq.write_table(pa.Table.from_pylist(records), out, row_group_size=group_rows)
+            else:
+                schema = {"type": "record", "name": "row", "fields": [{"name": k, "type": ["null", "string"]}
+                                                                      for k in records[0]]}
+                with open(out, "wb") as fh:
+                    fastavro.writer(fh, fastavro.parse_schema(schema), records, codec="deflate")
+    return dirs
+
+
+def read_peak_mb(path: Path) -> float:
+    """Peak memory of reading one shard (tracemalloc's Python peak plus Arrow's pool)."""
+    import pyarrow as pa
+
+    pool, default = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    tracemalloc.start()
+    sum(1 for _ in iter_shard(path, BadRecords()))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    pa.set_memory_pool(default)
+    return (peak + pool.max_memory()) / 1e6
+
+
+def format_table(shard_dir: Path, tmp: Path, mb: float, formats: list[str]) -> None:
+    """prepare per core (one worker, the whole command) on the same corpus in each format, then peak memory on a
+    Parquet file 10x larger than the others."""
+    dirs = write_formats(shard_dir, tmp, formats)
+    print(f"\n{'format':10}{'MB on disk':>11}{'read s':>8}{'read MB/s':>10}{'prepare s':>10}{'MB/s/core':>10}"
+          f"{'worker RSS MB':>14}{'clean/ digest':>15}")
+    for fmt in formats:
+        shards = list_shards(dirs[fmt])
+        disk = sum(f.stat().st_size for f in shards) / 1e6
+        read_s = time_read(shards)
+        seconds, digest = time_command(Path(__file__).resolve().parent.parent, dirs[fmt], tmp / f"work-{fmt}", 1)
+        rss = json.loads((tmp / f"work-{fmt}" / "clean" / "report.json").read_text())["peak_rss_mb"]["largest_worker"]
+        print(f"{fmt:10}{disk:11.1f}{read_s:8.2f}{mb / read_s:10.1f}{seconds:10.2f}{mb / seconds:10.2f}{rss:14.0f}"
+              f"{digest:>15}")
+    if "parquet" in dirs:
+        import pyarrow.parquet as pq
+
+        one = list_shards(dirs["parquet"])[0]
+        table = pq.read_table(one)
+        big = tmp / "big" / "file-000000000000.parquet"
+        big.parent.mkdir()
+        with pq.ParquetWriter(big, table.schema) as writer:
+            for _ in range(10):
+                writer.write_table(table, row_group_size=1000)
+        seconds, _ = time_command(Path(__file__).resolve().parent.parent, big.parent, tmp / "work-big", 1)
+        rss = json.loads((tmp / "work-big" / "clean" / "report.json").read_text())["peak_rss_mb"]["largest_worker"]
+        print(f"peak memory reading one shard: {one.stat().st_size / 1e6:.1f} MB Parquet {read_peak_mb(one):.1f} MB; "
+              f"the same 10x ({big.stat().st_size / 1e6:.1f} MB, one file) {read_peak_mb(big):.1f} MB "
+              f"(tracemalloc + Arrow pool); prepare on the 10x file alone: worker peak RSS {rss:.0f} MB, {seconds:.1f} s")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--raw", default="work/tiny/raw", help="a directory of export shards")
     p.add_argument("--max-mb", type=float, default=40.0, help="MB of file content to benchmark on")
     p.add_argument("--no-prepare", action="store_true", help="skip timing the whole prepare stage")
     p.add_argument("--before", default=BEFORE, help="git commit of the stage as it was, timed as the baseline")
+    p.add_argument("--format", default="", help="only compare input formats, e.g. jsonl,parquet,avro: prepare per "
+                                                 "core on the same corpus in each, and memory on a 10x Parquet file")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cores = os.cpu_count() or 1
@@ -256,6 +327,10 @@ def main() -> int:
         print(f"input: {n_files:,} files, {mb:.1f} MB of content, {len(shards)} shards; {cores} cores; "
               f"num_perm {NUM_PERM}, threshold {THRESHOLD}, token shingles")
         print("load average before: %.2f %.2f %.2f (other processes share these cores)" % os.getloadavg())
+        if args.format:
+            format_table(shard_dir, Path(tmp), mb, args.format.split(","))
+            print("load average after:  %.2f %.2f %.2f" % os.getloadavg())
+            return 0
 
         read_s = time_read(shards)
         sig1, lsh1, signatures, clusters = time_ours(shards, 1)

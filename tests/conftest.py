@@ -115,6 +115,28 @@ def write_jsonl(path: Path, lines: Iterable[bytes | str | dict], gz: bool | None
     return path
 
 
+def write_parquet(path: Path, records: list[dict], schema: Any = None, row_group_size: int | None = None) -> Path:
+    """Records as a Parquet shard (pyarrow infers the schema unless given one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), path, row_group_size=row_group_size)
+    return path
+
+
+def write_avro(path: Path, records: list[dict], fields: list[dict] | None = None) -> Path:
+    """Records as an Avro shard; `fields` default to nullable strings named as the first record's keys."""
+    import fastavro
+
+    fields = fields or [{"name": k, "type": ["null", "string"]} for k in records[0]]
+    schema = fastavro.parse_schema({"type": "record", "name": "row", "fields": fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fastavro.writer(fh, schema, records, codec="deflate", sync_interval=4000)
+    return path
+
+
 def split_seed_for(repos: Iterable[str], fraction: float) -> int:
     """The first split seed that puts at least one of `repos` on each side (so both splits are non-empty)."""
     repos = sorted(set(repos))

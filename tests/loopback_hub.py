@@ -115,6 +115,7 @@ class HubServer:
         self._repos: dict[str, GitRepo] = {}
         self._server: ThreadingHTTPServer | None = None
         self.connections: set[socket.socket] = set()  # open client connections (keep-alive)
+        self._last_blob: tuple[str, bytes] = ("", b"")
 
     def start(self) -> "HubServer":
         hub = self
@@ -155,6 +156,12 @@ class HubServer:
                 subprocess.run(["git", "init", "-q", "--bare", str(path)], check=True, env={**os.environ, **GIT_ENV})
             self._repos[key] = GitRepo(path)
         return self._repos[key]
+
+    def blob(self, repo: GitRepo, blob_id: str) -> bytes:
+        """A blob's bytes; the last one read is kept, as range reads (HfFileSystem on Parquet) ask for it often."""
+        if self._last_blob[0] != blob_id:
+            self._last_blob = (blob_id, repo.git("cat-file", "blob", blob_id))
+        return self._last_blob[1]
 
     # Helpers for assertions.
     def commits(self, repo_id: str, revision: str, repo_type: str = "model") -> list[str]:
@@ -379,7 +386,7 @@ class HubHandler(BaseHTTPRequestHandler):
         files = repo.files(sha)
         if path not in files:
             raise HubError(404, f"Entry Not Found: {path}")
-        data = repo.git("cat-file", "blob", files[path][0])
+        data = self.server_hub.blob(repo, files[path][0])
         start, end, status = 0, len(data), 200
         ranged = self.headers.get("Range", "")
         if ranged.startswith("bytes="):

@@ -286,13 +286,19 @@ def test_choices_are_declared_for_the_closed_string_fields():
         "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
         "sft.method": ("full", "lora"),
         "sft.lr_schedule": ("constant", "cosine"),
-        "corpus.quality_signal": ("copies", "heuristics", "none"),
+        "corpus.quality_signal": ("copies", "stars", "heuristics", "none"),
+        "corpus.export_format": ("jsonl", "parquet"),
+        "corpus.layout": ("bigquery", "the-stack", "github-code"),
         "corpus.minhash_scheme": ("oph", "permutations"),
         "generate.quality": ("", "low", "medium", "high"),
         "humaneval.quality": ("", "low", "medium", "high"),
         "humaneval.task": ("completion", "infill-single-line", "infill-multi-line"),
+        "humaneval.benchmark": ("humaneval", "mbpp", "humaneval-plus", "mbpp-plus"),
+        "humaneval.mbpp_split": ("sanitized", "full"),
+        "humaneval.mbpp_prompt": ("zero-shot", "3-shot"),
         "eval.quality_bucket": ("", "low", "medium", "high"),
         "eval.quality_token": ("", "low", "medium", "high"),
+        "eval.code_benchmark": ("", "humaneval", "mbpp", "humaneval-plus", "mbpp-plus"),
     }
 
 
@@ -570,3 +576,10 @@ def test_identity_of_dotted_keys():
 def test_identity_unknown_names_raise(keys, hint):
     with pytest.raises(ConfigError, match=hint):
         identity(Config(), keys)
+
+
+@pytest.mark.parametrize("name", ["codeparrot-small", "codeparrot", "codeparrot-small-modern"])
+def test_gpu_configs_track_pass_at_1_during_training(name):
+    """eval.code_benchmark is on in the GPU configs (off by default: the tiny demo and the CPU tests)."""
+    assert load_config(CONFIGS / f"{name}.yaml").eval.code_benchmark == "humaneval"
+    assert load_config(None).eval.code_benchmark == ""

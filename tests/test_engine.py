@@ -21,7 +21,7 @@ from codeparrot.corpus.source import BadRecords, iter_shard, list_shards, shard_
 from codeparrot.corpus.tasks import (DUPS_DTYPE, BucketsTask, WorkDir, _sorted_band_records, band_runs,
                                     largest_first)
 
-from conftest import SUBPROCESS_ENV, write_jsonl
+from conftest import SUBPROCESS_ENV, write_jsonl, write_parquet
 
 IGNORED = ("report.json", "manifest.json", "config.yaml", "lengths.png")
 
@@ -205,6 +205,58 @@ def test_kill_9_mid_scan_then_rerun_gives_the_same_clean(golden, raw_with_near_c
     assert done.returncode == 0, done.stderr[-3000:]
     assert artifact(cfg.paths.resolve("clean")) == artifact(golden)
 
+
+
+@pytest.fixture(scope="module")
+def parquet_raw(raw_with_near_copies, tmp_path_factory) -> Path:
+    """raw_with_near_copies with every shard as Parquet: the same records, in row groups of 5."""
+    raw = tmp_path_factory.mktemp("engine-parquet") / "raw"
+    for shard in list_shards(raw_with_near_copies):
+        records = [r for _, r in iter_shard(shard, BadRecords())]
+        write_parquet(raw / shard.name.replace(".json.gz", ".parquet"), records, row_group_size=5)
+    return raw
+
+
+def splits(clean: Path) -> dict[str, bytes]:
+    """clean/'s train and valid shards (the clusters file names the input shards, so it differs by format)."""
+    return {k: v for k, v in artifact(clean).items() if k.startswith(("train/", "valid/"))}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_scan_of_parquet_shards_then_rerun_gives_the_same_clean(golden, parquet_raw, tmp_path,
+                                                                           make_config):
+    cfg = make_config(tmp_path, f"paths.raw={parquet_raw}", "corpus.num_proc=2", "corpus.output_shard_records=7")
+    cfg.save(tmp_path / "config.yaml")
+    cmd = [sys.executable, "-m", "codeparrot", "prepare", "--config", str(tmp_path / "config.yaml")]
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    completions, deadline = work_dir(cfg) / "logs" / "scan" / "completions", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # killed once the first scan task has completed
+        if completions.is_dir() and any(completions.iterdir()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not cfg.paths.resolve("clean").exists()
+    done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert splits(cfg.paths.resolve("clean")) == splits(golden)
+
+
+def test_a_failed_scan_of_parquet_shards_resumes_to_the_same_clean(golden, parquet_raw, tmp_path, make_config,
+                                                                   caplog):
+    cfg = make_config(tmp_path, f"paths.raw={parquet_raw}", "corpus.num_proc=2", "corpus.output_shard_records=7")
+    n = len(list_shards(parquet_raw))
+    _plant(cfg, "scan-2")
+    caplog.set_level(logging.INFO, logger="codeparrot.corpus.engine")
+    with pytest.raises(Exception, match="injected failure of scan task 2"):
+        run_prepare(cfg)
+    assert not cfg.paths.resolve("clean").exists()
+    completions = work_dir(cfg) / "logs" / "scan" / "completions"
+    done = len(list(completions.iterdir())) if completions.is_dir() else 0
+    run_prepare(cfg)
+    assert _to_run(caplog)["scan"] == f"{n - done} of {n}"
+    assert splits(cfg.paths.resolve("clean")) == splits(golden)
 
 
 def fake_sbatch(tmp_path: Path, monkeypatch) -> Path:

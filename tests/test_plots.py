@@ -73,3 +73,18 @@ def test_fine_tuning_plots_the_evaluators_train_loss_from_step_0_and_mean_rate_t
     # 2000 tokens in one epoch: exact at 0 and at the end, the mean rate between (batches differ in real tokens)
     assert tokens_under(fig, [0.0, 1.0]) == pytest.approx([0, 2000], abs=1e-6)
     assert fig.axes[0].child_axes[0].get_xlabel() == "tokens seen (at the run's mean rate)"
+
+
+def test_pass_at_1_during_training_gets_a_second_panel(tmp_path):
+    """eval.code_benchmark's eval/<benchmark>_pass@1 is drawn beside the loss, against the same steps."""
+    rows = [{"step": 0, "eval/loss": 9.0, "eval/mbpp_pass@1": 0.0}]
+    rows += [{"step": s, "train/loss": 8.0 - s / 10, "train/tokens_seen": 64 * s} for s in (2, 4)]
+    rows += [{"step": 4, "eval/loss": 7.0, "eval/mbpp_pass@1": 0.25}]
+    write_metrics(tmp_path / "run", rows)
+    fig = loss_figure(read_metrics(tmp_path / "run"), "run: loss")
+    loss_ax, pass_ax = [a for a in fig.axes if a.get_ylabel()]
+    assert loss_ax.get_ylabel() == "loss" and pass_ax.get_ylabel() == "pass@1 (greedy)"
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in pass_ax.get_lines()] == \
+        [("mbpp", [0, 4], [0.0, 0.25])]
+    plain = [{"step": 0, "eval/loss": 9.0}, {"step": 2, "train/loss": 8.0, "train/tokens_seen": 128}]
+    assert len([a for a in loss_figure(plain, "t").axes if a.get_ylabel()]) == 1

@@ -501,3 +501,110 @@ def test_no_quality_signal_writes_no_field(tmp_path, raw_export, make_config):
     assert report["length_histogram"]["after_by_quality"] == {}
     assert (clean / LENGTHS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "quality buckets" not in format_report(result)
+
+
+# ------------------------------------------------------------------ Parquet, Avro, layouts (issue 29)
+
+
+def _clean_lines(cfg) -> dict[str, list[bytes]]:
+    """Every decompressed line of clean/train and clean/valid, shard by shard."""
+    import gzip
+
+    clean = cfg.paths.resolve("clean")
+    return {split: [line for f in list_shards(clean / split) for line in gzip.open(f).read().splitlines()]
+            for split in ("train", "valid")}
+
+
+def test_jsonl_parquet_and_avro_give_the_same_clean(tmp_path, raw_export, prepared, make_config):
+    """The fixture export written as each format (one shard each, as export-local's), read by the same stage."""
+    from conftest import write_avro, write_parquet
+
+    lines = {}
+    for fmt, write in (("parquet", write_parquet), ("avro", write_avro)):
+        raw = tmp_path / f"raw-{fmt}"
+        for shard in list_shards(raw_export[0]):
+            write(raw / shard.name.replace(".json.gz", f".{fmt}"), read_all(shard))
+        cfg = make_config(tmp_path / fmt, f"paths.raw={raw}", "corpus.num_proc=1")
+        result = run_prepare(cfg)
+        assert result["files_in"] == prepared[1]["files_in"] and result["bad"] == 0
+        lines[fmt] = _clean_lines(cfg)
+    jsonl = _clean_lines(prepared[0])
+    assert jsonl["train"] and jsonl["valid"]
+    assert lines["parquet"] == jsonl and lines["avro"] == jsonl
+
+
+def _stack_files(raw: Path, contents: list[str]) -> None:
+    """bigcode/the-stack-dedup's schema (a subset of its columns, with their published names and types)."""
+    import pyarrow as pa
+
+    from conftest import write_parquet
+
+    schema = pa.schema([("hexsha", pa.string()), ("size", pa.int64()), ("ext", pa.string()), ("lang", pa.string()),
+                        ("max_stars_repo_path", pa.string()), ("max_stars_repo_name", pa.string()),
+                        ("max_stars_repo_licenses", pa.list_(pa.string())), ("max_stars_count", pa.int64()),
+                        ("content", pa.string()), ("avg_line_length", pa.float64())])
+    stars = [None, 0, 9, 10, 99, 100, 4000]
+    rows = [{"hexsha": f"{i:040x}", "size": len(c), "ext": "py", "lang": "Python", "max_stars_repo_path": f"m{i}.py",
+             "max_stars_repo_name": f"user/repo{i % 5}", "max_stars_repo_licenses": ["MIT", "Apache-2.0"],
+             "max_stars_count": stars[i % len(stars)], "content": c, "avg_line_length": 20.0}
+            for i, c in enumerate(contents)]
+    write_parquet(raw / "data-00000.parquet", rows[: len(rows) // 2], schema)
+    write_parquet(raw / "data-00001.parquet", rows[len(rows) // 2:], schema)
+
+
+def test_the_stack_layout_with_stars_buckets(tmp_path, raw_export, make_config):
+    from codeparrot.corpus.quality import parse_stars
+
+    contents = [r["content"] for r in read_all(raw_export[0])]
+    _stack_files(tmp_path / "raw", contents)
+    cfg = make_config(tmp_path / "work", f"paths.raw={tmp_path / 'raw'}", "corpus.layout=the-stack",
+                      "corpus.quality_signal=stars", "corpus.near_dedup=false", "corpus.num_proc=1")
+    result = run_prepare(cfg)
+    assert result["bad"] == 0 and result["files_in"] == len(contents)
+    out = [r for side in _outputs(cfg) for r in side]
+    assert out and set(out[0]) == {"repo_name", "path", "size", "content", "license", "stars", "language",
+                                   *COLUMNS}
+    assert out[0]["license"] == ["MIT", "Apache-2.0"] and out[0]["language"] == "Python"
+    expected = [QUALITY_BUCKETS[copies_bucket(parse_stars(r["stars"]), (10, 100))] for r in out]
+    assert [r["quality"] for r in out] == expected and set(expected) == set(QUALITY_BUCKETS)
+    assert result["quality"]["unknown"] == sum(r["stars"] is None for r in out) > 0
+
+
+def test_github_code_layout_keeps_the_wanted_languages_and_extensions(tmp_path, raw_export, make_config):
+    """codeparrot/github-code's schema (code, repo_name, path, language, license, size int64), mixed languages."""
+    import pyarrow as pa
+
+    from conftest import write_parquet
+
+    records = read_all(raw_export[0])
+    rows = []
+    for i, r in enumerate(records):
+        language, path = ("JavaScript", f"{i}.js") if i % 4 == 0 else ("Python", r["path"])
+        path = path.replace(".py", ".pyi") if i % 4 == 1 else path  # Python by its language, not by the extension
+        rows.append({"code": r["content"], "repo_name": r["repo_name"], "path": path, "language": language,
+                     "license": "mit", "size": len(r["content"])})
+    schema = pa.schema([("code", pa.string()), ("repo_name", pa.string()), ("path", pa.string()),
+                        ("language", pa.string()), ("license", pa.string()), ("size", pa.int64())])
+    write_parquet(tmp_path / "raw" / "train-00000.parquet", rows, schema)
+    cfg = make_config(tmp_path / "work", f"paths.raw={tmp_path / 'raw'}", "corpus.layout=github-code",
+                      "corpus.languages=python", "corpus.extensions=.py", "corpus.num_proc=1")
+    result = run_prepare(cfg)
+    js, pyi = sum(r["language"] == "JavaScript" for r in rows), sum(r["path"].endswith(".pyi") for r in rows)
+    left_out = result["not_selected"]
+    assert left_out["language"]["files"] == js and left_out["extension"]["files"] == pyi
+    assert left_out["language"]["bytes"] == sum(len(r["code"].encode()) for r in rows if r["language"] != "Python")
+    assert result["files_in"] == len(rows) - js - pyi
+    out = [r for side in _outputs(cfg) for r in side]
+    assert out and all(r["language"] == "Python" and r["path"].endswith(".py") for r in out)
+    assert "not selected" in format_report(result)
+
+
+def test_a_wrong_layout_is_refused_naming_the_columns(tmp_path, raw_export, make_config):
+    from codeparrot.config import ConfigError
+
+    _stack_files(tmp_path / "raw", [r["content"] for r in read_all(raw_export[0])][:4])
+    cfg = make_config(tmp_path / "work", f"paths.raw={tmp_path / 'raw'}", "corpus.layout=github-code")
+    with pytest.raises(ConfigError, match=r"data-00000.parquet has no column for repo_name \('repo_name'\), "
+                                          r".*content \('code'\).*its columns: hexsha, size, ext, lang"):
+        run_prepare(cfg)
+    assert not cfg.paths.resolve("clean").exists()

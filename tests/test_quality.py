@@ -7,7 +7,7 @@ import pytest
 from codeparrot.config import ConfigError, CorpusConfig, load_config
 from codeparrot.corpus.filters import FilterSettings, QualityFilter, Signals, is_config_or_test
 from codeparrot.corpus.quality import (HIGH, LOW, MEDIUM, QUALITY_BUCKETS, QualityRule, copies_bucket,
-                                       heuristics_bucket, parse_copies, shown_signals)
+                                       heuristics_bucket, parse_copies, parse_stars, shown_signals)
 
 # A kept-looking file with none of the signals: keywords, 12 "=" (more than quality_few_assignments=10), no
 # "config"/"test" anywhere.
@@ -42,6 +42,24 @@ def test_grade_by_copies_and_unknown_values():
         assert r.grade(bad, Signals("")) == (LOW, False)
     assert rule(quality_signal="copies", quality_copies_thresholds=[3, 50]).grade({"copies": 49}, Signals("")) == (
         MEDIUM, True)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (0, 0), (7, 7), (7.0, 7), ("12", 12), (" 3 ", 3), (None, None), (float("nan"), None), (-1, None), (2.5, None),
+    ("many", None), (True, None), ([3], None)])
+def test_parse_stars(value, expected):
+    assert parse_stars(value) == expected
+
+
+def test_stars_buckets_exact_on_crafted_records():
+    """The Stack's max_stars_count (int64, null for a file no starred repository holds), as `stars`."""
+    r = rule(quality_signal="stars")
+    assert r.stars_thresholds == (10, 100)
+    graded = [r.grade({"stars": n}, Signals("")) for n in (None, 0, 9, 10, 99, 100, 5000, float("nan"), -2)]
+    assert graded == [(LOW, False), (LOW, True), (LOW, True), (MEDIUM, True), (MEDIUM, True), (HIGH, True),
+                      (HIGH, True), (LOW, False), (LOW, False)]
+    r = rule(quality_signal="stars", quality_stars_thresholds=[0, 1])
+    assert [r.grade({"stars": n}, Signals(""))[0] for n in (None, 0, 1)] == [LOW, MEDIUM, HIGH]
 
 
 def test_heuristic_signals_exact():
@@ -82,7 +100,7 @@ def test_defaults_and_overrides_from_the_config():
     c = load_config(None).corpus
     assert (c.quality_signal, c.quality_copies_thresholds, c.quality_heuristics_thresholds) == (
         "heuristics", [2, 10], [1, 0])
-    assert QualityRule.from_config(c) == QualityRule("heuristics", (2, 10), (
+    assert QualityRule.from_config(c) == QualityRule("heuristics", (2, 10), (10, 100), (
         "config_or_test", "no_keywords", "few_assignments"), (1, 0), 10)
     c = load_config(None, ["corpus.quality_signal=copies", "corpus.quality_copies_thresholds=3,20",
                            "corpus.quality_heuristics_signals=[no_keywords]"]).corpus
@@ -102,7 +120,8 @@ def test_defaults_and_overrides_from_the_config():
     ({"quality_heuristics_signals": ["no_keywords", "no_keywords"]}, r"unknown or repeated"),
     ({"quality_heuristics_signals": []}, r"quality_heuristics_signals is empty.*quality_signal=none"),
     ({"quality_few_assignments": -1}, r"quality_few_assignments: expected an integer >= 0"),
-    ({"quality_signal": "stars"}, r"corpus.quality_signal: 'stars' is not one of copies, heuristics, none"),
+    ({"quality_signal": "likes"}, r"corpus.quality_signal: 'likes' is not one of copies, stars, heuristics, none"),
+    ({"quality_stars_thresholds": [100, 10]}, r"corpus.quality_stars_thresholds: .*medium <= high.*\[100, 10\]"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,8 +129,8 @@ def test_config_errors_name_the_key(overrides, message):
 
 
 def test_unusable_values_fail_when_the_config_is_loaded_or_the_stage_starts():
-    with pytest.raises(ConfigError, match="corpus.quality_signal: 'stars' is not one of copies, heuristics, none"):
-        load_config(None, ["corpus.quality_signal=stars"])
+    with pytest.raises(ConfigError, match="corpus.quality_signal: 'likes' is not one of copies, stars, heuristics"):
+        load_config(None, ["corpus.quality_signal=likes"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(None, ["corpus.quality_copies_thresholds=2,many"])
     assert rule(quality_signal="copies", quality_heuristics_signals=[]).signal == "copies"  # unused: not an error

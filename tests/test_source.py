@@ -346,3 +346,25 @@ def test_shard_bytes_depend_on_the_lines_alone(tmp_path, stdlib_root, stdlib_fil
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     back = [json.loads(line) for f in files for line in gzip.open(tmp_path / "a" / f)]
     assert back == records
+
+
+def test_export_local_writes_parquet_holding_the_same_records(tmp_path, stdlib_root, raw_export):
+    from codeparrot.cli import main
+
+    assert main(["export-local", str(tmp_path / "raw"), "--root", str(stdlib_root), "--shard-records",
+                 str(EXPORT_SHARD_RECORDS), "--format", "parquet"]) == 0
+    shards = list_shards(tmp_path / "raw")
+    assert [s.name for s in shards] == [p.name.replace(".json.gz", ".parquet") for p in list_shards(raw_export[0])]
+    assert read_all(shards) == read_all(raw_export[0])
+    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    assert manifest["config"]["corpus"]["export_format"] == "parquet"
+    again = run_export_local(tmp_path / "raw", [str(stdlib_root)], EXPORT_SHARD_RECORDS, fmt="parquet")
+    assert again["skipped"] is True  # and a JSON Lines export is another artifact:
+    assert run_export_local(tmp_path / "raw", [str(stdlib_root)], EXPORT_SHARD_RECORDS)["skipped"] is False
+
+
+def test_list_shards_takes_every_format_mixed(tmp_path):
+    names = ["a.json.gz", "b.parquet", "c.avro", "d.jsonl", "notes.txt", "e.parquet.crc"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_shards(tmp_path)] == ["a.json.gz", "b.parquet", "c.avro", "d.jsonl"]

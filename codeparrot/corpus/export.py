@@ -1,4 +1,5 @@
-"""The `export-local` stage: the local installation's `.py` files as a BigQuery-format export (the default corpus)."""
+"""The `export-local` stage: the local installation's `.py` files as a BigQuery-format export (the default corpus),
+as gzipped JSON Lines or (`--format parquet`) Parquet holding the same records."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,10 @@ from typing import Any
 
 from ..config import Config
 from ..stage import Stage
+from .formats import ParquetShardWriter
 from .source import ShardWriter
+
+EXPORT_FORMATS = ("jsonl", "parquet")
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,13 @@ def _python_files(root: Path):
 
 
 def export_local(out: str | Path, roots: list[str] | None = None, shard_records: int = 2000,
-                 max_files: int = 0) -> ExportStats:
-    """Write the `.py` files under `roots` as BigQuery-format export shards, in a deterministic order."""
+                 max_files: int = 0, fmt: str = "jsonl") -> ExportStats:
+    """Write the `.py` files under `roots` as BigQuery-format export shards (`fmt`: jsonl or parquet), in a
+    deterministic order."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     stats = ExportStats()
-    with ShardWriter(out, shard_records) as writer:
+    with (ParquetShardWriter if fmt == "parquet" else ShardWriter)(out, shard_records) as writer:
         for root_s in roots or default_local_roots():
             root = Path(root_s).resolve()
             if not root.is_dir():
@@ -95,7 +102,7 @@ def _roots(cfg: Config) -> list[str]:
 
 def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     c = cfg.corpus
-    stats = export_local(tmp, _roots(cfg), c.export_shard_records, c.local_max_files)
+    stats = export_local(tmp, _roots(cfg), c.export_shard_records, c.local_max_files, c.export_format)
     log.info("export-local: %d files (%.1f MB) in %d shards; skipped %d not UTF-8, %d unreadable, %d empty",
              stats.files, stats.bytes / 1e6, stats.shards, stats.skipped_not_utf8, stats.skipped_unreadable,
              stats.skipped_empty)
@@ -104,7 +111,7 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
 
 EXPORT_LOCAL = Stage(
     name="export-local", output="raw",
-    keys=("corpus.local_roots", "corpus.export_shard_records", "corpus.local_max_files"),
+    keys=("corpus.local_roots", "corpus.export_shard_records", "corpus.local_max_files", "corpus.export_format"),
     # The files exported depend on where the roots resolve and on which interpreter's stdlib is the default.
     extra_inputs=lambda cfg: {"roots": ",".join(_roots(cfg)), "python": sys.version.split()[0]},
     build=_build, save_config=False,  # the CLI's export-local takes flags, not a config
@@ -112,10 +119,11 @@ EXPORT_LOCAL = Stage(
 
 
 def run_export_local(out: str | Path, roots: list[str] | None = None, shard_records: int = 2000,
-                     max_files: int = 0) -> dict[str, Any]:
-    """Export the local installation's `.py` files as BigQuery-format shards under `out`."""
+                     max_files: int = 0, fmt: str = "jsonl") -> dict[str, Any]:
+    """Export the local installation's `.py` files as BigQuery-format shards (`fmt`: jsonl or parquet) under `out`."""
     cfg = Config()
     cfg.paths.raw = str(out)
     cfg.corpus.local_roots = list(roots or [])
     cfg.corpus.export_shard_records, cfg.corpus.local_max_files = shard_records, max_files
+    cfg.corpus.export_format = fmt
     return EXPORT_LOCAL.run(cfg)

@@ -36,6 +36,7 @@ from ..procs import WorkerPool
 from ..stage import Stage
 from .decontaminate import Decontaminator, benchmark_hashes
 from .filters import FilterSettings
+from .formats import check_first_columnar
 from .report import format_report, mb_per_s
 from .shards import SPLIT_KEYS, Settings, init_worker, scan_shard, write_shard
 from .shards import is_valid_repo  # noqa: F401  re-exported: callers (tests, conftest) take the split rule from here
@@ -84,6 +85,7 @@ def _build(cfg: Config, tmp: Path) -> dict[str, Any]:
     if not files:
         raise FileNotFoundError(f"no export shards under {raw}; run `codeparrot export-local {raw}` or set paths.raw")
     settings = _settings(c)
+    check_first_columnar(files, settings.fields)  # a wrong corpus.layout stops here, naming the file's columns
     num_proc = min(c.num_proc if c.num_proc > 0 else (os.cpu_count() or 1), len(files))
     start = time.perf_counter()
     if c.executor == "pool":

@@ -7,6 +7,10 @@ reserves one special token per bucket (`<quality_low>` ...), and `generate --qua
 - `copies`: BigQuery's `copies`, the number of repositories holding the file (the chapter's "used in other
   projects"). With `quality_copies_thresholds: [m, h]`, a file with at least h copies is high, at least m medium,
   fewer low. A missing, non-numeric or non-positive `copies` is low, and counted as `copies_unknown` in the report.
+- `stars`: The Stack's `max_stars_count` (mapped to our `stars` field by corpus.layout=the-stack), the stars of the
+  most-starred repository holding the file. With `quality_stars_thresholds: [m, h]`, at least h stars is high, at
+  least m medium, fewer low. A null (no starred repository), negative or non-numeric value is low, and counted as
+  unknown, as a missing `copies` is.
 - `heuristics`: the signals behind CodeParrot's probabilistic filters, scored on the files those filters kept. The
   score is how many of `quality_heuristics_signals` the file shows: `config_or_test` (filters.is_config_or_test),
   `no_keywords` (filters.has_no_keywords) and `few_assignments` (at most `quality_few_assignments` "=" characters).
@@ -23,7 +27,7 @@ from .filters import Signals
 
 QUALITY_BUCKETS = ("low", "medium", "high")  # worst first: a bucket's index orders it
 UNKNOWN_QUALITY = 255  # a document's bucket index when its record has no (valid) `quality` field
-QUALITY_SIGNALS = ("copies", "heuristics", "none")
+QUALITY_SIGNALS = ("copies", "stars", "heuristics", "none")
 HEURISTIC_SIGNALS = ("config_or_test", "no_keywords", "few_assignments")
 LOW, MEDIUM, HIGH = range(len(QUALITY_BUCKETS))
 
@@ -42,8 +46,23 @@ def parse_copies(value: Any) -> int | None:
     return copies if copies >= 1 else None
 
 
+def parse_stars(value: Any) -> int | None:
+    """A star count (an int, a whole float as pandas-made Parquet holds a nullable int64, or a decimal string) as an
+    int >= 0; None when it is null or not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():  # NaN and infinities are not
+        value = int(value)
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    return None
+
+
 def copies_bucket(copies: int | None, thresholds: Sequence[int]) -> int:
-    """The bucket index of a file held by `copies` repositories: [least for medium, least for high]; None is low."""
+    """The bucket index of a file held by `copies` repositories (or with `copies` stars): [least for medium, least
+    for high]; None is low."""
     medium, high = thresholds
     if copies is None or copies < medium:
         return LOW
@@ -81,6 +100,7 @@ class QualityRule:
 
     signal: str
     copies_thresholds: tuple[int, int]
+    stars_thresholds: tuple[int, int]
     heuristics_signals: tuple[str, ...]
     heuristics_thresholds: tuple[int, int]
     few_assignments: int
@@ -107,6 +127,8 @@ class QualityRule:
         return cls(signal=corpus.quality_signal,
                    copies_thresholds=_pair(corpus, "quality_copies_thresholds", 1, True,
                                            "the least copies for medium and for high"),
+                   stars_thresholds=_pair(corpus, "quality_stars_thresholds", 0, True,
+                                          "the least stars for medium and for high"),
                    heuristics_signals=names,
                    heuristics_thresholds=_pair(corpus, "quality_heuristics_thresholds", 0, False,
                                                "the most signals shown by a medium and by a high file"),
@@ -117,10 +139,13 @@ class QualityRule:
         return self.signal != "none"
 
     def grade(self, record: dict[str, Any], signals: Signals) -> tuple[int, bool]:
-        """A kept file's bucket index, and whether its signal's value was valid (False: unknown copies)."""
+        """A kept file's bucket index, and whether its signal's value was valid (False: unknown copies or stars)."""
         if self.signal == "copies":
             copies = parse_copies(record.get("copies"))
             return copies_bucket(copies, self.copies_thresholds), copies is not None
+        if self.signal == "stars":  # the same rule as copies': at least m for medium, at least h for high
+            stars = parse_stars(record.get("stars"))
+            return copies_bucket(stars, self.stars_thresholds), stars is not None
         if self.signal == "heuristics":
             score = shown_signals(signals, self.heuristics_signals, self.few_assignments)
             return heuristics_bucket(score, self.heuristics_thresholds), True

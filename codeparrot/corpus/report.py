@@ -163,6 +163,10 @@ def format_report(counts: dict[str, Any]) -> str:
     for label, n, b in rows:
         mb = f"{b / 1e6:12.2f}" if b is not None else f"{'':>12}"
         lines.append(f"  {label:<28}{n:>12,}{mb}{100 * n / total:8.1f}%")
+    left_out = counts.get("not_selected") or {}
+    if left_out:  # files of other languages or extensions: not part of the corpus, so not in "in"
+        lines.append("  not selected (before \"in\"): " + ", ".join(
+            f"{reason} {t['files']:,} files ({t['bytes'] / 1e6:.2f} MB)" for reason, t in left_out.items()))
     cl = counts["clusters"]
     lines.append(f"  near-duplicate clusters: {cl['count']:,} holding {cl['files']:,} files "
                  f"(mean size {cl['mean_size']}, max {cl['max_size']})")

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import CorpusConfig
 from .decontaminate import Decontaminator
+from .fields import FieldMap, Selection, check_needed
 from .filters import FILTERS, FilterSettings, QualityFilter, Signals, compute_columns, stripped_utf8
 from .quality import QUALITY_BUCKETS, UNKNOWN_QUALITY, QualityRule
 from .source import LOGGED_BAD_RECORDS, BadRecords, ShardWriter, iter_shard, parse_record, record_line, utf8_len
@@ -58,9 +59,14 @@ class Settings:
     filters: FilterSettings  # the enabled filters: chars_per_token only with a tokenizer
     decontam: Decontaminator | None
     quality: QualityRule = field(init=False)  # from `corpus`; built here so that a bad value fails before any task
+    fields: FieldMap = field(init=False)  # the input's columns -> our fields (corpus.layout, corpus.fields)
+    selection: Selection = field(init=False)  # the wanted files (corpus.languages, corpus.extensions)
 
     def __post_init__(self) -> None:
         self.quality = QualityRule.from_config(self.corpus)
+        self.fields = FieldMap.from_config(self.corpus)
+        check_needed(self.corpus, self.fields)
+        self.selection = Selection.from_config(self.corpus)
 
 
 _worker: dict[str, Any] = {}  # per-process state built by init_worker
@@ -106,6 +112,7 @@ class Scan:
     quality: list[int] = field(default_factory=list)
     quality_unknown: list[bool] = field(default_factory=list)
     valid: list[bool] = field(default_factory=list)
+    not_selected: dict[str, list[int]] = field(default_factory=dict)  # reason -> [files, bytes] of the unwanted files
 
 
 class _Signer:
@@ -155,8 +162,14 @@ def scan_shard(task: tuple[int, str], candidate_line: Callable[[bytes], None] | 
     scan = Scan(index, [], [], [], [], None, {}, QuietBad())
     signer = _Signer(_worker["hasher"], s.corpus.minhash_num_perm)
     seen_here: set[bytes] = set()
-    for line, record in iter_shard(path, scan.bad):
+    for line, record in iter_shard(path, scan.bad, fields=s.fields):
         content = record["content"]
+        unwanted = s.selection.reason(record)
+        if unwanted:  # not part of the corpus at all (another language): counted apart, before any other step
+            tally = scan.not_selected.setdefault(unwanted, [0, 0])
+            tally[0] += 1
+            tally[1] += utf8_len(content)
+            continue
         try:  # JSON can escape lone surrogates ("\ud800"), which no UTF-8 writer accepts
             stripped = stripped_utf8(content)
             record_line({k: v for k, v in record.items() if k != "content"})
@@ -246,7 +259,7 @@ def write_shard(task: tuple[int, str, np.ndarray, frozenset[int], str]) -> dict[
     keep = set(keep_lines.tolist())
     split = SplitWriters(out, index, c)
     names: dict[int, dict[str, str]] = {}  # line -> repo_name/path of the cluster members, for the clusters file
-    for line, record in iter_shard(path, QuietBad()):
+    for line, record in iter_shard(path, QuietBad(), fields=s.fields):
         if line in members:
             names[line] = _where(record)
         if line not in keep:

@@ -1,4 +1,5 @@
-"""BigQuery-format export shards: robust reading (bad input is counted and skipped, never fatal) and writing."""
+"""Export shards: robust reading (bad input is counted and skipped, never fatal) of JSON Lines, Parquet and Avro
+(the columnar formats in formats.py), and writing of JSON Lines."""
 from __future__ import annotations
 
 import glob
@@ -8,65 +9,27 @@ import json
 import logging
 import math
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import orjson
 from isal import igzip, isal_zlib
 
+from .bad import LOGGED_BAD_RECORDS, BadRecords, TooManyBadRecords  # noqa: F401 (re-exported: readers' API)
+from .fields import LAYOUTS, FieldMap
+from .formats import COLUMNAR_SUFFIXES, iter_columnar  # pyarrow and fastavro load only when a columnar shard is read
+
 log = logging.getLogger(__name__)
 
-SHARD_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+SHARD_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".avro")  # formats.py reads the last two
 RAW_FIELDS = ("repo_name", "path", "copies", "size", "content", "license")
+BIGQUERY = FieldMap(tuple((name, name) for name in LAYOUTS["bigquery"]), passthrough=True)  # records as read
 # Artifact metadata that sits beside the shards.
 NOT_SHARDS = {"manifest.json", "report.json", "near_duplicate_clusters.jsonl"}
-LOGGED_BAD_RECORDS = 20  # log this many bad records per stream one line each, then only count
 WRITE_CHUNK = 1 << 20  # ShardWriter hands the compressor this much at a time (few calls; the bytes are the lines')
 # gzip levels that ISA-L's igzip writes (0-3: ~4x faster than zlib's level 1, and as small); 4-9 go to zlib
 ISAL_LEVELS = range(0, 4)
 _EXACT_TYPES = (str, int, bool, type(None))  # values orjson reads and writes exactly as the json module does
-
-
-class TooManyBadRecords(RuntimeError):
-    """The share of bad records passed `corpus.max_bad_ratio`."""
-
-
-@dataclass
-class BadRecords:
-    """Counts of skipped input by kind, with the max-ratio policy."""
-
-    max_ratio: float = 1.0
-    min_records: int = 200  # don't judge the ratio on a handful of records
-    good: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total_bad(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, kind: str, where: str, detail: str = "") -> None:
-        """Count one bad record (or unreadable file) and log it, once, with file and line."""
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        n = self.total_bad
-        if n <= LOGGED_BAD_RECORDS:
-            log.warning("skipped %s at %s%s", kind, where, f": {detail}" if detail else "")
-            if n == LOGGED_BAD_RECORDS:
-                log.warning("further bad records are counted but not logged")
-        self.check()
-
-    def check(self, final: bool = False) -> None:
-        """Raise when the bad share exceeds the configured ratio."""
-        bad = self.total_bad
-        seen = bad + self.good
-        if seen and (final or seen >= self.min_records) and bad / seen > self.max_ratio:
-            raise TooManyBadRecords(
-                f"{bad} of {seen} records were bad ({bad / seen:.1%}), more than corpus.max_bad_ratio="
-                f"{self.max_ratio}; by kind: {self.counts}. The log names the first files and lines."
-            )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"good": self.good, "bad": self.total_bad, "bad_by_kind": dict(self.counts)}
 
 
 def is_url(spec: str | Path) -> bool:
@@ -179,12 +142,16 @@ def _open_lines(path: str | Path, fast: bool = True):
     return opener(path, "rb") if Path(path).name.endswith(".gz") else open(path, "rb")
 
 
-def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0, fast: bool = True
-               ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, record) from one shard, skipping and counting bad input.
+def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0, fast: bool = True,
+               fields: FieldMap | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, record) from one shard, skipping and counting bad input; `fields` (default: BigQuery's
+    names, records as read) renames the input's columns to ours. A Parquet or Avro shard's rows are its lines.
 
     Lines before `start_line` are read and discarded (gzip cannot seek), which is how a reader resumes.
     """
+    if str(path).endswith(COLUMNAR_SUFFIXES):
+        yield from iter_columnar(path, bad, fields or BIGQUERY, start_line)
+        return
     path = path if is_url(path) else Path(path)
     line_no = -1
     try:
@@ -201,6 +168,8 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0, fast: boo
                 except ValueError as e:
                     bad.add("invalid_json", where, str(e)[:80])
                     continue
+                if fields is not None and not fields.passthrough and isinstance(record, dict):
+                    record = fields.apply(record)
                 if not isinstance(record, dict) or not isinstance(record.get("content"), str):
                     bad.add("missing_content", where, "no string 'content' field")
                     continue
@@ -208,7 +177,7 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0, fast: boo
                 yield line_no, record
     except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error) as e:
         if fast:  # igzip decompresses ahead in large blocks: the stdlib's reader yields the lines it held back
-            yield from iter_shard(path, bad, max(start_line, line_no + 1), fast=False)
+            yield from iter_shard(path, bad, max(start_line, line_no + 1), fast=False, fields=fields)
             return
         bad.add("truncated_or_corrupt_file", f"{path}:{line_no + 2}", str(e)[:80])
     except OSError as e:
@@ -219,10 +188,11 @@ def iter_shard(path: str | Path, bad: BadRecords, start_line: int = 0, fast: boo
         bad.add("truncated_or_corrupt_file", f"{path}:{line_no + 2}", f"{type(e).__name__}: {e}"[:80])
 
 
-def iter_records(files: Iterable[str | Path], bad: BadRecords) -> Iterator[dict[str, Any]]:
+def iter_records(files: Iterable[str | Path], bad: BadRecords, fields: FieldMap | None = None
+                 ) -> Iterator[dict[str, Any]]:
     """Stream good records from many shards in order."""
     for f in files:
-        for _, record in iter_shard(f, bad):
+        for _, record in iter_shard(f, bad, fields=fields):
             yield record
 
 

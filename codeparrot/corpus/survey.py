@@ -46,6 +46,7 @@ class Survey:
     quality_unknown_of: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     valid_of: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     signature_blocks: list[np.ndarray] = field(default_factory=list)
+    not_selected: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> files, bytes (not in files_in)
     seconds: float = 0.0
     # per shard, while scans are added: its survivors' entries, in the order of the fields above
     _parts: list[tuple[np.ndarray, ...]] = field(default_factory=list, repr=False)
@@ -57,6 +58,10 @@ class Survey:
     def add_scan(self, scan: Scan, shard: str, seen: set[bytes], exact: bool) -> np.ndarray:
         """Tally one shard's scan, in input order; the signature rows (candidates) of its survivors."""
         add_bad(self.bad, scan.bad)
+        for reason, (files, size) in getattr(scan, "not_selected", {}).items():  # getattr: scans pickled before
+            tally = self.not_selected.setdefault(reason, {"files": 0, "bytes": 0})
+            tally["files"] += files
+            tally["bytes"] += size
         self.files_in += len(scan.sizes)
         self.bytes_in += sum(scan.sizes)
         self.hist_in += length_hist(scan.sizes)
@@ -151,7 +156,7 @@ def report_phase(tmp: Path, settings: Settings, files: list[Path], survey: Surve
     quality, by_quality = quality_summary(settings.quality.signal, survey.quality_of[kept],
                                           survey.quality_unknown_of[kept], survey.valid_of[kept], survey.size_of[kept])
     counts = {  # the manifest's counts; report.json adds the fields of `report` below
-        "files_in": survey.files_in, "bytes_in": survey.bytes_in,
+        "files_in": survey.files_in, "bytes_in": survey.bytes_in, "not_selected": survey.not_selected,
         "exact_duplicates": survey.exact_duplicates, "bytes_exact_duplicates": survey.bytes_exact_duplicates,
         "near_duplicates": int(near.drop.sum()), "bytes_near_duplicates": int(survey.size_of[near.drop].sum()),
         **survey.bad.as_dict(),

