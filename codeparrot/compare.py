@@ -23,9 +23,6 @@ from .results import validation_settings
 
 log = logging.getLogger(__name__)
 
-# What decides the pass@1 tracked during training (eval.code_benchmark and its keys).
-TRAINING_PASS_KEYS = ("eval.code_benchmark", "eval.code_benchmark_limit", "eval.code_benchmark_problems",
-                      "eval.code_benchmark_max_new_tokens")
 # Benchmark settings that do not change a score: how the work was spread, and which k were reported.
 NOT_SCORE_SETTINGS = {"workers", "ks", "checkpoint", "checkpoint_sha256"}
 PASS_PREFIX, PASS_SUFFIX = "eval/", "_pass@1"
@@ -69,9 +66,16 @@ def loss_settings(run: Path, checkpoint: Path, evaluated: dict[str, Any] | None)
 
 
 def training_pass_settings(checkpoint: Path) -> dict[str, Any]:
-    """The keys of the pass@1 tracked during training, from the checkpoint's saved config."""
+    """What the pass@1 tracked during training depends on: the probe's humaneval settings (benchmark, problems,
+    limit, prompt and test keys), as `humaneval` records its own, from the checkpoint's saved config."""
+    import dataclasses
+
+    from .humaneval.probe import probe_settings
+    from .humaneval.run import humaneval_settings
+
     cfg = load_config(checkpoint / "config.yaml")
-    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in TRAINING_PASS_KEYS}
+    settings = humaneval_settings(dataclasses.replace(cfg, humaneval=probe_settings(cfg)))
+    return {k: v for k, v in settings.items() if k not in NOT_SCORE_SETTINGS}
 
 
 def benchmark_scores(run: Path, step: int) -> dict[str, dict[str, Any]]:
@@ -153,8 +157,9 @@ def score_text(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
     s = entry["scores"]
-    if "base" in s and "plus" in s:
-        return f"{s['base'].get('pass@1', float('nan')):.4f}/{s['plus'].get('pass@1', float('nan')):.4f}"
+    if "base" in s and "plus" in s:  # base is null for the Hub copies' merged tests: a plus score only
+        base, plus = ((s[k] or {}).get("pass@1") for k in ("base", "plus"))
+        return "/".join("-" if v is None else f"{v:.4f}" for v in (base, plus))
     return f"{s['pass@1']:.4f}" if "pass@1" in s else "-"
 
 

@@ -323,7 +323,8 @@ class EvalConfig:
                                       '(logged as eval/<benchmark>_pass@1); "" = off',
                                   choices=("", "humaneval", "mbpp", "humaneval-plus", "mbpp-plus"))
     code_benchmark_problems: str = setting("", "the benchmark's problems, as humaneval.problems reads them (a file or "
-                                               'hub:<dataset>); "" = humaneval.problems')
+                                               'hub:<dataset>); "" = humaneval.problems when humaneval.benchmark is '
+                                               "this benchmark, else its default (HumanEval's: the package's)")
     code_benchmark_limit: int = setting(0, "score only the first N problems (shared among the processes); 0 = all",
                                         ge=0)
     code_benchmark_max_new_tokens: int = setting(256, "tokens generated per problem at most", ge=1)

@@ -100,6 +100,8 @@ def validation_settings(cfg: "Config", checkpoint: Path, processes: int) -> dict
         data = f"{split} (absent)"
     tokenizer = Path(checkpoint) / "tokenizer.json"
     tok = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16] if tokenizer.is_file() else "absent"
+    # data.document_mask is left out: like model.arch, it is part of the recipe being compared (the same tokens and
+    # targets are scored, each model reading them as it was trained to)
     return {"valid_data": data, "tokenizer_sha256": tok, "seq_length": d.seq_length, "quality_tokens": d.quality_tokens,
-            "document_mask": d.document_mask, "max_batches": e.max_batches, "batch_size": e.batch_size,
-            "quality_bucket": e.quality_bucket, "quality_token": e.quality_token, "processes": processes}
+            "max_batches": e.max_batches, "batch_size": e.batch_size, "quality_bucket": e.quality_bucket,
+            "quality_token": e.quality_token, "processes": processes}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone to a trained tiny code model on this machine's own Python files:
-# export-local -> prepare (and once more on a small Parquet export) -> train-tokenizer -> pretokenize -> sft-data -> train -> evaluate -> humaneval (3 problems)
+# export-local -> prepare (and once more on a small Parquet export) -> train-tokenizer -> pretokenize -> sft-data
+# -> train (pass@1 on 5 HumanEval problems at each evaluation) -> evaluate -> humaneval (3 problems)
 # -> sft (instruction tuning on docstring records), then
 # `generate` samples from the trained model, left to right conditioned on the high quality bucket, then fills in
 # the middle of a function (the demo trains with quality tokens and fill-in-the-middle), and the fine-tuned model
@@ -11,7 +12,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 start=$(date +%s)
-codeparrot pipeline --config configs/tiny.yaml "$@"
+# greedy pass@1 on 5 HumanEval problems at every evaluation (eval.code_benchmark): loss.png's second panel
+codeparrot pipeline --config configs/tiny.yaml eval.code_benchmark=humaneval eval.code_benchmark_limit=5 "$@"
 # The Parquet path of prepare (The Stack's, github-code's, BigQuery's Parquet exports), on a capped Parquet export
 codeparrot export-local work/tiny/raw-parquet --format parquet --max-files 300
 codeparrot prepare --config configs/tiny.yaml "$@" paths.raw=work/tiny/raw-parquet paths.clean=work/tiny/clean-parquet \

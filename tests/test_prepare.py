@@ -599,6 +599,33 @@ def test_github_code_layout_keeps_the_wanted_languages_and_extensions(tmp_path, 
     assert "not selected" in format_report(result)
 
 
+def test_a_value_json_cannot_hold_costs_its_record_not_the_task(tmp_path, make_config, monkeypatch):
+    """BigQuery's NUMERIC (a Decimal) in a column the stage keeps: those records counted bad, the others scanned;
+    an extra TIMESTAMP column is never read."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+
+    from codeparrot.corpus import shards
+    from codeparrot.corpus.prepare import _settings
+    from codeparrot.corpus.shards import KEEP, init_worker, scan_shard
+    from conftest import write_parquet
+
+    rows = [{"repo_name": f"u/r{i}", "path": f"m{i}.py", "copies": "1", "size": decimal.Decimal(i) if i % 3 == 0
+             else None, "content": f"def f{i}():\n    return {i}\n", "license": "mit",
+             "ts": datetime.datetime(2020, 1, 1)} for i in range(9)]
+    schema = pa.schema([("repo_name", pa.string()), ("path", pa.string()), ("copies", pa.string()),
+                        ("size", pa.decimal128(10, 0)), ("content", pa.string()), ("license", pa.string()),
+                        ("ts", pa.timestamp("us"))])
+    shard = write_parquet(tmp_path / "a.parquet", rows, schema)
+    monkeypatch.setattr(shards, "_worker", {})  # this process's worker state, as a pool's process would hold it
+    init_worker(_settings(make_config(tmp_path / "work", *EXACT_ONLY).corpus))
+    scan = scan_shard((0, str(shard)))
+    assert scan.bad.counts == {"unserializable_value": 3} and scan.bad.good == 6
+    assert scan.lines == [1, 2, 4, 5, 7, 8] and set(scan.verdicts) == {KEEP}
+
+
 def test_a_wrong_layout_is_refused_naming_the_columns(tmp_path, raw_export, make_config):
     from codeparrot.config import ConfigError
 

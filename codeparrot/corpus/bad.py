@@ -22,18 +22,21 @@ class BadRecords:
     min_records: int = 200  # don't judge the ratio on a handful of records
     good: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    logged: int = 0  # events logged so far (an event may count many records: the rows after a break)
 
     @property
     def total_bad(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, kind: str, where: str, detail: str = "") -> None:
-        """Count one bad record (or unreadable file) and log it, once, with file and line."""
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        n = self.total_bad
-        if n <= LOGGED_BAD_RECORDS:
-            log.warning("skipped %s at %s%s", kind, where, f": {detail}" if detail else "")
-            if n == LOGGED_BAD_RECORDS:
+    def add(self, kind: str, where: str, detail: str = "", count: int = 1) -> None:
+        """Count `count` bad records (or an unreadable file) of one event and log the event, once, with file and
+        line."""
+        self.counts[kind] = self.counts.get(kind, 0) + count
+        if self.logged < LOGGED_BAD_RECORDS:
+            self.logged += 1
+            log.warning("skipped %s%s at %s%s", f"{count} " if count != 1 else "", kind, where,
+                        f": {detail}" if detail else "")
+            if self.logged == LOGGED_BAD_RECORDS:
                 log.warning("further bad records are counted but not logged")
         self.check()
 

@@ -3,8 +3,11 @@
 
 Our field names are BigQuery's (`repo_name, path, copies, size, content, license`) plus `stars` and `language`.
 A layout maps them to the columns of a known corpus; `corpus.fields` entries `ours=theirs` change or add one
-(`ours=` removes it). With the bigquery layout and no entries, records pass through whole, as they always did;
-otherwise a record holds the mapped fields only, renamed to ours (The Stack has ~30 columns the stage never uses).
+(`ours=` removes it). With the bigquery layout and no entries, JSON Lines records pass through whole, as they always
+did, and a Parquet or Avro shard gives BigQuery's six columns, those it has (a column of a type JSON cannot hold, a
+TIMESTAMP, would otherwise reach clean/); a passthrough shard must have only `content` and the fields the settings
+read (`needed`), as a JSON Lines record. Otherwise a record holds the mapped fields only, renamed to ours (The Stack
+has ~30 columns the stage never uses).
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ LAYOUTS: dict[str, dict[str, str]] = {
     "github-code": {"repo_name": "repo_name", "path": "path", "size": "size", "content": "code",
                     "license": "license", "language": "language"},
 }
-# what each config choice reads: corpus.quality_signal, corpus.languages, corpus.extensions
+# what each config choice reads: corpus.quality_signal, corpus.languages, corpus.extensions, and the train/valid
+# split (by repository) whenever corpus.valid_fraction > 0
 NEEDED_BY = {"quality_signal=copies": "copies", "quality_signal=stars": "stars", "languages": "language",
-             "extensions": "path"}
+             "extensions": "path", "valid_fraction": "repo_name"}
 
 
 class MissingColumns(ValueError):
@@ -43,6 +47,7 @@ class FieldMap:
     columns: tuple[tuple[str, str], ...]
     passthrough: bool
     layout: str = "bigquery"
+    needed: tuple[str, ...] = ("content",)  # our fields the settings read: all a passthrough shard must have
 
     @classmethod
     def from_config(cls, corpus: Any) -> FieldMap:
@@ -62,7 +67,7 @@ class FieldMap:
             raise _config_error("corpus.fields: content cannot be removed (it is what the stage reads)")
         passthrough = corpus.layout == "bigquery" and not corpus.fields
         return cls(tuple((name, mapping[name]) for name in FIELD_NAMES if name in mapping), passthrough,
-                   corpus.layout)
+                   corpus.layout, needed_fields(corpus))
 
     @property
     def input_columns(self) -> list[str]:
@@ -78,21 +83,41 @@ class FieldMap:
             return record
         return {ours: record[theirs] for ours, theirs in self.columns if theirs in record}
 
+    def pairs(self, have: Iterable[str]) -> list[tuple[str, str]]:
+        """(ours, theirs) to read from a columnar shard with columns `have`: the mapped ones; when passthrough,
+        those of BigQuery's columns it has, in its order (a projection: nothing else is read)."""
+        if not self.passthrough:
+            return list(self.columns)
+        ours = set(self.input_columns)
+        return [(name, name) for name in have if name in ours]
+
     def check(self, columns: Iterable[str], where: str) -> None:
-        """MissingColumns, one line naming the columns `where` has, when any mapped column is not among them."""
+        """MissingColumns, one line naming the columns `where` has, when a column it must have is not among them:
+        every mapped one, or when passthrough the `needed` ones (JSON Lines records need no more)."""
         have = list(columns)
-        missing = [f"{ours} ({theirs!r})" for ours, theirs in self.columns if theirs not in have]
+        must = [(o, t) for o, t in self.columns if o in self.needed] if self.passthrough else self.columns
+        missing = [f"{ours} ({theirs!r})" for ours, theirs in must if theirs not in have]
         if missing:
             raise MissingColumns(f"{where} has no column for {', '.join(missing)} (corpus.layout={self.layout}); "
                                  f"its columns: {', '.join(have)}. Set corpus.layout or corpus.fields=ours=theirs")
+
+
+def _uses(corpus: Any, setting: str) -> bool:
+    """Whether a NEEDED_BY setting (`key=value`, or `key` for any true value) is in effect."""
+    key, _, value = setting.partition("=")
+    return getattr(corpus, key) == value if value else bool(getattr(corpus, key))
+
+
+def needed_fields(corpus: Any) -> tuple[str, ...]:
+    """Our fields that the stage reads under these settings: content, and those of NEEDED_BY's settings in use."""
+    return tuple(dict.fromkeys(["content"] + [ours for setting, ours in NEEDED_BY.items() if _uses(corpus, setting)]))
 
 
 def check_needed(corpus: Any, fields: FieldMap) -> None:
     """ConfigError when a setting reads a field the mapping does not give (copies on The Stack, say)."""
     for setting, ours in NEEDED_BY.items():
         key, _, value = setting.partition("=")
-        used = getattr(corpus, key) == value if value else bool(getattr(corpus, key))
-        if used and not fields.has(ours):
+        if _uses(corpus, setting) and not fields.has(ours):
             raise _config_error(f"corpus.{setting if value else key} reads the {ours!r} field, which "
                                 f"corpus.layout={corpus.layout} does not map; add corpus.fields={ours}=<column>")
 

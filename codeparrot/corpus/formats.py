@@ -3,9 +3,11 @@
 A row's number is its `line` (0-based), as a JSON Lines shard's line number, so the stage's bookkeeping (candidates,
 clusters file, resume) is the same for every format. The bad-input rules are JSON Lines' (source.iter_shard):
 - a file whose footer or header cannot be read, or that breaks mid-file: `truncated_or_corrupt_file`, once, at the
-  row where it broke (rows before it are kept);
-- a file without a mapped column: `missing_column`, once per row (the footer or the blocks give the count), so the
-  bad ratio weighs it as the records it holds;
+  row where it broke (rows before it are kept); a Parquet file whose footer was read also counts each further row
+  it holds as `rows_after_damage` (one event), so the bad ratio weighs the rows lost as records, as the rows of a
+  cut JSON Lines shard would be had they been readable (Avro's header gives no row count);
+- a file without a column it must have (FieldMap.check): `missing_column`, once per row (the footer or the blocks
+  give the count, one event), so the bad ratio weighs it as the records it holds;
 - a null or non-string content: `missing_content`, per row.
 Local paths and fsspec URLs (hf://, s3://...) go through the same code: a URL is opened as a seekable fsspec file,
 which reads byte ranges (a Parquet footer, then its row groups), never the whole file.
@@ -13,6 +15,7 @@ which reads byte ranges (a Parquet footer, then its row groups), never the whole
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,8 +58,9 @@ def shard_columns(path: str | Path) -> list[str]:
 
 
 def check_first_columnar(files: list, fields: FieldMap) -> None:
-    """ConfigError when the first Parquet or Avro shard lacks a mapped column: a wrong layout fails at once, with the
-    columns the file has, instead of as every record counted bad (JSON Lines have no schema to check)."""
+    """ConfigError when the first Parquet or Avro shard lacks a column it must have (FieldMap.check): a wrong layout
+    fails at once, with the columns the file has, instead of as every record counted bad (JSON Lines have no schema
+    to check)."""
     from ..config import ConfigError
 
     first = next((f for f in files if is_columnar(f)), None)
@@ -78,14 +82,23 @@ class _Skip(Exception):
 
 
 def _check_or_count(fields: FieldMap, have: list[str], path: Any, bad: Any, rows) -> None:
-    """Count every row of a file without a mapped column as `missing_column` (logged once), then skip the file;
-    `rows` is called for the count only then (it may read the whole file)."""
+    """Count every row of a file without a column it must have as `missing_column` (one event, logged once), then
+    skip the file; `rows` is called for the count only then (it may read the whole file)."""
     try:
         fields.check(have, str(path))
     except MissingColumns as e:
-        for row in range(rows()):
-            bad.add("missing_column", f"{path}:{row + 1}", str(e)[:300] if row == 0 else "")
+        n = rows()
+        if n:
+            bad.add("missing_column", f"{path}:1", str(e)[:300], count=n)
         raise _Skip from None
+
+
+@dataclass
+class _Progress:
+    """How far a read got: rows read (or skipped by a resume), and the file's rows when its footer says."""
+
+    read: int = 0
+    total: int | None = None
 
 
 _INVALID_UTF8 = object()  # a string value whose bytes are not UTF-8 (Arrow does not check them when reading)
@@ -119,23 +132,24 @@ def _values(column: Any) -> list[Any]:
         return [text(raw) for raw in column.cast(pa.large_binary()).to_pylist()]
 
 
-def _parquet(fh, path: Any, bad: Any, fields: FieldMap, start_line: int, state: list[int]):
+def _parquet(fh, path: Any, bad: Any, fields: FieldMap, start_line: int, state: _Progress):
     import pyarrow.parquet as pq
 
     # pre_buffer (pyarrow's default) fetches every row group's column chunks at once: the whole file in memory
     pf = pq.ParquetFile(fh, pre_buffer=False)
+    state.total = pf.metadata.num_rows
     have = pf.schema_arrow.names
     _check_or_count(fields, have, path, bad, lambda: pf.metadata.num_rows)
-    pairs = [(name, name) for name in have] if fields.passthrough else fields.columns
+    pairs = fields.pairs(have)  # passthrough: BigQuery's columns only, never an extra TIMESTAMP or BYTES one
     read = list(dict.fromkeys(theirs for _, theirs in pairs))
     names = [ours for ours, _ in pairs]
     for group in range(pf.num_row_groups):
         # a row group at a time: a break costs the rows from its group on, and a resume skips whole groups unread
-        if state[0] + pf.metadata.row_group(group).num_rows <= start_line:
-            state[0] += pf.metadata.row_group(group).num_rows
+        if state.read + pf.metadata.row_group(group).num_rows <= start_line:
+            state.read += pf.metadata.row_group(group).num_rows
             continue
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=read, use_threads=False):
-            first = state[0]
+            first = state.read
             # a column at a time into Python values, then rows zipped from them
             columns = [_values(batch.column(theirs)) for _, theirs in pairs]
             values = record = None
@@ -143,21 +157,21 @@ def _parquet(fh, path: Any, bad: Any, fields: FieldMap, start_line: int, state: 
                 record = dict(zip(names, values))
                 if first + k >= start_line and _good(first + k, record, path, bad):
                     yield first + k, record
-            state[0] = first + batch.num_rows
+            state.read = first + batch.num_rows
             del batch, columns, values, record  # not alive while the next batch is read: one batch in memory
 
 
-def _avro(fh, path: Any, bad: Any, fields: FieldMap, start_line: int, state: list[int]):
+def _avro(fh, path: Any, bad: Any, fields: FieldMap, start_line: int, state: _Progress):
     import fastavro
 
     blocks = fastavro.block_reader(fh)
     have = [f["name"] for f in blocks.writer_schema["fields"]]
     _check_or_count(fields, have, path, bad, lambda: sum(block.num_records for block in blocks))
+    pairs = fields.pairs(have)  # passthrough: BigQuery's columns only (its export makes TIMESTAMP a datetime)
     for block in blocks:  # a block is decoded as it is iterated: one block in memory at a time
         for record in block:
-            row, state[0] = state[0], state[0] + 1
-            if not fields.passthrough:
-                record = {ours: record[theirs] for ours, theirs in fields.columns}
+            row, state.read = state.read, state.read + 1
+            record = {ours: record[theirs] for ours, theirs in pairs}
             if row >= start_line and _good(row, record, path, bad):
                 yield row, record
 
@@ -166,7 +180,7 @@ def iter_columnar(path: str | Path, bad: Any, fields: FieldMap, start_line: int 
                   ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row, record) from a Parquet or Avro shard, with our field names; bad input skipped and counted."""
     reader = _parquet if str(path).endswith(PARQUET) else _avro
-    state = [0]  # rows read so far: where a break is reported
+    state = _Progress()  # where a break is reported, and how many rows it cost
     try:
         with _open(path) as fh:
             yield from reader(fh, path, bad, fields, start_line, state)
@@ -177,7 +191,19 @@ def iter_columnar(path: str | Path, bad: Any, fields: FieldMap, start_line: int 
     except FileNotFoundError as e:
         bad.add("unreadable_file", str(path), str(e)[:80])
     except Exception as e:  # pyarrow's ArrowInvalid/OSError, fastavro's EOFError/ValueError, a remote read cut off
-        bad.add("truncated_or_corrupt_file", f"{path}:{state[0] + 1}", f"{type(e).__name__}: {e}"[:120])
+        bad.add("truncated_or_corrupt_file", f"{path}:{state.read + 1}", f"{type(e).__name__}: {e}"[:120])
+        _count_rows_after(path, bad, state, start_line)
+
+
+def _count_rows_after(path: Any, bad: Any, state: _Progress, start_line: int) -> None:
+    """Count the rows past a break that the footer says the file holds, as one `rows_after_damage` event: the break
+    itself counted the row where it happened, so the file's bad records are the rows not read."""
+    if state.total is None:  # no footer read (a truncated Parquet file), or Avro: the count is unknown
+        return
+    after = state.total - max(state.read, start_line) - 1  # a resume's rows before start_line were counted then
+    if after > 0:
+        bad.add("rows_after_damage", f"{path}:{state.read + 2}-{state.total}",
+                "rows the footer lists after the break, not read", count=after)
 
 
 class ParquetShardWriter:

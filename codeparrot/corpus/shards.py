@@ -45,10 +45,10 @@ class QuietBad(BadRecords):
 
     samples: list = field(default_factory=list)
 
-    def add(self, kind: str, where: str, detail: str = "") -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+    def add(self, kind: str, where: str, detail: str = "", count: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + count
         if len(self.samples) < LOGGED_BAD_RECORDS:
-            self.samples.append((kind, where, detail))
+            self.samples.append((f"{count} {kind}" if count != 1 else kind, where, detail))
 
 
 @dataclass
@@ -153,6 +153,22 @@ def _grade(scan: Scan, s: Settings, record: dict[str, Any], columns: dict[str, A
         columns["quality"] = QUALITY_BUCKETS[bucket]
 
 
+def _writable(record: dict[str, Any], content: str, where: str, bad: QuietBad) -> bytes | None:
+    """The content without whitespace, as UTF-8 (what the hash reads), or None when the record cannot be written as
+    a JSON line: counted bad, so that one odd value costs its record, never the task."""
+    try:  # JSON can escape lone surrogates ("\ud800"), which no UTF-8 writer accepts
+        stripped = stripped_utf8(content)
+        record_line({k: v for k, v in record.items() if k != "content"})
+        return stripped
+    except UnicodeEncodeError as e:
+        kind, detail = "invalid_utf8", str(e)[:80]
+    except (TypeError, ValueError) as e:  # a value JSON cannot hold (datetime, Decimal, bytes) from a mapped column
+        kind, detail = "unserializable_value", f"{type(e).__name__}: {e}"[:80]
+    bad.good -= 1
+    bad.add(kind, where, detail)
+    return None
+
+
 def scan_shard(task: tuple[int, str], candidate_line: Callable[[bytes], None] | None = None) -> Scan:
     """Phase 1 for one shard: columns, in-shard exact duplicates, filters, decontamination, quality bucket,
     MinHash; `candidate_line` receives each candidate's output line (record + columns), in order."""
@@ -170,12 +186,8 @@ def scan_shard(task: tuple[int, str], candidate_line: Callable[[bytes], None] | 
             tally[0] += 1
             tally[1] += utf8_len(content)
             continue
-        try:  # JSON can escape lone surrogates ("\ud800"), which no UTF-8 writer accepts
-            stripped = stripped_utf8(content)
-            record_line({k: v for k, v in record.items() if k != "content"})
-        except UnicodeEncodeError as e:
-            scan.bad.good -= 1
-            scan.bad.add("invalid_utf8", f"{path}:{line + 1}", str(e)[:80])
+        stripped = _writable(record, content, f"{path}:{line + 1}", scan.bad)
+        if stripped is None:
             continue
         columns = compute_columns(content, stripped)
         digest = bytes.fromhex(columns["hash"])

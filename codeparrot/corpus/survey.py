@@ -85,11 +85,10 @@ class Survey:
 
 def add_bad(total: BadRecords, part: QuietBad) -> None:
     """Add a worker's bad records to the stage's, log its samples up to LOGGED_BAD_RECORDS in all, check the ratio."""
-    logged = min(total.total_bad, LOGGED_BAD_RECORDS)  # each earlier bad record left a sample, up to the cap
-    for kind, where, detail in part.samples[:LOGGED_BAD_RECORDS - logged]:
+    for kind, where, detail in part.samples[:max(0, LOGGED_BAD_RECORDS - total.logged)]:
         log.warning("skipped %s at %s%s", kind, where, f": {detail}" if detail else "")
-        logged += 1
-        if logged == LOGGED_BAD_RECORDS:
+        total.logged += 1
+        if total.logged == LOGGED_BAD_RECORDS:
             log.warning("further bad records are counted but not logged")
     total.good += part.good
     for kind, n in part.counts.items():

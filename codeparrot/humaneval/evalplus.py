@@ -3,7 +3,9 @@ solution's on the base inputs and on the plus inputs, each sample one sandboxed 
 problem's data and the candidate as a JSON payload). Nothing of the candidate or the canonical solution runs here.
 
 EvalPlus (evaluate.py) reports `base` (the base inputs pass) and `plus` (the base AND the plus inputs pass); a results
-row keeps both statuses in EvalPlus's words (pass, fail, timeout), and `passed` is the plus verdict.
+row keeps both statuses in EvalPlus's words (pass, fail, timeout), and `passed` is the plus verdict. A sample whose
+canonical solution could not run here (a memory or wall limit under load) is `unscorable`: not checked, counted as
+not passed, and counted apart in the report (scoring.py) so that a score it lowers is not taken for the model's.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ SET_SECONDS = 61  # the harness's per-set limit at most: min(60 s, the inputs' l
 SECONDS = REFERENCE_SECONDS + 2 * SET_SECONDS
 LIMITS = SandboxLimits(cpu_seconds=SECONDS, wall_seconds=SECONDS, memory_bytes=4 << 30)
 PASS = "pass"
+UNSCORABLE = "unscorable"  # the canonical solution failed: the candidate was not checked
 
 
 @functools.cache
@@ -59,9 +62,11 @@ def statuses(result: Result, marker: str) -> dict[str, str]:
 def verdict(result: Result, marker: str) -> dict[str, Any]:
     """A results row's verdict fields: base_status, plus_status, base_passed, passed (= plus) and result (why)."""
     found = statuses(result, marker)
-    if "reference" not in found:  # the canonical solution did not run: a problem that cannot be scored here
-        why = f"reference solution failed: {result.status}: {result.detail}"
-        return {"base_status": "fail", "plus_status": "fail", "base_passed": False, "passed": False, "result": why}
+    if "reference" not in found:  # the canonical solution did not run (a limit under load): nothing to compare with
+        why = (f"{UNSCORABLE}: the reference solution failed ({result.status}: {result.detail}); the candidate was "
+               "not checked and counts as not passed")
+        return {"base_status": UNSCORABLE, "plus_status": UNSCORABLE, "base_passed": False, "passed": False,
+                "result": why}
     # a set without a line: the program was stopped while it ran (the wall limit) or died (os._exit, output flood)
     missing = "timeout" if result.status == "timed out" else "fail"
     base, plus = found.get("base", missing), found.get("plus", missing)

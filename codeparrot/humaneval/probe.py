@@ -3,7 +3,8 @@ first problems, scored in the sandbox, the problems shared among the processes.
 
 Perplexity and pass@k part ways, and the loss alone does not say when a run has stopped getting better at code. The
 prompts, stop strings and tests are the `humaneval` command's (benchmarks.py), with n=1 at temperature 0, so that a
-number logged at step N is what `codeparrot humaneval` gives that checkpoint greedily on the same problems.
+number logged at step N is what `codeparrot humaneval` gives that checkpoint greedily on the same problems with the
+same max_new_tokens.
 """
 from __future__ import annotations
 

@@ -36,6 +36,8 @@ def humaneval_settings(cfg: Config) -> dict[str, Any]:
     h = section_dict(cfg, "humaneval")["humaneval"]
     if h["benchmark"] == "humaneval":
         h.pop("benchmark")
+    else:  # another benchmark stops where its reference does (benchmarks.stop_for); humaneval.stop plays no part
+        h.pop("stop")
     if h.get("benchmark") != "mbpp":
         h.pop("mbpp_split")
         h.pop("mbpp_prompt")

@@ -1,7 +1,10 @@
 """Scoring samples: every program run in the sandbox (proven by its self-test first), then pass@k (Chen et al. 2021);
-EvalPlus's benchmarks report it for the base and the plus tests."""
+EvalPlus's benchmarks report it for the base and the plus tests, with what decided the plus verdicts (`plus_source`:
+EvalPlus's release, or a Hub copy's merged test, which needs numpy in the sandbox and is not EvalPlus's score) and
+how many samples were unscorable (their canonical solution could not run)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,15 +19,26 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import HumanEvalConfig
+from ..hub import HUB_PREFIX
 from ..infilling import COMPLETION
-from ..sandbox import INSTALL_HINT, SandboxLimits, SandboxUnavailable, detect_mechanism, run_program, self_test
+from ..sandbox import (INSTALL_HINT, SandboxLimits, SandboxUnavailable, detect_mechanism, run_program, sandbox_python,
+                       self_test)
 from .benchmarks import program_for, solution_for
 from .evalplus import LIMITS as EVALPLUS_LIMITS
-from .evalplus import is_release_problem, score_plus
+from .evalplus import UNSCORABLE, is_release_problem, score_plus
 
 log = logging.getLogger(__name__)
 
 PASS_DIGITS, SHOWN_DIGITS = 6, 4  # pass@k as written to pass_at_k.json, and as shown in the summary
+PLUS_BENCHMARKS = ("humaneval-plus", "mbpp-plus")
+# pass_at_k.json's `plus_source`: what decided the plus verdicts
+RELEASE_SOURCE, HUB_SOURCE = "evalplus release", "hub merged test (not EvalPlus's comparison)"
+# The Hub copies' merged tests (evalplus tools/*/to_original_fmt.py) start with `import numpy as np`
+NUMPY_PROBE = "import numpy as np\n"
+RELEASE_FILES = {"humaneval-plus": "HumanEvalPlus.jsonl.gz", "mbpp-plus": "MbppPlus.jsonl.gz"}
+# Reported defects of the published Hub tests: the first fails every program, the others pass any that returns
+HUB_DEFECTS = "HumanEval/32 (its test raises for every program), Mbpp/737, Mbpp/787, Mbpp/794 (their assertion " \
+              "computes exact_match but never asserts it: any program that returns passes)"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -64,13 +78,34 @@ def sandbox_mechanism(h: HumanEvalConfig) -> str:
             raise SandboxUnavailable(f"no sandbox here: it needs bubblewrap (bwrap) and util-linux's prlimit and "
                                      f"setpriv; {INSTALL_HINT}")
         self_test(mechanism)
-        return mechanism
     except SandboxUnavailable as e:
         if not h.allow_unsandboxed:
             raise SandboxUnavailable(f"{e}. Refusing to run model-written code unisolated; set "
                                      "humaneval.allow_unsandboxed=true to run it anyway (trusted models only)") from e
         log.warning("humaneval: %s; running generated code WITHOUT isolation (humaneval.allow_unsandboxed)", e)
-        return "unsandboxed"
+        mechanism = "unsandboxed"
+    if h.benchmark in PLUS_BENCHMARKS and h.problems.startswith(HUB_PREFIX):  # before any sampling
+        check_hub_plus(mechanism, h.benchmark)
+    return mechanism
+
+
+@functools.cache
+def check_hub_plus(mechanism: str, benchmark: str) -> None:
+    """Once per process: the Hub copies' merged tests import numpy, so the sandbox's interpreter must have it (else
+    every program fails and the score is a silent 0); and a warning that their score is not EvalPlus's."""
+    marker = secrets.token_hex(16)
+    r = run_program(NUMPY_PROBE + f"print({marker!r})\n", EVALPLUS_LIMITS, mechanism, marker)
+    if not r.passed:
+        why = " ".join(f"{r.status}: {r.detail}".split())  # one line, whatever the interpreter printed
+        raise SandboxUnavailable(
+            f"humaneval.benchmark={benchmark} from the Hub copy: its tests start with `import numpy as np`, which "
+            f"fails in the sandbox ({why}), so every program would fail; install numpy for the "
+            f"interpreter the sandbox runs ({sandbox_python()}), or give EvalPlus's release file "
+            f"{RELEASE_FILES[benchmark]} as humaneval.problems (EvalPlus's own comparison, no numpy needed)")
+    log.warning("humaneval: %s from the Hub copy: plus pass@k from its merged test, which is not EvalPlus's "
+                "comparison (np.testing.assert_allclose, none of EvalPlus's special oracles) and not EvalPlus's "
+                "score; known defective tasks: %s. EvalPlus's release file %s is the reference", benchmark,
+                HUB_DEFECTS, RELEASE_FILES[benchmark])
 
 
 def score_row(problem: dict[str, Any], row: dict[str, Any], limits: SandboxLimits, mechanism: str) -> dict[str, Any]:
@@ -105,6 +140,10 @@ def score_samples(problems: dict[str, dict], samples: list[dict[str, Any]], h: H
         problem = problems[row["task_id"]]
         return score_row(problem, row, plus_limits if is_plus(problem) else limits, mechanism)
 
+    hub_plus = next((p for p in problems.values() if is_plus(p) and not is_release_problem(p)), None)
+    if hub_plus is not None:  # a no-op after sandbox_mechanism's check, which callers run first
+        check_hub_plus(mechanism, hub_plus["benchmark"])
+
     with ThreadPoolExecutor(h.workers or os.cpu_count() or 1) as pool:  # threads: each program is a process
         return list(tqdm(pool.map(score, samples), total=len(samples), desc=f"{h.benchmark}: running",
                          unit="program"))
@@ -112,7 +151,20 @@ def score_samples(problems: dict[str, dict], samples: list[dict[str, Any]], h: H
 
 def is_plus(problem: dict[str, Any]) -> bool:
     """Whether a problem is scored by EvalPlus's rules (base and plus)."""
-    return problem.get("benchmark") in ("humaneval-plus", "mbpp-plus")
+    return problem.get("benchmark") in PLUS_BENCHMARKS
+
+
+def plus_report(problems: dict[str, dict], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """An EvalPlus report's `plus_source` and `unscorable` count, with a warning where samples were unscorable."""
+    release = all(is_release_problem(problems[r["task_id"]]) for r in rows)
+    unscorable = [r for r in rows if r["plus_status"] == UNSCORABLE]
+    if unscorable:
+        tasks = sorted({r["task_id"] for r in unscorable})
+        log.warning("humaneval: %d of %d samples (%d problems: %s) are unscorable: the canonical solution failed in "
+                    "the sandbox (a memory or wall limit under load?), so they were not checked and count as not "
+                    "passed; pass@k is not trustworthy: score again with fewer humaneval.workers", len(unscorable),
+                    len(rows), len(tasks), ", ".join(tasks[:10]) + (", ..." if len(tasks) > 10 else ""))
+    return {"plus_source": RELEASE_SOURCE if release else HUB_SOURCE, "unscorable": len(unscorable)}
 
 
 def pass_at_k_report(rows: list[dict[str, Any]], ks: Iterable[int]) -> dict[str, Any]:
@@ -153,6 +205,7 @@ def score_and_report(problems: dict[str, dict], samples: list[dict[str, Any]], h
     unreported = not_reported(h.ks, counts["min"])
     plus = "plus_status" in rows[0]
     summary = {"benchmark": h.benchmark, **pass_at_k_report(rows, h.ks),
+               **(plus_report(problems, rows) if plus else {}),
                **({"not_reported": unreported} if unreported else {}), "task": h.task, "quality": h.quality,
                "problems": len({r["task_id"] for r in rows}), "samples": len(rows),
                "samples_per_problem": counts, "passed": sum(r["passed"] for r in rows),
@@ -172,6 +225,7 @@ def headline(summary: dict[str, Any]) -> str:
         return ", ".join(f"{prefix}{k} {v:.4f}" for k, v in table.items() if k.startswith("pass@"))
 
     if "plus" in summary:
-        return " / ".join(line(summary[s], f"{s} ") if summary[s] is not None else f"{s}: not reported"
+        text = " / ".join(line(summary[s], f"{s} ") if summary[s] is not None else f"{s}: not reported"
                           for s in ("base", "plus"))
+        return text + (f" ({summary['plus_source']})" if summary.get("plus_source") == HUB_SOURCE else "")
     return line(summary)
