@@ -69,7 +69,9 @@ def loss_figure(rows: list[dict[str, Any]], title: str):
         right = fig.add_subplot(1, 2, 2, sharex=ax)
         for name, curve in passes.items():
             right.plot(*zip(*curve), "o-", label=name)
-        right.set(xlabel=ax.get_xlabel(), ylabel="pass@1 (greedy)", title="code benchmark during training")
+        top = max(v for curve in passes.values() for _, v in curve)
+        right.set(xlabel=ax.get_xlabel(), ylabel="pass@1 (greedy)", title="code benchmark during training",
+                  ylim=(0, max(0.05, min(1.0, top * 1.15))))  # a share: never below 0, room above the best
         right.legend()
         add_tokens_axis(right, rows, x_key)
     fig.tight_layout()

@@ -35,6 +35,22 @@ ERROR_CODES = {"Entry Not Found": "EntryNotFound", "Revision Not Found": "Revisi
                "Repository Not Found": "RepoNotFound"}
 
 
+def let_online(monkeypatch, home: Path, token: str) -> None:
+    """Let this process's Hub clients (huggingface_hub, datasets) reach the loopback server: offline mode unset (it
+    blocks loopback too), no Xet, the token in HF_TOKEN, the download cache under `home`. huggingface_hub reads
+    these once, at import, so they are patched where it keeps them too."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(home) / "hub"))
+
+
 class HubError(Exception):
     """An HTTP error answer: status and message."""
 

@@ -408,18 +408,11 @@ def parquet(path: Path, rows: list[dict]) -> None:
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """The loopback Hub, this process let online for it, with MBPP's and EvalPlus's datasets uploaded."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
 
-    from loopback_hub import HubServer
+    from loopback_hub import HubServer, let_online
 
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    let_online(monkeypatch, tmp_path / "hf", HUB_TOKEN)
     with HubServer(tmp_path / "hub", token=HUB_TOKEN).start() as server:
         api = HfApi(endpoint=server.endpoint, token=HUB_TOKEN)
         sanitized = [{"source_file": "Benchmark Questions Verification V2.ipynb", "task_id": 12,

@@ -184,27 +184,32 @@ def test_buckets_task_writes_the_pairs_datatrove_writes(tmp_path, ranges):
     assert len(list((work.root / "dups").glob("00000_*.dups"))) == ranges
 
 
-@pytest.mark.slow
-def test_kill_9_mid_scan_then_rerun_gives_the_same_clean(golden, raw_with_near_copies, tmp_path, make_config):
-    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.num_proc=2",
-                      "corpus.output_shard_records=7")
+def kill_9_mid_scan_then_rerun(cfg, tmp_path) -> Path:
+    """`codeparrot prepare` killed (SIGKILL, the whole process group) once its first scan task completed, then run
+    again; the rerun's clean/."""
     cfg.save(tmp_path / "config.yaml")
     cmd = [sys.executable, "-m", "codeparrot", "prepare", "--config", str(tmp_path / "config.yaml")]
     proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     completions, deadline = work_dir(cfg) / "logs" / "scan" / "completions", time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:  # killed once the first scan task has completed
+    while proc.poll() is None and time.monotonic() < deadline:
         if completions.is_dir() and any(completions.iterdir()):
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not cfg.paths.resolve("clean").exists() and (work_dir(cfg) / "logs" / "scan" / "completions").is_dir()
+    assert not cfg.paths.resolve("clean").exists() and completions.is_dir()
     done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert artifact(cfg.paths.resolve("clean")) == artifact(golden)
+    return cfg.paths.resolve("clean")
 
+
+@pytest.mark.slow
+def test_kill_9_mid_scan_then_rerun_gives_the_same_clean(golden, raw_with_near_copies, tmp_path, make_config):
+    cfg = make_config(tmp_path, f"paths.raw={raw_with_near_copies}", "corpus.num_proc=2",
+                      "corpus.output_shard_records=7")
+    assert artifact(kill_9_mid_scan_then_rerun(cfg, tmp_path)) == artifact(golden)
 
 
 @pytest.fixture(scope="module")
@@ -226,21 +231,7 @@ def splits(clean: Path) -> dict[str, bytes]:
 def test_kill_9_mid_scan_of_parquet_shards_then_rerun_gives_the_same_clean(golden, parquet_raw, tmp_path,
                                                                            make_config):
     cfg = make_config(tmp_path, f"paths.raw={parquet_raw}", "corpus.num_proc=2", "corpus.output_shard_records=7")
-    cfg.save(tmp_path / "config.yaml")
-    cmd = [sys.executable, "-m", "codeparrot", "prepare", "--config", str(tmp_path / "config.yaml")]
-    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    completions, deadline = work_dir(cfg) / "logs" / "scan" / "completions", time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:  # killed once the first scan task has completed
-        if completions.is_dir() and any(completions.iterdir()):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not cfg.paths.resolve("clean").exists()
-    done = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert splits(cfg.paths.resolve("clean")) == splits(golden)
+    assert splits(kill_9_mid_scan_then_rerun(cfg, tmp_path)) == splits(golden)
 
 
 def test_a_failed_scan_of_parquet_shards_resumes_to_the_same_clean(golden, parquet_raw, tmp_path, make_config,

@@ -84,6 +84,7 @@ def test_pass_at_1_during_training_gets_a_second_panel(tmp_path):
     fig = loss_figure(read_metrics(tmp_path / "run"), "run: loss")
     loss_ax, pass_ax = [a for a in fig.axes if a.get_ylabel()]
     assert loss_ax.get_ylabel() == "loss" and pass_ax.get_ylabel() == "pass@1 (greedy)"
+    assert pass_ax.get_ylim()[0] == 0 and pass_ax.get_ylim()[1] >= 0.25
     assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in pass_ax.get_lines()] == \
         [("mbpp", [0, 4], [0.0, 0.25])]
     plain = [{"step": 0, "eval/loss": 9.0}, {"step": 2, "train/loss": 8.0, "train/tokens_seen": 128}]

@@ -16,7 +16,7 @@ from codeparrot.sft.data import (DOCSTRING_INSTRUCTION, SFT_DATA, in_order, leng
 from codeparrot.sft.format import PREAMBLE, format_prompt
 
 from conftest import STDLIB, free_port, read_all, summaries
-from loopback_hub import HubServer
+from loopback_hub import HubServer, let_online
 
 FIXTURE = '''\
 import functools
@@ -253,17 +253,7 @@ def write_dataset(layout: str, rows: list[dict], folder: Path) -> Path:
 def dataset_hub(tmp_path, monkeypatch):
     """The loopback Hub, with this process let online for it (offline mode blocks loopback too), no Xet, the token
     in HF_TOKEN, and the Hub's download cache under tmp_path."""
-    from huggingface_hub import constants
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    # huggingface_hub reads these once, at import: patched where it keeps them (datasets only reads local files)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    let_online(monkeypatch, tmp_path / "hf", HUB_TOKEN)
     with HubServer(tmp_path / "hub", token=HUB_TOKEN).start() as server:
         yield server
 
