@@ -74,6 +74,7 @@ def _numbers(figures: dict, *keys: str) -> list[float]:
     return out
 
 
+@pytest.mark.slow  # 30 s: every step of the GPU check at a tiny size, on a CPU
 def test_gpu_check_dry_run_writes_every_step_with_its_figures(tmp_path):
     """`gpu_check.sh --dry-run` runs every step of the GPU check on the CPU with tiny shapes, into one JSON file."""
     out = tmp_path / "gpu_check.json"
