@@ -13,7 +13,8 @@ import torch
 
 from .config import Config
 from .data.transforms import SpecialIds
-from .generate import SamplingConfig, encode_prompt, load_checkpoint, sample
+from .generate import encode_prompt, load_checkpoint
+from .sampler import SamplingConfig, sample
 from .results import (FINGERPRINT, checkpoint_fingerprint, move_aside, result_for, same_weights,
                       validation_settings, write_json)
 from .model import batch_inputs, count_targets, model_device

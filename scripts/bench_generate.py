@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from codeparrot.generate import SamplingConfig, load_checkpoint, sample
+from codeparrot.generate import load_checkpoint
+from codeparrot.sampler import SamplingConfig, sample
 from codeparrot.humaneval import load_problems
 from codeparrot.model import GPT, PRESETS, GPTConfig, generate, model_device, save_hf
 from codeparrot.sandbox import SandboxLimits, check_program, detect_mechanism, run_program, self_test

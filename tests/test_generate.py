@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import codeparrot.generate as gen_mod
-from codeparrot.generate import (Completion, Infill, SamplingConfig, filter_logits, first_stop, nucleus_candidates,
-                                  prompt_ids, sample)
+import codeparrot.sampler as sampler_mod
+from codeparrot.generate import Infill, prompt_ids
+from codeparrot.sampler import (NUCLEUS_CANDIDATES, Completion, SamplingConfig, filter_logits, first_stop,
+                                nucleus_candidates, sample)
 from codeparrot.model import GPT, GPTConfig, KVCache, generate, save_hf
 from codeparrot.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, quality_token, train_on
 
@@ -137,7 +139,7 @@ def test_nucleus_fast_path_equals_filter_logits(top_k, top_p):
         ref = filter_logits(logits, top_k, top_p).softmax(dim=-1)  # [B, V]
         found = nucleus_candidates(logits, top_k, top_p)
         if found is None:  # the caller falls back to filter_logits itself
-            assert top_k > gen_mod.NUCLEUS_CANDIDATES or scale == 1.0, "the fast path should answer here"
+            assert top_k > NUCLEUS_CANDIDATES or scale == 1.0, "the fast path should answer here"
             continue
         kept, ids = found
         fast = torch.zeros_like(ref).scatter(1, ids, kept.softmax(dim=-1))
@@ -167,10 +169,10 @@ def test_finished_rows_are_masked_until_half_are_done(model, tok, monkeypatch):
     eos_id = free[0].tokens[3]  # a token that really occurs, so that rows end at many different steps
     cfg = SamplingConfig(n=16, max_new_tokens=30, temperature=1.0, top_k=5, eos_id=eos_id, seed=0)
     calls = keep_rows_counter(monkeypatch)
-    monkeypatch.setattr(gen_mod, "COMPACT_FINISHED", 0.0, raising=False)  # compact after every finish (the old way)
+    monkeypatch.setattr(sampler_mod, "COMPACT_FINISHED", 0.0, raising=False)  # compact after every finish (the old way)
     every = sample(model, [prompt], cfg)[0]
     n_every = len(calls)
-    monkeypatch.setattr(gen_mod, "COMPACT_FINISHED", 0.5, raising=False)
+    monkeypatch.setattr(sampler_mod, "COMPACT_FINISHED", 0.5, raising=False)
     masked = sample(model, [prompt], cfg)[0]
     n_masked = len(calls) - n_every
     ends = sorted({len(c.tokens) for c in every if c.finish == "eos"})
@@ -205,7 +207,7 @@ def test_stop_window_equals_full_decode(model, tok, monkeypatch):
     stops = [texts[0][10:13], texts[5][4:6], texts[9][12:20], "\n", "):"]
     cfg = SamplingConfig(n=4, max_new_tokens=30, temperature=1.5, seed=1, stop=stops)
     ours = sample(model, prompts, cfg, decode)
-    monkeypatch.setattr(gen_mod, "finish_row", full_decode_finish_row)
+    monkeypatch.setattr(sampler_mod, "finish_row", full_decode_finish_row)
     ref = sample(model, prompts, cfg, decode)
     assert ours == ref
     assert sum(c.finish == "stop" for rows in ref for c in rows) >= 4

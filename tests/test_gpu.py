@@ -113,7 +113,7 @@ def test_checkpoint_loads_in_transformers_with_equal_logits_on_cuda(checkpoint):
 
 def test_sampler_on_cuda_matches_cpu_greedy_and_samples_in_bf16(checkpoint):
     """fp32 greedy on CUDA gives the CPU's tokens (TF32 off); bf16 sampling of 8 rows runs and is seeded."""
-    from codeparrot.generate import SamplingConfig, sample
+    from codeparrot.sampler import SamplingConfig, sample
 
     torch.backends.cuda.matmul.allow_tf32 = False
     cpu, gpu = load_hf(checkpoint).eval(), load_hf(checkpoint).to("cuda").eval()

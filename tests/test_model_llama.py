@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codeparrot.config import ModelConfig
-from codeparrot.generate import SamplingConfig, sample
+from codeparrot.sampler import SamplingConfig, sample
 from codeparrot.model import GPT, GPTConfig, KVCache, RMSNorm, generate, load_hf, resolve_model_config, save_hf
 
 

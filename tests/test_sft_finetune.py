@@ -135,7 +135,7 @@ class OneProcess:
 
 def generating(monkeypatch, text: str) -> tuple[Any, Any]:
     """(model, tokenizer) stand-ins whose every greedy response is `text`, ended by max_new_tokens."""
-    from codeparrot.generate import Completion
+    from codeparrot.sampler import Completion
 
     monkeypatch.setattr("codeparrot.sft.responses.sample",
                         lambda model, prompts, cfg, decode: [[Completion([0] * cfg.max_new_tokens, text, "length")]])

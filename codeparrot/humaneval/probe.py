@@ -68,7 +68,7 @@ class CodeBenchmarkProbe:
     def completions(self, model) -> list[dict[str, Any]]:
         """This process's samples rows: one greedy completion per problem (skipped when its prompt fills the
         context, a fail as in `humaneval`)."""
-        from ..generate import SamplingConfig, sample
+        from ..sampler import SamplingConfig, sample
         from .sampling import finish_text, task_stop
 
         gpt = self.acc.unwrap_model(model)

@@ -102,7 +102,8 @@ def finish_text(h: HumanEvalConfig, text: str) -> str:
 def generate_samples(cfg: Config, checkpoint: Path, units: list[Unit], problems: dict[str, dict], parts: Path,
                      accelerator) -> None:
     """Sample this process's share of the units not yet in parts/, appending each finished unit at once."""
-    from ..generate import SamplingConfig, load_checkpoint, sample
+    from ..generate import load_checkpoint
+    from ..sampler import SamplingConfig, sample
 
     h = cfg.humaneval
     done = read_parts(parts)

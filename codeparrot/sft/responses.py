@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..generate import SamplingConfig, sample
+from ..sampler import SamplingConfig, sample
 from .format import format_prompt
 
 log = logging.getLogger(__name__)
