@@ -296,6 +296,7 @@ class TrainConfig:
     spike_window: int = setting(128, "optimizer steps in the rolling mean and std of skip_spikes", ge=2)
 
 
+CODE_BENCHMARKS = ("humaneval", "mbpp", "humaneval-plus", "mbpp-plus")  # humaneval.benchmark, eval.code_benchmark
 QUALITY_CHOICES = ("", "low", "medium", "high")  # "" + corpus/quality.py's QUALITY_BUCKETS (a test keeps them equal)
 
 
@@ -321,7 +322,7 @@ class EvalConfig:
     # has stopped getting better at code.
     code_benchmark: str = setting("", 'score greedy pass@1 on this code benchmark at every evaluation during `train` '
                                       '(logged as eval/<benchmark>_pass@1); "" = off',
-                                  choices=("", "humaneval", "mbpp", "humaneval-plus", "mbpp-plus"))
+                                  choices=("", *CODE_BENCHMARKS))
     code_benchmark_problems: str = setting("", "the benchmark's problems, as humaneval.problems reads them (a file or "
                                                'hub:<dataset>); "" = humaneval.problems when humaneval.benchmark is '
                                                "this benchmark, else its default (HumanEval's: the package's)")
@@ -383,7 +384,7 @@ class HumanEvalConfig:
     benchmark: str = setting("humaneval", "humaneval (with its infilling tasks), mbpp, humaneval-plus or mbpp-plus, "
                                           "each with its reference harness's prompt, stop strings and checks "
                                           "(docs/code-benchmarks.md); results under humaneval/<benchmark>/step-N/",
-                             choices=("humaneval", "mbpp", "humaneval-plus", "mbpp-plus"))
+                             choices=CODE_BENCHMARKS)
     mbpp_split: str = setting("sanitized", "MBPP's test split (task_ids 11-510): sanitized (257 problems, "
                                            "sanitized-mbpp.json) or full (500, mbpp.jsonl)",
                               choices=("sanitized", "full"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from ..config import HubConfig, HumanEvalConfig
+from ..config import CODE_BENCHMARKS, HubConfig, HumanEvalConfig
 from ..hub import HUB_PREFIX
 from ..infilling import COMPLETION, infilling_tasks
 from ..sandbox import check_program
@@ -25,7 +25,7 @@ from .evalplus import is_release_problem
 from .problems import load_problems
 from .sources import read_problems
 
-BENCHMARKS = ("humaneval", "mbpp", "humaneval-plus", "mbpp-plus")  # humaneval.benchmark
+BENCHMARKS = CODE_BENCHMARKS  # humaneval.benchmark
 # bigcode-evaluation-harness bigcode_eval/tasks/mbpp.py @ 8fc5bae: MBPP.__init__'s stop_words
 MBPP_STOP = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
 MBPP_3SHOT_STOP = ("[DONE]",)  # the paper's end of a solution (lm-evaluation-harness mbpp.yaml: until [DONE])
